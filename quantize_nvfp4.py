@@ -1,0 +1,1247 @@
+#!/usr/bin/env python3
+"""Quantize a Hugging Face causal LM to NVIDIA NVFP4 with ModelOpt, for vLLM and TensorRT-LLM.
+
+Flow: YAML dataset mix -> formatted texts -> oversample, tokenize, filter, trim
+-> length-sorted batches -> mtq.quantize (max calibration) -> export_hf_checkpoint
+into a temp dir + tokenizer + manifest -> validation of what was written -> rename.
+
+    python quantize_nvfp4.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml
+    python quantize_nvfp4.py --self_test
+
+quantize_nvfp4_offload.py imports the helpers below; keep them here, once.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import fnmatch
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+# --------------------------------------------------------------------------- constants
+SCRIPT_DIR = Path(__file__).resolve().parent
+SAMPLES_YAML = SCRIPT_DIR / "Datasets" / "Local_Example.yaml"
+MANIFEST_NAME = "nvfp4_manifest.json"
+EXIT_USAGE = 2
+
+CALIBRATION_DEFAULTS = {
+    "max_samples": 512,
+    "max_seq_len": 2048,
+    "oversample_ratio": 1.5,
+    "seed": 42,
+    "min_token_length": 16,
+}
+# mode -> (ModelOpt config name, CLI flag, what it is)
+MODES = {
+    "nvfp4": ("NVFP4_DEFAULT_CFG", "(default)", "W4A4: FP4 weights and FP4 activations"),
+    "w4a8": ("W4A8_NVFP4_FP8_CFG", "--w4a8", "FP4 weights, FP8 activations"),
+    "weight_only": ("W4A16_NVFP4_CFG", "--weight_only", "W4A16: FP4 weights, 16-bit activations"),
+}
+DATASET_KEYS = {
+    "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
+    "streaming": bool, "formatter": str, "columns": dict, "subset": str, "data_files": (str, list),
+}
+FORMATTER_COLUMNS = {  # formatter -> the keys its `columns:` mapping may set
+    "raw_text": ("text",),
+    "prompt_answer": ("prompt", "answer", "system", "input"),
+    "sharegpt": ("conversations",),
+    "chat_completion": ("messages",),
+}
+TEXT_COLUMNS = ("text", "content", "document", "body", "story", "passage", "article")
+PROMPT_ANSWER_PAIRS = (
+    ("prompt", "response"), ("instruction", "output"), ("question", "answer"),
+    ("prompt", "completion"), ("query", "response"), ("input", "output"),
+)
+SYSTEM_COLUMNS = ("system", "system_prompt")
+CONVERSATION_COLUMNS = ("conversations", "conversation", "messages", "dialogue", "turns")
+ROLE_ALIASES = {
+    "system": "system", "human": "user", "user": "user", "prompter": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",
+    "chatgpt": "assistant", "bing": "assistant", "character": "assistant",
+}
+LOCAL_DATA_BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+    ".arrow": "arrow",
+}
+# Linears that runtimes fuse into one GEMM (vLLM qkv_proj / gate_up_proj, TRT-LLM likewise): all or none
+# of a group may be excluded, or the checkpoint does not load.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+CPU_BATCH_TOKENS = 8192          # CPU calibration is compute-bound; larger batches gain nothing
+MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
+AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
+DISK_MARGIN = 1.10               # export writes temp files beside the output
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line on stderr, exit status 2, no traceback."""
+
+
+# --------------------------------------------------------------------------- settings
+@dataclasses.dataclass
+class DatasetSpec:
+    name: str
+    path: str
+    split: str = "train"
+    weight: float = 1.0
+    text_column: str | None = None
+    streaming: bool = False
+    formatter: str = "raw_text"
+    columns: dict | None = None
+    subset: str | None = None
+    data_files: str | list | None = None
+
+
+@dataclasses.dataclass
+class Settings:
+    input_model: str
+    output_model: Path | None
+    dataset_yaml: Path
+    datasets: list[DatasetSpec]
+    max_samples: int
+    max_seq_len: int
+    oversample_ratio: float
+    seed: int
+    min_token_length: int
+    batch_size: int | None            # None = auto (token budget)
+    gpu_memory_budget: float | None   # GiB
+    dtype: str
+    trust_remote_code: bool
+    mode: str
+    skip_layers: list[str]
+    overwrite: bool
+    dry_run: bool
+    hf_token: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def modelopt_config_name(self) -> str:
+        return MODES[self.mode][0]
+
+    def public_dict(self) -> dict:
+        """The settings as recorded in the manifest: no secrets."""
+        out = dataclasses.asdict(self)
+        out.pop("hf_token")
+        out["output_model"] = str(self.output_model) if self.output_model else None
+        out["dataset_yaml"] = str(self.dataset_yaml)
+        out["batch_size"] = self.batch_size or "auto"
+        return out
+
+
+def read_env_files(*folders: Path) -> dict[str, str]:
+    """Values from .env files (later folders win), under the real environment."""
+    from dotenv import dotenv_values
+
+    merged: dict[str, str] = {}
+    for folder in folders:
+        env_file = folder / ".env"
+        if env_file.is_file():
+            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def _check_type(value, expected, where: str):
+    if isinstance(value, bool) and expected in ((int, float), int, float):
+        raise UsageError(f"{where}: expected a number, got {value!r}")
+    if not isinstance(value, expected):
+        names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+        raise UsageError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
+    where = f"{yaml_path}: datasets[{index}]"
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: each entry must be a mapping with at least 'name' and 'path'")
+    where += f" ({entry.get('name', '?')})"
+    unknown = sorted(set(entry) - set(DATASET_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(DATASET_KEYS)}")
+    for key in ("name", "path"):
+        if key not in entry:
+            raise UsageError(f"{where}: missing required key '{key}'")
+    values = {k: v for k, v in entry.items() if v is not None}
+    for key, value in values.items():
+        _check_type(value, DATASET_KEYS[key], f"{where}: '{key}'")
+    spec = DatasetSpec(**values)
+    spec.weight = float(spec.weight)
+    if not spec.weight > 0:
+        raise UsageError(f"{where}: 'weight' must be > 0, got {spec.weight}")
+    if spec.formatter not in FORMATTERS:
+        raise UsageError(f"{where}: unknown formatter '{spec.formatter}'; allowed: {', '.join(FORMATTERS)}")
+    bad_columns = sorted(set(spec.columns or {}) - set(FORMATTER_COLUMNS[spec.formatter]))
+    if bad_columns:
+        raise UsageError(f"{where}: 'columns' key '{bad_columns[0]}' does not apply to formatter "
+                         f"'{spec.formatter}'; allowed: {', '.join(FORMATTER_COLUMNS[spec.formatter])}")
+    if spec.text_column and spec.formatter != "raw_text":
+        raise UsageError(f"{where}: 'text_column' applies to formatter raw_text only; use 'columns' instead")
+    return spec
+
+
+def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
+    """Read and validate a dataset-mix YAML; local paths are resolved against its folder."""
+    if not yaml_path.is_file():
+        raise UsageError(f"dataset YAML not found: {yaml_path} (pass --dataset_yaml with an existing file)")
+    try:
+        doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{yaml_path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{yaml_path}: top level must be a mapping with a 'datasets:' list")
+    unknown = sorted(set(doc) - {"datasets", "calibration"})
+    if unknown:
+        raise UsageError(f"{yaml_path}: unknown top-level key '{unknown[0]}'; allowed: datasets, calibration")
+    entries = doc.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"{yaml_path}: 'datasets:' must be a non-empty list of dataset entries")
+    specs = [parse_dataset_entry(entry, i, yaml_path) for i, entry in enumerate(entries)]
+    names = [s.name for s in specs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UsageError(f"{yaml_path}: dataset name '{duplicate}' is used twice; names must be unique")
+    for spec in specs:
+        local = yaml_path.parent / spec.path
+        if not Path(spec.path).is_absolute() and local.exists():
+            spec.path = str(local.resolve())
+    return specs, parse_calibration_block(doc.get("calibration") or {}, yaml_path)
+
+
+def parse_calibration_block(block, yaml_path: Path) -> dict:
+    if not isinstance(block, dict):
+        raise UsageError(f"{yaml_path}: 'calibration:' must be a mapping")
+    unknown = sorted(set(block) - set(CALIBRATION_DEFAULTS))
+    if unknown:
+        raise UsageError(f"{yaml_path}: calibration: unknown key '{unknown[0]}'; "
+                         f"allowed: {', '.join(CALIBRATION_DEFAULTS)}")
+    for key, value in block.items():
+        expected = (int, float) if key == "oversample_ratio" else int
+        _check_type(value, expected, f"{yaml_path}: calibration.{key}")
+    return dict(block)
+
+
+def validate_calibration_numbers(values: dict) -> None:
+    for key in ("max_samples", "max_seq_len", "min_token_length"):
+        if values[key] < 1:
+            raise UsageError(f"{key} must be >= 1, got {values[key]}")
+    if values["oversample_ratio"] < 1:
+        raise UsageError(f"oversample_ratio must be >= 1, got {values['oversample_ratio']}")
+    if values["min_token_length"] > values["max_seq_len"]:
+        raise UsageError(f"min_token_length ({values['min_token_length']}) exceeds max_seq_len "
+                         f"({values['max_seq_len']}): every sample would be dropped")
+
+
+def parse_batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
+    return int(text)
+
+
+def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
+    """One place where CLI > environment/.env > YAML > defaults are merged and checked."""
+    input_model = args.input_model or env.get("INPUT_MODEL")
+    output_model = args.output_model or env.get("OUTPUT_MODEL")
+    if not input_model:
+        raise UsageError("no input model: pass --input_model (local dir or hub ID) or set INPUT_MODEL")
+    if not output_model and not args.dry_run:
+        raise UsageError("no output dir: pass --output_model or set OUTPUT_MODEL")
+    if not args.dataset_yaml:
+        raise UsageError("no calibration mix: pass --dataset_yaml (see Datasets/*.yaml)")
+    specs, yaml_calibration = load_mix(Path(args.dataset_yaml))
+    calibration = {**CALIBRATION_DEFAULTS, **yaml_calibration}
+    calibration.update({k: getattr(args, k) for k in CALIBRATION_DEFAULTS if getattr(args, k, None) is not None})
+    validate_calibration_numbers(calibration)
+    if args.gpu_memory_budget is not None and args.gpu_memory_budget <= 0:
+        raise UsageError(f"--gpu_memory_budget must be > 0 GiB, got {args.gpu_memory_budget}")
+    mode = "w4a8" if args.w4a8 else "weight_only" if args.weight_only else "nvfp4"
+    return Settings(
+        input_model=input_model,
+        output_model=Path(output_model).expanduser().resolve() if output_model else None,
+        dataset_yaml=Path(args.dataset_yaml), datasets=specs, **calibration,
+        batch_size=args.batch_size, gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
+        overwrite=args.overwrite, dry_run=args.dry_run, hf_token=env.get("HF_TOKEN") or None,
+    )
+
+
+# --------------------------------------------------------------------------- formatters
+def _text(value) -> str | None:
+    """A usable string field, or None for missing, None, non-string or blank values."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _first_present(row: dict, candidates: Iterable[str]) -> str | None:
+    return next((c for c in candidates if _text(row.get(c)) is not None), None)
+
+
+def format_raw_text(row: dict, columns: dict) -> str | None:
+    column = columns.get("text") or _first_present(row, TEXT_COLUMNS)
+    if column is None:  # fall back to the first non-empty string column
+        column = next((k for k, v in row.items() if _text(v) is not None), None)
+    return _text(row.get(column)) if column else None
+
+
+def format_prompt_answer(row: dict, columns: dict) -> list[dict] | None:
+    if "prompt" in columns or "answer" in columns:
+        pair = (columns.get("prompt", "prompt"), columns.get("answer", "response"))
+    else:
+        pair = next((p for p in PROMPT_ANSWER_PAIRS if all(_text(row.get(c)) for c in p)), None)
+    if pair is None:
+        return None
+    prompt, answer = _text(row.get(pair[0])), _text(row.get(pair[1]))
+    if prompt is None or answer is None:
+        return None
+    extra_input = _text(row.get(columns.get("input", "input"))) if pair[0] != "input" else None
+    if extra_input:
+        prompt = f"{prompt}\n\n{extra_input}"
+    system = _text(row.get(columns["system"])) if "system" in columns else \
+        _text(row.get(_first_present(row, SYSTEM_COLUMNS) or ""))
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _turn(turn) -> dict | None:
+    if not isinstance(turn, dict):
+        return None
+    # `or`, not a default: datasets merges both key styles into one schema, filling the absent one with None
+    role = turn.get("from") or turn.get("role")
+    content = turn.get("value") or turn.get("content")
+    role = ROLE_ALIASES.get(role.strip().lower()) if isinstance(role, str) else None
+    content = _message_text(content)
+    return {"role": role, "content": content} if role and content else None
+
+
+def _message_text(content) -> str | None:
+    """A message content: a string, or a list of parts of which the text parts are kept."""
+    if isinstance(content, list):
+        parts = [_text(p.get("text")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
+        content = "\n".join(p for p in parts if p)
+    return _text(content)
+
+
+def _conversation(row: dict, column: str | None) -> list[dict] | None:
+    column = column or next((c for c in CONVERSATION_COLUMNS if isinstance(row.get(c), list)), None)
+    turns = row.get(column) if column else None
+    if not isinstance(turns, list):
+        return None
+    messages = [m for m in (_turn(t) for t in turns) if m]
+    return messages if any(m["role"] != "system" for m in messages) else None
+
+
+def format_sharegpt(row: dict, columns: dict) -> list[dict] | None:
+    return _conversation(row, columns.get("conversations"))
+
+
+def format_chat_completion(row: dict, columns: dict) -> list[dict] | None:
+    return _conversation(row, columns.get("messages", "messages"))
+
+
+FORMATTERS: dict[str, Callable[[dict, dict], str | list[dict] | None]] = {
+    "raw_text": format_raw_text,
+    "prompt_answer": format_prompt_answer,
+    "sharegpt": format_sharegpt,
+    "chat_completion": format_chat_completion,
+}
+
+
+def render_conversation(messages: list[dict], tokenizer=None) -> tuple[str, bool] | None:
+    """Text for a conversation and whether it came from the chat template (which adds its own BOS)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False), True
+        except TemplateError:  # e.g. templates that reject a system turn: skip, counted by caller
+            return None
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages), False
+
+
+def format_sample(spec: DatasetSpec, row: dict, tokenizer=None) -> tuple[str, bool] | None:
+    columns = dict(spec.columns or {})
+    if spec.text_column:
+        columns["text"] = spec.text_column
+    formatted = FORMATTERS[spec.formatter](row, columns)
+    if formatted is None:
+        return None
+    if isinstance(formatted, str):
+        return formatted, False
+    return render_conversation(formatted, tokenizer)
+
+
+# --------------------------------------------------------------------------- calibration data
+def split_requests(weights: list[float], total: int) -> list[int]:
+    """Split `total` across weights by largest remainder: the parts sum to exactly `total`."""
+    norm = sum(weights)
+    exact = [total * w / norm for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def plan_requests(specs: list[DatasetSpec], max_samples: int, oversample_ratio: float) -> dict[str, int]:
+    total = math.ceil(max_samples * oversample_ratio)
+    return dict(zip((s.name for s in specs), split_requests([s.weight for s in specs], total)))
+
+
+def _local_data_files(path: Path, spec: DatasetSpec) -> tuple[str, list[str]]:
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_DATA_BUILDERS)
+    builders = {LOCAL_DATA_BUILDERS.get(p.suffix.lower()) for p in files}
+    if not files or None in builders:
+        raise UsageError(f"dataset '{spec.name}': {path} has no supported data files "
+                         f"({', '.join(LOCAL_DATA_BUILDERS)})")
+    if len(builders) > 1:
+        raise UsageError(f"dataset '{spec.name}': {path} mixes file types {sorted(builders)}; keep one type per entry")
+    return builders.pop(), [str(p) for p in files]
+
+
+def open_dataset(spec: DatasetSpec, token: str | None):
+    """A datasets.Dataset or IterableDataset for one YAML entry: hub ID, save_to_disk folder, or files."""
+    import datasets
+
+    path = Path(spec.path).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if spec.split not in loaded:
+                raise UsageError(f"dataset '{spec.name}': split '{spec.split}' not in {path} "
+                                 f"(has: {', '.join(loaded)})")
+            loaded = loaded[spec.split]
+        return loaded.to_iterable_dataset() if spec.streaming else loaded
+    if path.exists():
+        builder, files = _local_data_files(path, spec)
+        return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
+                                     streaming=spec.streaming)
+    return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_files=spec.data_files,
+                                 streaming=spec.streaming, token=token)
+
+
+def check_dataset_source(spec: DatasetSpec) -> None:
+    """Fail before anything loads when a local-looking dataset path is missing."""
+    path = Path(spec.path).expanduser()
+    looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_DATA_BUILDERS \
+        or spec.path.count("/") > 1
+    if looks_local and not path.exists():
+        raise UsageError(f"dataset '{spec.name}': path not found: {spec.path} "
+                         "(relative paths are resolved against the YAML file's folder)")
+
+
+def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=None) -> tuple[list, int]:
+    """Up to `wanted` formatted texts from a shuffled dataset; returns (texts, rows skipped)."""
+    from tqdm import tqdm
+
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        dataset = dataset.shuffle(seed=seed, buffer_size=10_000)
+    else:
+        dataset = dataset.shuffle(seed=seed)
+    texts, skipped = [], 0
+    with tqdm(total=wanted, desc=f"format {spec.name}", unit="sample", file=sys.stderr, leave=False) as bar:
+        for row in dataset:
+            if len(texts) >= wanted:
+                break
+            sample = format_sample(spec, row, tokenizer)
+            if sample is None:
+                skipped += 1
+                continue
+            texts.append(sample)
+            bar.update(1)
+    return texts, skipped
+
+
+def tokenize_texts(texts: list[tuple[str, bool]], tokenizer, max_seq_len: int) -> list[list[int]]:
+    """Token ids per text; chat-templated texts already carry their special tokens."""
+    out: list[list[int]] = []
+    for templated in (False, True):
+        group = [i for i, (_, t) in enumerate(texts) if t == templated]
+        if not group:
+            continue
+        encoded = tokenizer([texts[i][0] for i in group], truncation=True, max_length=max_seq_len,
+                            add_special_tokens=not templated)["input_ids"]
+        out.extend(zip(group, encoded))
+    return [ids for _, ids in sorted(out, key=lambda pair: pair[0])]
+
+
+def select_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_samples: int,
+                   seed: int) -> tuple[list[list[int]], dict[str, int]]:
+    """Drop short samples, shuffle all with the seed, trim to max_samples; returns samples and kept per dataset."""
+    pool = [(name, ids) for name, seqs in tokenized.items() for ids in seqs if len(ids) >= min_tokens]
+    random.Random(seed).shuffle(pool)
+    pool = pool[:max_samples]
+    kept = {name: 0 for name in tokenized}
+    for name, _ in pool:
+        kept[name] += 1
+    return [ids for _, ids in pool], kept
+
+
+def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, kept: dict,
+                      samples: list[list[int]]) -> dict:
+    lengths = [len(s) for s in samples] or [0]
+    return {
+        "target_samples": settings.max_samples,
+        "requested_samples": sum(requests.values()),
+        "kept_samples": len(samples),
+        "per_dataset": [{"name": n, "requested": requests[n], "loaded": loaded[n], "skipped_rows": skipped[n],
+                         "kept": kept[n]} for n in requests],
+        "tokens": {"total": sum(lengths), "min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1),
+                   "max": max(lengths)},
+    }
+
+
+def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[int]], dict]:
+    """YAML plan -> texts -> tokens -> the calibration samples, with stats for the manifest."""
+    requests = plan_requests(settings.datasets, settings.max_samples, settings.oversample_ratio)
+    texts, skipped, tokenized = {}, {}, {}
+    for spec in settings.datasets:
+        try:
+            dataset = open_dataset(spec, settings.hf_token)
+        except (FileNotFoundError, ValueError, ConnectionError) as exc:
+            raise UsageError(f"dataset '{spec.name}' ({spec.path}): cannot be loaded: {exc}") from None
+        texts[spec.name], skipped[spec.name] = collect_texts(spec, dataset, requests[spec.name],
+                                                            settings.seed, tokenizer)
+        tokenized[spec.name] = tokenize_texts(texts[spec.name], tokenizer, settings.max_seq_len)
+    samples, kept = select_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed)
+    loaded = {name: len(t) for name, t in texts.items()}
+    stats = calibration_stats(settings, requests, loaded, skipped, kept, samples)
+    if not samples:
+        raise UsageError(f"no calibration samples left after filtering (min_token_length="
+                         f"{settings.min_token_length}): check the datasets' columns and formatters in "
+                         f"{settings.dataset_yaml}")
+    if len(samples) < settings.max_samples:
+        counts = ", ".join(f"{d['name']}: requested {d['requested']}, loaded {d['loaded']}, kept {d['kept']}"
+                           for d in stats["per_dataset"])
+        warn(f"only {len(samples)} of {settings.max_samples} calibration samples available ({counts}); going on")
+    return samples, stats
+
+
+# --------------------------------------------------------------------------- batching
+def group_batches(lengths: list[int], batch_size: int | None, max_batch_tokens: int) -> list[list[int]]:
+    """Sample indices sorted longest first, grouped by a sample count or by a padded-token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            current = batches[-1]
+            fits = len(current) < batch_size if batch_size else (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
+            if fits:
+                current.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def padded_batch(samples: list[list[int]], indices: list[int], pad_id: int):
+    """Right-padded input_ids and attention_mask for the given samples."""
+    import torch
+
+    width = max(len(samples[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        input_ids[row, : len(samples[i])] = torch.tensor(samples[i])
+        mask[row, : len(samples[i])] = 1
+    return input_ids, mask
+
+
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths) / slots if slots else 0.0
+
+
+# --------------------------------------------------------------------------- model
+def resolve_dtype(name: str, config) -> Any:
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    # float32 checkpoints are calibrated in bf16: NVFP4 targets 16-bit activations, and fp32 doubles memory.
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_model_config(settings: Settings):
+    from transformers import AutoConfig
+
+    local = Path(settings.input_model).expanduser()
+    if settings.input_model.startswith((".", "/", "~")) and not local.is_dir():
+        raise UsageError(f"model not found: {settings.input_model} is not a directory")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.is_dir() else settings.input_model,
+                                          trust_remote_code=settings.trust_remote_code, token=settings.hf_token)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model not found or unreadable: {settings.input_model}: {first_line}") from None
+
+
+def load_tokenizer(settings: Settings):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.input_model, trust_remote_code=settings.trust_remote_code,
+                                                  token=settings.hf_token)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"tokenizer of {settings.input_model} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    return tokenizer
+
+
+def empty_model(config, trust_remote_code: bool):
+    """The model's module tree on the meta device: names and shapes, no weights, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def pattern_matches(name: str, pattern: str) -> bool:
+    """Glob on the full module name; a pattern also matches a name ending in '.' + pattern."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def resolve_skip_layers(model, patterns: list[str]) -> list[str]:
+    """Module names matched by --skip_layers; a pattern matching nothing is an error."""
+    import torch
+
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    all_names = [n for n, _ in model.named_modules() if n]
+    matched: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in all_names if pattern_matches(n, pattern)]
+        if not hits:
+            examples = ", ".join(linear_names[:3])
+            raise UsageError(f"--skip_layers pattern '{pattern}' matches no module of this model "
+                             f"(module names look like: {examples})")
+        matched.extend(h for h in hits if h not in matched)
+    return with_fused_siblings(matched, set(all_names))
+
+
+def with_fused_siblings(names: list[str], all_names: set[str]) -> list[str]:
+    """Widen a partial fused group (say q_proj alone) to the whole group, and say so."""
+    out = list(names)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        group = next((g for g in FUSED_GROUPS if leaf in g), ())
+        added = [f"{parent}.{s}" for s in group if f"{parent}.{s}" in all_names and f"{parent}.{s}" not in out]
+        if added:
+            warn(f"--skip_layers: {name} is fused with {', '.join(a.rsplit('.', 1)[1] for a in added)} by vLLM and "
+                 "TensorRT-LLM; skipping those too so the checkpoint loads")
+            out.extend(added)
+    return out
+
+
+def always_unquantized(model) -> list[str]:
+    """Input and output embeddings: kept in 16 bits, whatever the config says."""
+    targets = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [n for n, m in model.named_modules() if n and any(m is t for t in targets if t is not None)]
+
+
+def build_quant_config(mode: str, unquantized: list[str]) -> dict:
+    """A deep copy of the mode's ModelOpt config with the given modules' quantizers disabled."""
+    import modelopt.torch.quantization as mtq
+
+    config = copy.deepcopy(getattr(mtq, MODES[mode][0]))
+    for name in unquantized:
+        config["quant_cfg"].append({"quantizer_name": f"{name}.*", "enable": False})
+    return config
+
+
+def load_model(settings: Settings, config, device: str):
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(settings.dtype, config)
+    model = AutoModelForCausalLM.from_pretrained(
+        settings.input_model, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+        token=settings.hf_token, device_map={"": device}, low_cpu_mem_usage=True)
+    model.eval()
+    if not getattr(model.config, "architectures", None):  # export_hf_checkpoint requires it
+        model.config.architectures = [type(model).__name__]
+    return model
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration_forward(model) -> Callable:
+    """The cheapest forward that still runs every quantized linear: no KV cache, no full logits."""
+    params = inspect.signature(model.forward).parameters
+    kwargs = {"use_cache": False} if "use_cache" in params else {}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    elif "num_logits_to_keep" in params:
+        kwargs["num_logits_to_keep"] = 1
+    elif getattr(model, "base_model_prefix", None) and hasattr(model, model.base_model_prefix):
+        base = getattr(model, model.base_model_prefix)  # lm_head is never quantized: skip it entirely
+        return lambda input_ids, attention_mask: base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def padding_excluded(model, holder: dict):
+    """Zero the padded rows of every quantized linear's input so they never reach an amax.
+
+    With right padding and a causal mask, real tokens never attend to padding, so their
+    activations are unchanged; padded rows then contribute 0 to the max. This is what makes
+    amax independent of the batch size.
+    """
+    def zero_padding(module, args):
+        mask = holder.get("mask")
+        if mask is None or not args:
+            return None
+        x = args[0]
+        if x.shape[:-1] == mask.shape:
+            return (x * mask.unsqueeze(-1).to(x.dtype),) + args[1:]
+        if x.dim() == 2 and x.shape[0] == mask.numel():
+            return (x * mask.reshape(-1, 1).to(x.dtype),) + args[1:]
+        return None  # routed expert inputs (MoE) carry no batch layout to mask
+
+    handles = [m.register_forward_pre_hook(zero_padding) for m in model.modules()
+               if getattr(getattr(m, "input_quantizer", None), "is_enabled", False)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gpu_token_budget(model, forward, samples, device, budget_gib: float | None, holder: dict):
+    """Run the longest sample alone, measure peak memory per token, size batches to the budget.
+
+    Returns (max_batch_tokens, probe_index). The probe is real calibration work, not wasted.
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = budget_gib * 2**30 if budget_gib else total * AUTO_BUDGET_FRACTION
+    probe = max(range(len(samples)), key=lambda i: len(samples[i]))
+    base = torch.cuda.memory_allocated(device)
+    if budget <= base:
+        raise UsageError(f"--gpu_memory_budget {budget / 2**30:.1f} GiB is below the weights' "
+                         f"{base / 2**30:.1f} GiB on {device}: raise it or use quantize_nvfp4_offload.py")
+    holder["peak_before_probe"] = torch.cuda.max_memory_allocated(device)  # the reset below would lose it
+    torch.cuda.reset_peak_memory_stats(device)
+    run_batch(forward, samples, [probe], device, holder)
+    per_token = max(torch.cuda.max_memory_allocated(device) - base, 1) / len(samples[probe])
+    tokens = int((budget - base) * 0.9 / per_token)
+    return max(len(samples[probe]), min(tokens, MAX_BATCH_TOKENS)), probe
+
+
+def run_batch(forward, samples, indices, device, holder: dict) -> None:
+    input_ids, mask = padded_batch(samples, indices, holder["pad_id"])
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    holder["mask"] = mask
+    forward(input_ids=input_ids, attention_mask=mask)
+
+
+def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
+    half = len(batch) // 2
+    return batch[:half], batch[half:]
+
+
+def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, pad_id: int) -> dict:
+    """The forward loop: every sample once, in length-sorted batches; on CUDA OOM, halve and retry."""
+    import torch
+    from tqdm import tqdm
+
+    forward, holder = calibration_forward(model), {"pad_id": pad_id}
+    lengths = [len(s) for s in samples]
+    stats = {"oom_retries": 0}
+    on_gpu = device.startswith("cuda")
+    with torch.no_grad(), padding_excluded(model, holder):
+        done: set[int] = set()
+        cap = CPU_BATCH_TOKENS
+        bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr)
+        if on_gpu and settings.batch_size is None:
+            cap, probe = gpu_token_budget(model, forward, samples, device, settings.gpu_memory_budget, holder)
+            done.add(probe)
+            bar.update(lengths[probe])
+        remaining = [i for i in range(len(samples)) if i not in done]
+        sub_lengths = [lengths[i] for i in remaining]
+        queue = deque([[remaining[j] for j in b] for b in group_batches(sub_lengths, settings.batch_size, cap)])
+        batches_run = [[i] for i in done]
+        while queue:
+            batch = queue.popleft()
+            try:
+                run_batch(forward, samples, batch, device, holder)
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise UsageError(f"CUDA out of memory on a single {lengths[batch[0]]}-token sample: "
+                                     "lower --max_seq_len or use quantize_nvfp4_offload.py") from None
+                stats["oom_retries"] += 1
+                torch.cuda.empty_cache()
+                queue.extendleft(reversed(split_batch(batch)))
+                continue
+            batches_run.append(batch)
+            bar.update(sum(lengths[i] for i in batch))
+        bar.close()
+        holder["mask"] = None
+    if "peak_before_probe" in holder:
+        stats["peak_before_probe"] = holder["peak_before_probe"]
+    stats.update(batches=len(batches_run), max_batch_tokens=cap if settings.batch_size is None else None,
+                 padding_fraction=round(padding_fraction(lengths, batches_run), 4))
+    return stats
+
+
+def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int):
+    """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory)."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    config = build_quant_config(settings.mode, unquantized)
+    stats: dict = {}
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    mtq.quantize(model, config, lambda m: stats.update(calibrate_batches(m, samples, settings, device, pad_id)))
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s) for s in samples)
+    stats.update(seconds=round(seconds, 2), tokens=tokens, tokens_per_s=round(tokens / seconds, 1))
+    if on_gpu:
+        peak = max(torch.cuda.max_memory_allocated(device), stats.pop("peak_before_probe", 0))
+        stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
+    return stats
+
+
+def quantized_linear_shapes(model) -> dict[str, dict]:
+    """Every module whose weight quantizer is on: its weight shape and whether inputs are quantized."""
+    out = {}
+    for name, module in model.named_modules():
+        wq = getattr(module, "weight_quantizer", None)
+        if getattr(wq, "is_enabled", False) and getattr(module, "weight", None) is not None:
+            iq = getattr(module, "input_quantizer", None)
+            out[name] = {"shape": list(module.weight.shape), "input_scale": bool(getattr(iq, "is_enabled", False))}
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoint validation
+def read_checkpoint_tensors(folder: Path) -> dict:
+    """All tensors of a safetensors checkpoint, as name -> tensor (single file or sharded)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no .safetensors files")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def check_quantized_linear(name: str, expected: dict, tensors: dict, group_size: int) -> list[str]:
+    """The rules every quantized linear must meet; returns one message per violation."""
+    import torch
+
+    out_f, in_f = expected["shape"]
+    rules = {
+        "weight": (torch.uint8, [out_f, in_f // 2]),
+        "weight_scale": (torch.float8_e4m3fn, [out_f, in_f // group_size]),
+        "weight_scale_2": (torch.float32, []),
+    }
+    if expected["input_scale"]:
+        rules["input_scale"] = (torch.float32, [])
+    problems = []
+    for suffix, (dtype, shape) in rules.items():
+        tensor = tensors.get(f"{name}.{suffix}")
+        if tensor is None:
+            problems.append(f"{name}.{suffix}: missing")
+            continue
+        if tensor.dtype != dtype or list(tensor.shape) != shape:
+            problems.append(f"{name}.{suffix}: expected {dtype} {shape}, got {tensor.dtype} {list(tensor.shape)}")
+            continue
+        if suffix != "weight":
+            problems += check_scale_values(f"{name}.{suffix}", tensor.float(), per_block=suffix == "weight_scale")
+    return problems
+
+
+def check_scale_values(label: str, values, per_block: bool) -> list[str]:
+    """Scales must be finite and positive; a block scale may be 0 only for an all-zero block."""
+    import torch
+
+    if not torch.isfinite(values).all():
+        return [f"{label}: non-finite values"]
+    if per_block and ((values < 0).any() or not (values > 0).any()):
+        return [f"{label}: block scales must be >= 0 and not all zero (min {values.min().item()})"]
+    if not per_block and not (values > 0).all():
+        return [f"{label}: scale must be positive, got {values.min().item()}"]
+    return []
+
+
+def validate_export(folder: Path, expected: dict[str, dict], mode: str) -> dict:
+    """Reopen what was written and check every quantized linear; raise on the first bad checkpoint."""
+    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    wanted_algo = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}[mode]
+    problems = [] if quant.get("quant_algo") == wanted_algo else \
+        [f"hf_quant_config.json: quant_algo {quant.get('quant_algo')!r}, expected {wanted_algo!r}"]
+    tensors = read_checkpoint_tensors(folder)
+    for name, info in expected.items():
+        problems += check_quantized_linear(name, info, tensors, int(quant["group_size"]))
+    if not any(f.name in TOKENIZER_FILES for f in folder.iterdir()):
+        problems.append("no tokenizer files written")
+    if problems:
+        raise RuntimeError(f"exported checkpoint failed validation ({len(problems)} problems), first: "
+                           + "; ".join(problems[:5]))
+    return {"quantized_linears": len(expected), "tensors": len(tensors), "group_size": quant["group_size"],
+            "quant_algo": quant["quant_algo"], "exclude_modules": quant.get("exclude_modules", [])}
+
+
+def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
+    """Packed FP4 (low nibble first) x FP8 block scale x FP32 global scale -> float32 weight."""
+    import torch
+
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    codes = torch.stack([weight & 0x0F, weight >> 4], dim=-1).reshape(weight.shape[0], -1)
+    values = lut[codes.long()]
+    scales = weight_scale.float().repeat_interleave(group_size, dim=1)
+    return values * scales * weight_scale_2.float()
+
+
+# --------------------------------------------------------------------------- export
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output path exists and is not a directory: {output}")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"output dir exists and is not empty: {output} (pass --overwrite to replace it)")
+    parent = output.parent
+    if not parent.is_dir():
+        raise UsageError(f"output's parent folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output's parent folder is not writable: {parent}")
+
+
+def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
+    """FP4 weights + FP8 scales (1/16 byte per weight) for quantized linears; 2 bytes otherwise."""
+    total = 0
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            total += param.numel() * (0.5625 if name in quantized and pname == "weight" else 2)
+    return int(total)
+
+
+def check_free_disk(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise UsageError(f"not enough free disk in {folder}: {free / 2**30:.1f} GiB free, about "
+                         f"{needed_bytes / 2**30:.1f} GiB needed for the checkpoint; free space or choose "
+                         "another --output_model")
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "nvidia-modelopt", "accelerate", "datasets", "safetensors"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def write_tokenizer_and_extras(model, tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(str(folder))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and not (folder / "generation_config.json").exists():
+        generation_config.save_pretrained(str(folder))
+    for f in folder.rglob("*"):  # export_hf_checkpoint writes safetensors 0600: others could not serve them
+        f.chmod(0o755 if f.is_dir() else 0o644)
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Replace `output` with `staging` so that a finished-looking dir is always a complete one."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict) -> dict:
+    """Export into a temp dir beside the target, check it, then rename it into place."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    output = settings.output_model
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            export_hf_checkpoint(model, export_dir=str(staging))
+        write_tokenizer_and_extras(model, tokenizer, staging)
+        manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
+        manifest["validation"] = validate_export(staging, expected, settings.mode)
+        manifest["excluded_modules"] = manifest["validation"]["exclude_modules"]
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST_NAME).chmod(0o644)
+        staging.chmod(0o755)
+        move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+# --------------------------------------------------------------------------- reporting
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_plan(settings: Settings, stats: dict) -> None:
+    log(f"calibration plan: {settings.max_samples} samples x <= {settings.max_seq_len} tokens, "
+        f"oversample {settings.oversample_ratio}, seed {settings.seed}, min {settings.min_token_length} tokens")
+    rows = [(d["name"], d["requested"], d["loaded"], d["skipped_rows"], d["kept"]) for d in stats["per_dataset"]]
+    print_table(("dataset", "requested", "loaded", "skipped", "kept"), rows)
+    t = stats["tokens"]
+    log(f"kept {stats['kept_samples']} samples, {t['total']} tokens (min {t['min']}, mean {t['mean']}, max {t['max']})")
+
+
+def print_table(header: tuple, rows: list[tuple]) -> None:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        log("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            log("  " + "  ".join("-" * w for w in widths))
+
+
+def print_summary(manifest: dict, output: Path) -> None:
+    calib, t = manifest["calibration_run"], manifest["timings"]
+    rows = [
+        ("output", output),
+        ("mode", f"{manifest['mode']} ({manifest['modelopt_config']})"),
+        ("quantized linears", manifest["validation"]["quantized_linears"]),
+        ("excluded modules", len(manifest["excluded_modules"])),
+        ("calibration samples", manifest["calibration"]["kept_samples"]),
+        ("calibration tokens", calib["tokens"]),
+        ("batches (padding)", f"{calib['batches']} ({calib['padding_fraction']:.1%})"),
+        ("calibration time", f"{calib['seconds']} s"),
+        ("tokens/s", calib["tokens_per_s"]),
+        ("peak GPU memory", f"{calib['peak_gpu_memory_gib']} GiB" if "peak_gpu_memory_gib" in calib else "n/a (CPU)"),
+        ("load / export", f"{t['load_model_s']} s / {t['export_s']} s"),
+        ("total", f"{t['total_s']} s"),
+    ]
+    log("\nsummary")
+    print_table(("item", "value"), rows)
+
+
+# --------------------------------------------------------------------------- self-test
+def build_tiny_tokenizer(folder: Path, corpus: list[str], vocab_size: int = 512):
+    """A real BPE tokenizer trained on `corpus`, with a chat template, saved to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                          "{{ eos_token }}\n{% endfor %}")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def build_tiny_model(folder: Path, vocab_size: int, hidden: int = 128, layers: int = 2, dtype: str = "bfloat16",
+                     seed: int = 0):
+    """A random-weight Llama (architectures set, as export needs) saved to `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                         architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(str(folder))
+    return model
+
+
+def sample_corpus() -> list[str]:
+    """Every text in the shipped offline sample set, formatted plainly: the tokenizer's training text."""
+    specs, _ = load_mix(SAMPLES_YAML)
+    corpus = []
+    for spec in specs:
+        for row in open_dataset(spec, None):
+            sample = format_sample(spec, row)
+            if sample:
+                corpus.append(sample[0])
+    return corpus
+
+
+def run_self_test(args: argparse.Namespace) -> int:
+    """Tiny Llama + tokenizer in a temp dir -> the real pipeline on Datasets/samples -> checks."""
+    with tempfile.TemporaryDirectory(prefix="nvfp4-selftest-") as tmp:
+        tmp_path = Path(tmp)
+        tokenizer = build_tiny_tokenizer(tmp_path / "model", sample_corpus())
+        build_tiny_model(tmp_path / "model", vocab_size=len(tokenizer))
+        args.input_model = str(tmp_path / "model")
+        keep_output = bool(args.output_model)
+        args.output_model = args.output_model or str(tmp_path / "out")
+        args.dataset_yaml = args.dataset_yaml or str(SAMPLES_YAML)
+        start = time.perf_counter()
+        status = run(build_settings(args, {}))
+        check_dequantization(Path(args.input_model), Path(args.output_model))
+        kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
+        log(f"self-test passed in {time.perf_counter() - start:.1f} s: {args.output_model}{kept}")
+        return status
+
+
+def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.25) -> None:
+    """Dequantize every exported FP4 weight and compare it with the original: close, not equal."""
+    import torch
+
+    original, written = read_checkpoint_tensors(source), read_checkpoint_tensors(exported)
+    quant = json.loads((exported / "hf_quant_config.json").read_text())["quantization"]
+    for name in [k[: -len(".weight_scale")] for k in written if k.endswith(".weight_scale")]:
+        restored = dequantize_nvfp4(written[f"{name}.weight"], written[f"{name}.weight_scale"],
+                                    written[f"{name}.weight_scale_2"], int(quant["group_size"]))
+        reference = original[f"{name}.weight"].float()
+        rel = (torch.linalg.norm(restored - reference) / torch.linalg.norm(reference)).item()
+        if not 0 < rel < max_rel_error:
+            raise RuntimeError(f"{name}: dequantized weight has relative error {rel:.4f}, expected (0, {max_rel_error})")
+
+
+# --------------------------------------------------------------------------- list configs
+def list_configs() -> int:
+    import modelopt.torch.quantization as mtq
+
+    selected = {cfg: f"{flag}: {what}" for cfg, flag, what in MODES.values()}
+    names = sorted(n for n in dir(mtq) if n.endswith("_CFG") and "FP4" in n)
+    print(f"ModelOpt {library_versions()['nvidia-modelopt']} NVFP4-family configs:")
+    for name in names:
+        print(f"  {name:<40} {selected.get(name, '')}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Quantize a Hugging Face causal LM to NVFP4 with NVIDIA ModelOpt.")
+    p.add_argument("--input_model", help="local model dir or hub ID (env INPUT_MODEL)")
+    p.add_argument("--output_model", help="output dir for the NVFP4 checkpoint (env OUTPUT_MODEL)")
+    p.add_argument("--dataset_yaml", help="calibration mix, e.g. Datasets/SWRP_Default.yaml")
+    p.add_argument("--max_samples", type=int, help=f"calibration samples (default {CALIBRATION_DEFAULTS['max_samples']})")
+    p.add_argument("--max_seq_len", type=int, help=f"tokens per sample (default {CALIBRATION_DEFAULTS['max_seq_len']})")
+    p.add_argument("--oversample_ratio", type=float,
+                   help=f"load this many times max_samples before filtering (default {CALIBRATION_DEFAULTS['oversample_ratio']})")
+    p.add_argument("--seed", type=int, help=f"sample selection seed (default {CALIBRATION_DEFAULTS['seed']})")
+    p.add_argument("--min_token_length", type=int,
+                   help=f"drop samples shorter than this (default {CALIBRATION_DEFAULTS['min_token_length']})")
+    p.add_argument("--batch_size", type=parse_batch_size, default=None, metavar="auto|N",
+                   help="samples per calibration forward; auto (default) sizes batches in tokens to the GPU budget")
+    p.add_argument("--gpu_memory_budget", type=float, metavar="GiB",
+                   help=f"cap for weights + calibration activations (default {AUTO_BUDGET_FRACTION:.0%} of the GPU)")
+    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
+                   help="load dtype; auto = the checkpoint's (float32 loads as bfloat16)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code from the hub")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--w4a8", action="store_true", help="W4A8_NVFP4_FP8_CFG: FP4 weights, FP8 activations")
+    modes.add_argument("--weight_only", action="store_true", help="W4A16_NVFP4_CFG: FP4 weights, 16-bit activations")
+    p.add_argument("--skip_layers", nargs="+", metavar="PATTERN", default=[],
+                   help="keep matching modules unquantized (glob on module names, e.g. 'layers.0.*' 'down_proj')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
+    p.add_argument("--dry_run", action="store_true", help="load tokenizer and data, print the plan, write nothing")
+    p.add_argument("--list_configs", action="store_true", help="print ModelOpt's NVFP4 configs and exit")
+    p.add_argument("--self_test", action="store_true", help="quantize a tiny built-in model on Datasets/samples")
+    return p
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def run(settings: Settings) -> int:
+    """The whole job for validated settings: cheap checks first, the model last."""
+    started = time.perf_counter()
+    for spec in settings.datasets:
+        check_dataset_source(spec)
+    if settings.output_model and not settings.dry_run:
+        check_output_dir(settings.output_model, settings.overwrite)
+    config = load_model_config(settings)
+    tokenizer = load_tokenizer(settings)
+    skeleton = empty_model(config, settings.trust_remote_code)
+    unquantized = always_unquantized(skeleton) + resolve_skip_layers(skeleton, settings.skip_layers)
+    samples, data_stats = prepare_calibration_data(settings, tokenizer)
+    print_plan(settings, data_stats)
+    if settings.dry_run:
+        log("dry run: no model weights loaded, nothing written")
+        return 0
+    linear_names = {n for n, m in skeleton.named_modules() if type(m).__name__ == "Linear"} - set(unquantized)
+    check_free_disk(settings.output_model.parent, int(estimate_checkpoint_bytes(skeleton, linear_names) * DISK_MARGIN))
+    del skeleton
+    device = pick_device()
+    load_start = time.perf_counter()
+    model = load_model(settings, config, device)
+    timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    calibration_run = quantize_model(model, settings, unquantized, samples, device, pad_id)
+    expected = quantized_linear_shapes(model)
+    skipped_but_quantized = [n for n in expected if any(n == u or n.startswith(u + ".") for u in unquantized)]
+    if skipped_but_quantized:
+        raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
+    manifest = {
+        "tool": "quantize_nvfp4.py", "source_model": settings.input_model, "mode": settings.mode,
+        "modelopt_config": settings.modelopt_config_name, "arguments": settings.public_dict(),
+        "versions": library_versions(), "device": device, "calibration": data_stats,
+        "calibration_run": calibration_run, "timings": timings,
+    }
+    export_checkpoint(model, tokenizer, settings, manifest, expected)
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    print_summary(manifest, settings.output_model)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
+    try:
+        if args.list_configs:
+            return list_configs()
+        if args.self_test:
+            return run_self_test(args)
+        env = read_env_files(SCRIPT_DIR, Path.cwd())
+        return run(build_settings(args, env))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Calibration on CPU: amax independent of batching, skip patterns, configs never mutated."""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import quantize_nvfp4 as q
+
+
+def tiny_fp32_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    return LlamaForCausalLM(config).eval()
+
+
+def settings(batch_size=None, mode="nvfp4"):
+    return q.Settings(input_model="tiny", output_model=None, dataset_yaml=None, datasets=[], max_samples=12,
+                      max_seq_len=64, oversample_ratio=1.0, seed=0, min_token_length=1, batch_size=batch_size,
+                      gpu_memory_budget=None, dtype="float32", trust_remote_code=False, mode=mode, skip_layers=[],
+                      overwrite=False, dry_run=False)
+
+
+SAMPLES = [torch.randint(4, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+           for n in (64, 7, 33, 12, 50, 3, 64, 21, 9, 40, 17, 28)]
+
+
+def amax_by_quantizer(model) -> dict:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m.amax.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and m.is_enabled and m.amax is not None}
+
+
+def calibrated(batch_size, base, mode="nvfp4"):
+    model = copy.deepcopy(base)
+    stats = q.quantize_model(model, settings(batch_size, mode), q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+    return amax_by_quantizer(model), stats
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    """Pad id 0 never occurs in SAMPLES; its embedding is one outlier channel, which RMSNorm keeps large."""
+    model = tiny_fp32_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] = 0
+        model.model.embed_tokens.weight[0, 5] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("mode", ["nvfp4", "w4a8"])
+def test_amax_is_the_same_for_any_batch_size(base_model, mode):
+    one, one_stats = calibrated(1, base_model, mode)
+    assert one_stats["batches"] == len(SAMPLES) and one_stats["padding_fraction"] == 0
+    assert any("input_quantizer" in n for n in one)
+    for batch_size in (4, None):
+        other, stats = calibrated(batch_size, base_model, mode)
+        assert stats["padding_fraction"] > 0
+        assert other.keys() == one.keys()
+        for name in one:
+            torch.testing.assert_close(other[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_without_padding_exclusion_batching_would_change_amax(base_model, monkeypatch):
+    """Guards the masking hook: padded rows do reach the quantizers when it is off."""
+    one, _ = calibrated(1, base_model)
+    monkeypatch.setattr(q, "padding_excluded", lambda model, holder: contextlib.nullcontext())
+    padded, _ = calibrated(4, base_model)
+    assert any(not torch.allclose(padded[n], one[n]) for n in one if "input_quantizer" in n)
+
+
+def test_calibration_stats(base_model):
+    _, stats = calibrated(4, base_model)
+    assert stats["tokens"] == sum(len(s) for s in SAMPLES)
+    assert stats["batches"] == 3 and stats["oom_retries"] == 0
+    assert stats["tokens_per_s"] > 0 and "peak_gpu_memory_gib" not in stats
+
+
+def test_calibration_forward_skips_logits_and_cache(base_model):
+    seen = {}
+    model = copy.deepcopy(base_model)
+    model.register_forward_hook(lambda m, a, kw, out: seen.update(kw), with_kwargs=True)
+    q.calibration_forward(model)(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert seen["use_cache"] is False and seen["logits_to_keep"] == 1
+
+
+def test_calibration_forward_falls_back_to_base_model():
+    class NoLogitsArg:  # a model class whose forward takes neither logits_to_keep nor num_logits_to_keep
+        base_model_prefix = "model"
+
+        def model(self, **kwargs):
+            return "base", sorted(kwargs)
+
+        def forward(self, input_ids, attention_mask=None):
+            raise AssertionError("the full model should not be called")
+
+    assert q.calibration_forward(NoLogitsArg())(input_ids=1, attention_mask=2) == ("base", ["attention_mask", "input_ids"])
+
+
+def test_skip_layers_patterns(base_model):
+    names = q.resolve_skip_layers(base_model, ["layers.0.mlp.down_proj", "layers.1.self_attn.*_proj"])
+    assert names == ["model.layers.0.mlp.down_proj"] + [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+    assert q.resolve_skip_layers(base_model, ["down_proj"]) == ["model.layers.0.mlp.down_proj",
+                                                               "model.layers.1.mlp.down_proj"]
+    assert q.resolve_skip_layers(base_model, ["layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"]) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.gate_proj"]
+    with pytest.raises(q.UsageError, match="pattern 'down_porj' matches no module"):
+        q.resolve_skip_layers(base_model, ["down_porj"])
+
+
+def test_embeddings_and_lm_head_always_unquantized(base_model):
+    assert q.always_unquantized(base_model) == ["model.embed_tokens", "lm_head"]
+
+
+def test_build_quant_config_never_mutates_modelopt_globals():
+    import modelopt.torch.quantization as mtq
+
+    before = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    config = q.build_quant_config("nvfp4", ["model.layers.0.mlp.down_proj"])
+    assert config["quant_cfg"][-1] == {"quantizer_name": "model.layers.0.mlp.down_proj.*", "enable": False}
+    assert mtq.NVFP4_DEFAULT_CFG == before
+
+
+def test_skipped_modules_stay_unquantized(base_model):
+    model = copy.deepcopy(base_model)
+    skip = q.always_unquantized(model) + q.resolve_skip_layers(model, ["layers.1.mlp.*"])
+    q.quantize_model(model, settings(4), skip, SAMPLES, "cpu", pad_id=0)
+    quantized = q.quantized_linear_shapes(model)
+    assert "model.layers.0.mlp.down_proj" in quantized and "model.layers.1.self_attn.q_proj" in quantized
+    assert not any(n.startswith("model.layers.1.mlp") or n == "lm_head" for n in quantized)
+
+
+def test_free_disk_check(tmp_path):
+    q.check_free_disk(tmp_path, 1)
+    with pytest.raises(q.UsageError, match="not enough free disk"):
+        q.check_free_disk(tmp_path, 10**18)
+
+
+def test_dequantize_matches_modelopt():
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    weight = torch.randn(32, 64)
+    packed, scale, scale_2 = NVFP4QTensor.quantize(weight, 16)
+    ours = q.dequantize_nvfp4(packed._quantized_data, scale, scale_2, 16)
+    theirs = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    torch.testing.assert_close(ours, theirs)
+    assert 0.02 < (torch.linalg.norm(ours - weight) / torch.linalg.norm(weight)).item() < 0.2

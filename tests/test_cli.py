@@ -1,0 +1,240 @@
+"""End-to-end runs of quantize_nvfp4.py on a tiny model: files written, tensor by tensor, and every error."""
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantize_nvfp4 as q
+from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
+
+LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
+SMALL = ("--max_samples", "24", "--max_seq_len", "128")
+SECRET = "hf_do_not_leak_1234567890"
+
+
+def quantize(tiny_model, out: Path, *extra: str, env=None):
+    result = run_cli("--input_model", str(tiny_model), "--output_model", str(out), "--dataset_yaml", LOCAL_YAML,
+                     *SMALL, *extra, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "tiny-nvfp4"
+    result = quantize(tiny_model, out, env={"HF_TOKEN": SECRET})
+    return out, result
+
+
+def check_tensors(source: Path, out: Path, group_size: int, input_scale: bool, skipped=()):
+    original, written = q.read_checkpoint_tensors(source), q.read_checkpoint_tensors(out)
+    quantized = [n[: -len(".weight")] for n, t in original.items()
+                 if n.endswith("proj.weight") and n[: -len(".weight")] not in skipped]
+    assert quantized, "no quantizable linear found"
+    for name in quantized:
+        weight = written[f"{name}.weight"]
+        out_f, in_f = original[f"{name}.weight"].shape
+        assert weight.dtype == torch.uint8 and list(weight.shape) == [out_f, in_f // 2]
+        assert written[f"{name}.weight_scale"].dtype == torch.float8_e4m3fn
+        assert list(written[f"{name}.weight_scale"].shape) == [out_f, in_f // group_size]
+        assert written[f"{name}.weight_scale_2"].shape == () and written[f"{name}.weight_scale_2"] > 0
+        assert (f"{name}.input_scale" in written) == input_scale
+        if input_scale:
+            assert written[f"{name}.input_scale"].dtype == torch.float32 and written[f"{name}.input_scale"] > 0
+        restored = q.dequantize_nvfp4(weight, written[f"{name}.weight_scale"], written[f"{name}.weight_scale_2"],
+                                      group_size)
+        reference = original[f"{name}.weight"].float()
+        rel = (torch.linalg.norm(restored - reference) / torch.linalg.norm(reference)).item()
+        assert 0.02 < rel < 0.2, f"{name}: relative error {rel}"
+    for name, tensor in original.items():  # everything else is carried over bit for bit
+        if not any(name == f"{m}.weight" for m in quantized):
+            assert torch.equal(written[name], tensor), name
+    return quantized
+
+
+def test_default_run_writes_a_valid_w4a4_checkpoint(default_run, tiny_model):
+    out, _ = default_run
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "NVFP4" and quant["group_size"] == 16
+    assert {"lm_head", "model.embed_tokens"} <= set(quant["exclude_modules"])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_algo"] == "NVFP4"
+    quantized = check_tensors(tiny_model, out, 16, input_scale=True)
+    assert len(quantized) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+
+
+def test_default_run_files_modes_and_no_leftovers(default_run):
+    out, _ = default_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "hf_quant_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "nvfp4_manifest.json"} <= names
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp dir left beside it
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("a test sentence")["input_ids"]
+
+
+def test_manifest(default_run, tiny_model):
+    out, _ = default_run
+    manifest = json.loads((out / "nvfp4_manifest.json").read_text())
+    assert manifest["source_model"] == str(tiny_model)
+    assert (manifest["mode"], manifest["modelopt_config"]) == ("nvfp4", "NVFP4_DEFAULT_CFG")
+    assert manifest["versions"]["nvidia-modelopt"] and manifest["versions"]["torch"]
+    assert manifest["arguments"]["max_samples"] == 24 and "hf_token" not in manifest["arguments"]
+    calib = manifest["calibration"]
+    assert calib["target_samples"] == 24 and calib["kept_samples"] == 24
+    assert calib["requested_samples"] == 36 == sum(d["requested"] for d in calib["per_dataset"])
+    assert {d["name"] for d in calib["per_dataset"]} == {s.name for s in q.load_mix(Path(LOCAL_YAML))[0]}
+    assert set(calib["tokens"]) == {"total", "min", "mean", "max"} and calib["tokens"]["max"] <= 128
+    assert manifest["calibration_run"]["tokens"] == calib["tokens"]["total"]
+    assert {"load_model_s", "export_s", "total_s"} <= set(manifest["timings"])
+    assert "lm_head" in manifest["excluded_modules"]
+
+
+def test_token_is_never_printed_or_written(default_run):
+    out, result = default_run
+    assert SECRET not in result.stdout + result.stderr
+    for path in out.iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_summary_table_printed(default_run):
+    _, result = default_run
+    assert "summary" in result.stderr and "tokens/s" in result.stderr and "calibration plan" in result.stderr
+
+
+@pytest.mark.parametrize("flag, algo, group_size, input_scale", [
+    ("--w4a8", "W4A8_NVFP4_FP8", 32, True),
+    ("--weight_only", "W4A16_NVFP4", 16, False),
+])
+def test_other_modes_with_skip_layers(tiny_model, tmp_path, flag, algo, group_size, input_scale):
+    out = tmp_path / "out"
+    quantize(tiny_model, out, flag, "--skip_layers", "layers.1.mlp.down_proj", "layers.0.self_attn.o_*")
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["group_size"]) == (algo, group_size)
+    skipped = ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj")
+    assert set(skipped) <= set(quant["exclude_modules"])
+    check_tensors(tiny_model, out, group_size, input_scale, skipped=skipped)
+
+
+def test_overwrite_replaces_existing_output(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert_usage_error(run_cli("--input_model", str(tiny_model), "--output_model", str(out),
+                               "--dataset_yaml", LOCAL_YAML), "not empty", "--overwrite")
+    assert (out / "stale.txt").exists()
+    quantize(tiny_model, out, "--overwrite")
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_dry_run_writes_nothing(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--input_model", str(tiny_model), "--output_model", str(out), "--dataset_yaml", LOCAL_YAML,
+                     *SMALL, "--dry_run")
+    assert result.returncode == 0, result.stderr
+    assert "calibration plan" in result.stderr and "dry run" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dotenv_in_working_dir_supplies_models(tiny_model, tmp_path):
+    (tmp_path / ".env").write_text(f"INPUT_MODEL={tiny_model}\nOUTPUT_MODEL={tmp_path / 'out'}\n")
+    result = run_cli("--dataset_yaml", LOCAL_YAML, *SMALL, "--dry_run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "kept 24 samples" in result.stderr
+
+
+def test_list_configs():
+    result = run_cli("--list_configs")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert "(default)" in lines["NVFP4_DEFAULT_CFG"] and "--w4a8" in lines["W4A8_NVFP4_FP8_CFG"]
+    assert "--weight_only" in lines["W4A16_NVFP4_CFG"] and "NVFP4_AWQ_LITE_CFG" in lines
+
+
+def test_self_test(tmp_path):
+    result = run_cli("--self_test", "--output_model", str(tmp_path / "st"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "self-test passed" in result.stderr
+    assert (tmp_path / "st" / "nvfp4_manifest.json").exists()
+
+
+# ---------------------------------------------------------------- errors: exit 2, one line, nothing written
+@pytest.fixture
+def bad_inputs(tmp_path):
+    write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": None}, {"x": 1}])
+    write_jsonl(tmp_path / "ok.jsonl", [{"text": "a sentence " * 20}] * 4)
+    return {
+        "missing": tmp_path / "missing.yaml",
+        "malformed": write_yaml(tmp_path / "malformed.yaml", "datasets: [\n  - name: a\n"),
+        "formatter": write_yaml(tmp_path / "f.yaml", "datasets:\n  - name: a\n    path: ok.jsonl\n    formatter: alpaca\n"),
+        "key": write_yaml(tmp_path / "k.yaml", "datasets:\n  - name: a\n    path: ok.jsonl\n    colour: red\n"),
+        "path": write_yaml(tmp_path / "p.yaml", "datasets:\n  - name: a\n    path: ./nowhere/data.jsonl\n"),
+        "empty": write_yaml(tmp_path / "e.yaml", "datasets:\n  - name: a\n    path: empty.jsonl\n"),
+        "ok": write_yaml(tmp_path / "ok.yaml", "datasets:\n  - name: a\n    path: ok.jsonl\n"),
+    }
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("missing", ["dataset YAML not found"]),
+    ("malformed", ["malformed YAML"]),
+    ("formatter", ["unknown formatter 'alpaca'", "allowed: raw_text"]),
+    ("key", ["unknown key 'colour'", "datasets[0] (a)"]),
+    ("path", ["dataset 'a'", "path not found"]),
+    ("empty", ["no calibration samples left"]),
+])
+def test_bad_calibration_input(tiny_model, tmp_path, bad_inputs, case, fragments):
+    out = tmp_path / "out"
+    result = run_cli("--input_model", str(tiny_model), "--output_model", str(out),
+                     "--dataset_yaml", str(bad_inputs[case]))
+    assert_usage_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_model_not_found(tmp_path, bad_inputs):
+    for model in (str(tmp_path / "no-such-model"), "./relative/missing"):
+        result = run_cli("--input_model", model, "--output_model", str(tmp_path / "out"),
+                         "--dataset_yaml", str(bad_inputs["ok"]))
+        assert_usage_error(result, "model not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_skip_pattern(tiny_model, tmp_path, bad_inputs):
+    result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"),
+                     "--dataset_yaml", str(bad_inputs["ok"]), "--skip_layers", "down_porj")
+    assert_usage_error(result, "'down_porj' matches no module")
+
+
+def test_missing_arguments(tmp_path, bad_inputs):
+    assert_usage_error(run_cli("--output_model", str(tmp_path / "o"), "--dataset_yaml", str(bad_inputs["ok"])),
+                       "no input model")
+    assert_usage_error(run_cli("--input_model", "x", "--output_model", str(tmp_path / "o")), "no calibration mix")
+
+
+def test_failed_export_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    def broken_validation(*args, **kwargs):
+        raise RuntimeError("validation exploded")
+
+    monkeypatch.setattr(q, "validate_export", broken_validation)
+    args = q.build_parser().parse_args(["--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"),
+                                        "--dataset_yaml", LOCAL_YAML, *SMALL])
+    with pytest.raises(RuntimeError, match="validation exploded"):
+        q.run(q.build_settings(args, {}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_catches_bad_tensors(default_run, tmp_path):
+    out, _ = default_run
+    tensors = q.read_checkpoint_tensors(out)
+    expected = {"model.layers.0.mlp.up_proj": {"shape": [256, 128], "input_scale": True}}
+    assert q.check_quantized_linear("model.layers.0.mlp.up_proj", expected["model.layers.0.mlp.up_proj"], tensors, 16) == []
+    broken = dict(tensors)
+    broken["model.layers.0.mlp.up_proj.weight_scale_2"] = torch.tensor(float("nan"))
+    del broken["model.layers.0.mlp.up_proj.input_scale"]
+    problems = q.check_quantized_linear("model.layers.0.mlp.up_proj", expected["model.layers.0.mlp.up_proj"], broken, 16)
+    assert problems == ["model.layers.0.mlp.up_proj.weight_scale_2: non-finite values",
+                        "model.layers.0.mlp.up_proj.input_scale: missing"]
