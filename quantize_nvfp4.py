@@ -85,6 +85,7 @@ FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1",
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 CPU_BATCH_TOKENS = 8192          # CPU calibration is compute-bound; larger batches gain nothing
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
+BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python), in tokens: batching trades it for padding
 AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
 DISK_MARGIN = 1.10               # export writes temp files beside the output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
@@ -540,18 +541,30 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
 
 # --------------------------------------------------------------------------- batching
 def group_batches(lengths: list[int], batch_size: int | None, max_batch_tokens: int) -> list[list[int]]:
-    """Sample indices sorted longest first, grouped by a sample count or by a padded-token budget."""
+    """Sample indices sorted longest first, grouped by a sample count or by a padded-token budget.
+
+    Under a token budget the sorted list is cut where it costs least: each batch costs its padded
+    tokens plus a fixed per-forward overhead, and an exact search (O(samples x batch size)) picks the
+    cuts. Greedy filling pads short samples up to long ones; this keeps padding to a few percent.
+    """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            current = batches[-1]
-            fits = len(current) < batch_size if batch_size else (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
-            if fits:
-                current.append(i)
-                continue
-        batches.append([i])
-    return batches
+    if batch_size:
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    sorted_lengths = [lengths[i] for i in order]
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end - 1, -1, -1):
+            padded = (end - start) * sorted_lengths[start]
+            if padded > max_batch_tokens and end - start > 1:
+                break  # earlier starts are longer samples and more of them: only worse
+            cost = best[start] + padded + BATCH_OVERHEAD_TOKENS
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches, end = [], len(order)
+    while end > 0:
+        batches.append(order[cut[end]: end])
+        end = cut[end]
+    return batches[::-1]
 
 
 def padded_batch(samples: list[list[int]], indices: list[int], pad_id: int):
@@ -770,6 +783,7 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
     lengths = [len(s) for s in samples]
     stats = {"oom_retries": 0}
     on_gpu = device.startswith("cuda")
+    loop_start = time.perf_counter()
     with torch.no_grad(), padding_excluded(model, holder):
         done: set[int] = set()
         cap = CPU_BATCH_TOKENS
@@ -798,6 +812,9 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
             bar.update(sum(lengths[i] for i in batch))
         bar.close()
         holder["mask"] = None
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    stats["forward_seconds"] = round(time.perf_counter() - loop_start, 2)
     if "peak_before_probe" in holder:
         stats["peak_before_probe"] = holder["peak_before_probe"]
     stats.update(batches=len(batches_run), max_batch_tokens=cap if settings.batch_size is None else None,

@@ -162,6 +162,25 @@ def run_variant(name: str, args, shape: dict, samples, device: str, cap: int | N
             "peak_over_weights": round(peak / weight_bytes, 3) if peak else None}
 
 
+def profile_variant(name: str, args, shape: dict, samples, device: str, cap: int, out_dir: Path) -> str:
+    """One more run of `name` under torch.profiler: the top ops by GPU time, to see what calibration adds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _ = build_model(shape, device, args.seed)
+    warm_up(model, device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        if name == "ceiling":
+            ceiling_loop(model, samples, cap, device)
+        else:
+            q.quantize_model(model, bench_settings(samples, args.max_len, args.gpu_memory_budget),
+                             q.always_unquantized(model), samples, device, PAD_ID)
+        sync(device)
+    del model
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile_rows)
+    (out_dir / f"profile_{name}.txt").write_text(table)
+    return table
+
+
 def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
@@ -213,6 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget_gib", type=float, help="budget for 'ours_budget' (default: 1.25x the weights' bytes)")
     p.add_argument("--ceiling_batch_tokens", type=int, help="ceiling batch budget (default: what 'ours' chose)")
     p.add_argument("--device", default=q.pick_device(), help="default: cuda:0 if available, else cpu")
+    p.add_argument("--profile", action="store_true", help="also profile 'ours' and 'ceiling'; tables beside --json")
+    p.add_argument("--profile_rows", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_calibration.json", help="where to write all numbers")
     args = p.parse_args(argv)
@@ -245,10 +266,12 @@ def main(argv=None) -> int:
     for name in (v for v in VARIANTS if v in results):
         r = results[name]
         r["label"], r["vs_ceiling"] = labels[name], round(r["tokens_per_s"] / ceiling, 3) if ceiling else None
-        rows.append((r["label"], r["tokens"], r["seconds"], r["tokens_per_s"], r["peak_gpu_memory_gib"],
-                     r["peak_over_weights"], r["vs_ceiling"]))
+        rows.append((r["label"], r["tokens"], r["seconds"], r.get("forward_seconds"), r.get("batches"),
+                     r.get("padding_fraction"), r["tokens_per_s"], r["peak_gpu_memory_gib"], r["peak_over_weights"],
+                     r["vs_ceiling"]))
     print()
-    print_table(("variant", "tokens", "seconds", "tokens/s", "peak GiB", "peak/weights", "vs ceiling"), rows)
+    print_table(("variant", "tokens", "seconds", "loop s", "batches", "padding", "tokens/s", "peak GiB",
+                 "peak/weights", "vs ceiling"), rows)
     targets = check_targets(results)
     print()
     for t in targets:
@@ -261,6 +284,12 @@ def main(argv=None) -> int:
         "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
         "results": results, "targets": targets,
     }
+    if args.profile:
+        cap = args.ceiling_batch_tokens or (results.get("ours") or {}).get("max_batch_tokens") or q.CPU_BATCH_TOKENS
+        for name in ("ours", "ceiling"):
+            free_memory(device)
+            print(f"\n== profile: {name} (self GPU time)\n" + profile_variant(name, args, shape, samples, device, cap,
+                                                                             Path(args.json).parent))
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
     return 0

@@ -34,14 +34,34 @@ def test_select_samples_filters_trims_and_is_deterministic():
     assert q.select_samples(tokenized, 5, 4, 7) == (samples, kept)
 
 
-def test_group_batches_by_count_and_by_tokens():
+def test_group_batches_by_count():
+    assert q.group_batches([10, 50, 30, 20, 40], 2, 0) == [[1, 4], [2, 3], [0]]
+
+
+def test_group_batches_by_tokens_respects_budget_and_covers_everything():
     lengths = [10, 50, 30, 20, 40]
-    assert q.group_batches(lengths, 2, 0) == [[1, 4], [2, 3], [0]]
     by_tokens = q.group_batches(lengths, None, 100)
-    assert by_tokens == [[1, 4], [2, 3, 0]]
+    assert sorted(i for b in by_tokens for i in b) == list(range(5))
     for batch in by_tokens:
         assert len(batch) * max(lengths[i] for i in batch) <= 100
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
     assert q.group_batches([500], None, 100) == [[0]]  # a sample longer than the budget still runs alone
+
+
+def test_group_batches_minimises_padding_plus_overhead():
+    """Two length clusters: greedy filling would pad the short ones to 2048; the search splits them."""
+    lengths = [2048] * 4 + [200] * 60
+    batches = q.group_batches(lengths, None, 16384)
+    assert [len(b) for b in batches] == [4, 60]
+    assert q.padding_fraction(lengths, batches) == 0
+    greedy_first_batch = 16384 // 2048  # the 4 long samples + 4 short ones padded to 2048
+    assert len(batches[0]) < greedy_first_batch
+    many = [random_len for random_len in range(2000, 0, -7)]
+    cuts = q.group_batches(many, None, 16384)
+    assert q.padding_fraction(many, cuts) < 0.08
+    total_cost = sum(len(b) * max(many[i] for i in b) + q.BATCH_OVERHEAD_TOKENS for b in cuts)
+    single = [[i] for i in range(len(many))]
+    assert total_cost < sum(many) + q.BATCH_OVERHEAD_TOKENS * len(single)
 
 
 def test_padded_batch_right_pads_with_mask():
