@@ -43,7 +43,9 @@ MIN_LEN = 32
 WARMUP_TOKENS = 64
 INIT_STD = 0.02
 PAD_ID = 0                 # token ids are drawn from [1, vocab): padding never looks like data
-VARIANTS = ("ceiling", "original", "ours", "ours_budget")
+# Run order. "ours_cold" is first in the process and pays the one-time costs (cuBLAS/cuDNN plans for each new
+# batch shape, ModelOpt's first calls); it is reported, and the targets compare warm runs on identical shapes.
+VARIANTS = ("ours_cold", "ours", "ceiling", "original", "ours_budget")
 TARGET_CEILING_FRACTION = 0.9   # ours tok/s >= this x bf16 forward tok/s
 TARGET_SPEEDUP = 3.0            # ours tok/s >= this x original loop tok/s
 TARGET_PEAK_OVER_WEIGHTS = 1.25  # budgeted run: peak GPU memory <= this x weight bytes
@@ -253,14 +255,16 @@ def main(argv=None) -> int:
     q.log(f"{len(samples)} samples, {sum(lengths)} tokens (min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
           f"max {lengths[-1]}) on {device}")
     results: dict[str, dict] = {}
-    # 'ours' first: the ceiling reuses the token budget it measured, so both run identical batches.
-    for name in sorted(args.variants, key=lambda v: v != "ours"):
-        cap = args.ceiling_batch_tokens or (results.get("ours") or {}).get("max_batch_tokens")
+    # 'ours' before the ceiling: the ceiling reuses the token budget it measured, so both run identical batches.
+    for name in (v for v in VARIANTS if v in args.variants):
+        measured = results.get("ours") or results.get("ours_cold") or {}
+        cap = args.ceiling_batch_tokens or measured.get("max_batch_tokens")
         q.log(f"\n== {name}")
         results[name] = run_variant(name, args, shape, samples, device, cap)
         free_memory(device)
     ceiling = (results.get("ceiling") or {}).get("tokens_per_s")
     labels = {"ceiling": "bf16 forward (ceiling)", "original": "original loop", "ours": "ours (auto)",
+              "ours_cold": "ours (auto), cold: first in process",
               "ours_budget": "ours, budget 1.25x weights" if not args.budget_gib else f"ours, {args.budget_gib:g} GiB"}
     rows = []
     for name in (v for v in VARIANTS if v in results):
@@ -285,7 +289,8 @@ def main(argv=None) -> int:
         "results": results, "targets": targets,
     }
     if args.profile:
-        cap = args.ceiling_batch_tokens or (results.get("ours") or {}).get("max_batch_tokens") or q.CPU_BATCH_TOKENS
+        measured = results.get("ours") or results.get("ours_cold") or {}
+        cap = args.ceiling_batch_tokens or measured.get("max_batch_tokens") or q.CPU_BATCH_TOKENS
         for name in ("ours", "ceiling"):
             free_memory(device)
             print(f"\n== profile: {name} (self GPU time)\n" + profile_variant(name, args, shape, samples, device, cap,

@@ -65,11 +65,49 @@ def test_amax_is_the_same_for_any_batch_size(base_model, mode):
 
 
 def test_without_padding_exclusion_batching_would_change_amax(base_model, monkeypatch):
-    """Guards the masking hook: padded rows do reach the quantizers when it is off."""
+    """Guards the masking: padded rows do reach the amax when the mask is ignored."""
     one, _ = calibrated(1, base_model)
-    monkeypatch.setattr(q, "padding_excluded", lambda model, holder: contextlib.nullcontext())
+    unmasked = q.masked_amax
+    monkeypatch.setattr(q, "masked_amax", lambda x, mask: unmasked(x, None))
     padded, _ = calibrated(4, base_model)
     assert any(not torch.allclose(padded[n], one[n]) for n in one if "input_quantizer" in n)
+
+
+@pytest.mark.parametrize("mode", ["nvfp4", "w4a8", "weight_only"])
+def test_amax_equals_modelopt_own_calibration(base_model, mode):
+    """Our sync-free collection gives exactly what ModelOpt's MaxCalibrator gives on the same tokens."""
+    import modelopt.torch.quantization as mtq
+
+    reference = copy.deepcopy(base_model)
+
+    def plain_loop(model):
+        with torch.no_grad():
+            for sample in SAMPLES:
+                model(input_ids=torch.tensor([sample]), use_cache=False)
+
+    mtq.quantize(reference, q.build_quant_config(mode, q.always_unquantized(reference)), plain_loop)
+    expected = amax_by_quantizer(reference)
+    ours, _ = calibrated(5, base_model, mode)
+    assert ours.keys() == expected.keys() and len(ours) > 0
+    for name in expected:
+        assert torch.equal(ours[name], expected[name]), name
+
+
+def test_zero_padding_hook_zeroes_padded_rows():
+    holder = {"mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    x = torch.ones(2, 3, 4)
+    (out,) = q.zero_padding(holder)(None, (x,))
+    assert out[:, :, 0].tolist() == [[1, 1, 0], [1, 0, 0]]
+    (flat,) = q.zero_padding(holder)(None, (torch.ones(6, 4),))
+    assert flat[:, 0].tolist() == [1, 1, 0, 1, 0, 0]
+    assert q.zero_padding(holder)(None, (torch.ones(5, 4),)) is None  # routed rows: left alone
+
+
+def test_masked_amax():
+    x = torch.tensor([[[1.0, -2.0], [-9.0, 0.0]], [[3.0, 0.5], [7.0, 8.0]]])
+    assert q.masked_amax(x, torch.tensor([[1, 0], [1, 0]])).item() == 3.0
+    assert q.masked_amax(x, None).item() == 9.0
+    assert q.masked_amax(x.reshape(4, 2), torch.tensor([[1, 1], [0, 0]])).item() == 9.0
 
 
 def test_calibration_stats(base_model):
