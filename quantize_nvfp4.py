@@ -822,6 +822,10 @@ def run_batch(forward, samples, indices, device, holder: dict) -> None:
     forward(input_ids=input_ids, attention_mask=mask)
 
 
+def padded_tokens(lengths: list[int], batch: list[int]) -> int:
+    return len(batch) * max(lengths[i] for i in batch)
+
+
 def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
     half = len(batch) // 2
     return batch[:half], batch[half:]
@@ -849,8 +853,12 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
         sub_lengths = [lengths[i] for i in remaining]
         queue = deque([[remaining[j] for j in b] for b in group_batches(sub_lengths, settings.batch_size, cap)])
         batches_run = [[i] for i in done]
+        cap = cap if settings.batch_size is None else math.inf
         while queue:
             batch = queue.popleft()
+            if len(batch) > 1 and padded_tokens(lengths, batch) > cap:  # after an OOM, later batches obey the new cap
+                queue.extendleft(reversed(split_batch(batch)))
+                continue
             try:
                 run_batch(forward, samples, batch, device, holder)
             except torch.OutOfMemoryError:
@@ -858,6 +866,7 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
                     raise UsageError(f"CUDA out of memory on a single {lengths[batch[0]]}-token sample: "
                                      "lower --max_seq_len or use quantize_nvfp4_offload.py") from None
                 stats["oom_retries"] += 1
+                cap = padded_tokens(lengths, batch) // 2
                 torch.cuda.empty_cache()
                 queue.extendleft(reversed(split_batch(batch)))
                 continue

@@ -110,6 +110,33 @@ def test_masked_amax():
     assert q.masked_amax(x.reshape(4, 2), torch.tensor([[1, 1], [0, 0]])).item() == 9.0
 
 
+def test_out_of_memory_halves_and_retries_without_skipping(base_model, monkeypatch):
+    normal, _ = calibrated(6, base_model)
+    real_run_batch, attempts = q.run_batch, []
+
+    def tight_memory(forward, samples, indices, device, holder):
+        attempts.append(len(indices))
+        if len(indices) > 2:  # "CUDA" fails midway through the model for big batches
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        real_run_batch(forward, samples, indices, device, holder)
+
+    monkeypatch.setattr(q, "run_batch", tight_memory)
+    retried, stats = calibrated(6, base_model)
+    assert stats["oom_retries"] >= 1 and max(attempts) == 6 and stats["tokens"] == sum(map(len, SAMPLES))
+    assert stats["oom_retries"] < stats["batches"]  # later batches were split up front, not failed again
+    for name in normal:
+        torch.testing.assert_close(retried[name], normal[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_out_of_memory_on_one_sample_is_a_clear_error(base_model, monkeypatch):
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(q, "run_batch", no_memory)
+    with pytest.raises(q.UsageError, match="out of memory on a single 64-token sample"):
+        calibrated(1, base_model)
+
+
 def test_calibration_stats(base_model):
     _, stats = calibrated(4, base_model)
     assert stats["tokens"] == sum(len(s) for s in SAMPLES)
