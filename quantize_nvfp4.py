@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import json
 import math
@@ -83,7 +84,7 @@ LOCAL_DATA_BUILDERS = {
 # of a group may be excluded, or the checkpoint does not load.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-CPU_BATCH_TOKENS = 8192          # CPU calibration is compute-bound; larger batches gain nothing
+DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and layerwise (one layer's activations live)
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
 BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python), in tokens: batching trades it for padding
 AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
@@ -674,13 +675,21 @@ def always_unquantized(model) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(m is t for t in targets if t is not None)]
 
 
-def build_quant_config(mode: str, unquantized: list[str]) -> dict:
-    """A deep copy of the mode's ModelOpt config with the given modules' quantizers disabled."""
+def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None) -> dict:
+    """A deep copy of the mode's ModelOpt config with the given modules' quantizers disabled.
+
+    With `layerwise_dir`, max calibration runs layer by layer (each offloaded layer comes onto the
+    GPU once for all batches) and checkpoints every layer there, so a killed run can resume.
+    """
     import modelopt.torch.quantization as mtq
 
     config = copy.deepcopy(getattr(mtq, MODES[mode][0]))
     for name in unquantized:
         config["quant_cfg"].append({"quantizer_name": f"{name}.*", "enable": False})
+    if layerwise_dir is not None:
+        # max only reads weights: no per-layer weight copies in the checkpoints, no write-back to offloaded storage
+        config["algorithm"] = {"method": "max", "layerwise": {"enable": True, "checkpoint_dir": str(layerwise_dir),
+                                                              "calib_mutates_weights": False}}
     return config
 
 
@@ -713,12 +722,14 @@ def calibration_forward(model) -> Callable:
 
 
 def max_collectable(quantizer) -> bool:
-    """A per-tensor max-calibrated quantizer (NVFP4 and FP8 inputs): one amax we can collect ourselves."""
+    """A per-tensor max calibrator (NVFP4/FP8 inputs, NVFP4 weights' global amax): one amax, no axis."""
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
     calibrator = getattr(quantizer, "_calibrator", None)
-    return (getattr(quantizer, "is_enabled", False) and quantizer._if_calib and not quantizer._dynamic
-            and type(calibrator).__name__ == "MaxCalibrator" and calibrator._axis is None
-            and not quantizer.is_static_block_quant and quantizer.pre_quant_scale is None
-            and quantizer.bias_calibrator is None and not quantizer.rotate_is_enabled)
+    return (isinstance(calibrator, MaxCalibrator) and not isinstance(calibrator, sync_free_max_calibrator())
+            and calibrator._axis is None and not quantizer.is_static_block_quant
+            and quantizer.pre_quant_scale is None and quantizer.bias_calibrator is None
+            and not quantizer.rotate_is_enabled)
 
 
 def masked_amax(x, mask):
@@ -729,12 +740,78 @@ def masked_amax(x, mask):
     if mask is not None and (rows == mask.shape or (x.dim() == 2 and rows[0] == mask.numel())):
         low, high = torch.aminmax(x, dim=-1)
         return (torch.maximum(high, -low) * mask.reshape(rows).to(x.dtype)).max()
-    low, high = torch.aminmax(x)  # routed expert inputs (MoE) carry no batch layout to mask
+    low, high = torch.aminmax(x)  # weights, and routed expert inputs (MoE) that carry no batch layout
     return torch.maximum(high, -low)
 
 
+@functools.lru_cache(maxsize=None)
+def sync_free_max_calibrator():
+    """ModelOpt's MaxCalibrator without its per-call GPU syncs, and blind to padded activation rows.
+
+    MaxCalibrator.collect asserts on NaN/inf after every call: three GPU->CPU syncs per quantizer per
+    batch, which left the GPU idle most of the time (measured 0.31x of a plain forward on an H100).
+    This subclass takes the same max (tests check it is bit-identical) and checks finiteness once.
+    """
+    import torch
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    class SyncFreeMaxCalibrator(MaxCalibrator):
+        def __init__(self, original: MaxCalibrator, mask_source: dict | None):
+            self.__dict__.update(original.__dict__)
+            self._mask_source = mask_source  # activations only: a weight is never masked
+
+        @torch.no_grad()
+        def collect(self, x):
+            mask = self._mask_source.get("mask") if self._mask_source is not None else None
+            amax = masked_amax(x, mask).detach()
+            if self._calib_amax is None or x.device.type == "meta":  # meta: as MaxCalibrator does
+                self._calib_amax = amax
+            else:
+                self._calib_amax = torch.maximum(self._calib_amax, amax)
+
+        @torch.no_grad()
+        def compute_amax(self):
+            amax = self._calib_amax
+            if amax is not None and amax.device.type != "meta" and not torch.isfinite(amax).all():
+                raise FloatingPointError(f"calibration produced a non-finite amax ({amax.float().max().item()}): "
+                                         "activations overflow in this dtype; try --dtype bfloat16")
+            return amax
+
+    return SyncFreeMaxCalibrator
+
+
+def token_mask(attention, rows: tuple, current):
+    """Real tokens from a decoder layer's attention mask, or `current` when the mask's form is unknown.
+
+    A 2-D mask is the padding mask itself. In a 4-D mask every real token attends to itself and no
+    token attends to padding, so a key is real when any query attends to it (sliding windows included).
+    """
+    import torch
+
+    if attention is None:
+        return None  # transformers passes no mask when a batch has no padding
+    if not isinstance(attention, torch.Tensor):
+        return current  # e.g. flex attention's BlockMask
+    if attention.dim() == 2 and tuple(attention.shape) == tuple(rows):
+        return attention
+    if attention.dim() == 4 and attention.shape[0] == rows[0] and attention.shape[-2:] == (rows[1], rows[1]):
+        allowed = attention[:, 0] if attention.dtype == torch.bool else \
+            attention[:, 0] > torch.finfo(attention.dtype).min / 2
+        return allowed.any(dim=-2)
+    return current
+
+
+def mask_from_attention(holder: dict):
+    """A decoder-layer pre-hook keeping holder['mask'] right, also in ModelOpt's layer-by-layer replay."""
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if "attention_mask" in kwargs and hidden is not None:
+            holder["mask"] = token_mask(kwargs["attention_mask"], tuple(hidden.shape[:-1]), holder.get("mask"))
+    return hook
+
+
 def zero_padding(holder: dict):
-    """A pre-hook that zeroes padded rows of a linear's input, for quantizers ModelOpt collects itself."""
+    """A pre-hook zeroing padded rows of a linear's input, for quantizers with other calibrators."""
     def hook(module, args):
         mask, x = holder.get("mask"), args[0] if args else None
         if mask is None or x is None:
@@ -745,52 +822,36 @@ def zero_padding(holder: dict):
     return hook
 
 
-@contextlib.contextmanager
-def max_calibration_hooks(model, holder: dict):
-    """Collect input amax sync-free over real tokens only, and hand it to ModelOpt's calibrators once.
+def install_calibration_hooks(model, holder: dict) -> None:
+    """Once per quantize call: sync-free calibrators, and the padding mask kept current for them.
 
-    ModelOpt's MaxCalibrator.collect asserts on NaN/inf after every call: three GPU->CPU syncs per
-    quantizer per batch, which left the GPU idle half the time (measured: 0.31x of a plain forward).
-    During this loop the weight quantizers, already calibrated by ModelOpt before the loop (max is
-    idempotent), and the per-tensor max input quantizers are switched off; a pre-hook takes each
-    input's max |x| over non-padded rows (right padding is never attended to by real tokens, so
-    padded rows are excluded exactly). Other quantizers keep ModelOpt's path, with padded rows zeroed.
+    The mask is set by run_batch and, because ModelOpt's layer-by-layer calibration replays each
+    decoder layer on cached inputs outside our loop, by every decoder layer from its attention_mask.
+    With right padding and a causal mask real tokens never attend to padding, so leaving padded rows
+    out of the amax is exact: the scales do not depend on the batch size.
     """
-    collected = {m: m.input_quantizer for m in model.modules() if max_collectable(getattr(m, "input_quantizer", None))}
-    others = [m for m in model.modules() if m not in collected
-              and getattr(getattr(m, "input_quantizer", None), "is_enabled", False)]
-    weights = [m.weight_quantizer for m in model.modules()
-               if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
-               and getattr(m.weight_quantizer._calibrator, "_calib_amax", None) is not None]
-    running: dict = {}
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
 
-    def collect_input(module, args):
-        x = args[0]
-        if x.numel() == 0:
-            return None
-        if not (x is holder.get("last_x") and x._version == holder.get("last_version")):  # q/k/v share one input
-            holder.update(last_x=x, last_version=x._version, last_amax=masked_amax(x, holder.get("mask")))
-        amax = holder["last_amax"]
-        running[module] = amax if module not in running else torch.maximum(running[module], amax)
-        return None
+    if "handles" in holder:
+        return
+    calibrator_class, handles = sync_free_max_calibrator(), []
+    for module in list(model.modules()):
+        for name in ("weight_quantizer", "input_quantizer"):
+            quantizer = getattr(module, name, None)
+            if max_collectable(quantizer):
+                quantizer._calibrator = calibrator_class(quantizer._calibrator, holder if name == "input_quantizer" else None)
+        input_quantizer = getattr(module, "input_quantizer", None)
+        if getattr(input_quantizer, "is_enabled", False) and not isinstance(input_quantizer._calibrator, calibrator_class):
+            handles.append(module.register_forward_pre_hook(zero_padding(holder)))
+    for layer in LayerActivationCollector.get_decoder_layers(model) or []:
+        handles.append(layer.register_forward_pre_hook(mask_from_attention(holder), with_kwargs=True))
+    holder["handles"] = handles
 
-    import torch
 
-    handles = [m.register_forward_pre_hook(collect_input) for m in collected]
-    handles += [m.register_forward_pre_hook(zero_padding(holder)) for m in others]
-    switched_off = weights + list(collected.values())
-    for quantizer in switched_off:
-        quantizer.disable()
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for quantizer in switched_off:
-            quantizer.enable()
-        holder.pop("last_x", None)
-    for module, amax in running.items():
-        collected[module].collect(amax)
+def remove_calibration_hooks(holder: dict) -> None:
+    for handle in holder.pop("handles", []):
+        handle.remove()
+    holder["mask"] = None
 
 
 def gpu_token_budget(model, forward, samples, device, budget_gib: float | None, holder: dict):
@@ -831,79 +892,106 @@ def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
     return batch[:half], batch[half:]
 
 
-def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, pad_id: int) -> dict:
-    """The forward loop: every sample once, in length-sorted batches; on CUDA OOM, halve and retry."""
+def plan_batches(model, forward, samples, settings: Settings, device: str, holder: dict) -> None:
+    """Decide the batches once; layer-by-layer calibration replays the same ones for every layer.
+
+    On a GPU in auto mode the longest sample runs first, alone, to size the batches (it is real
+    calibration work and is not run again). Elsewhere the budget is DEFAULT_BATCH_TOKENS.
+    """
+    lengths = [len(s) for s in samples]
+    holder.update(done=[], cap=DEFAULT_BATCH_TOKENS if settings.batch_size is None else math.inf)
+    if settings.batch_size is None and device.startswith("cuda") and not holder["layerwise"]:
+        holder["cap"], probe = gpu_token_budget(model, forward, samples, device, settings.gpu_memory_budget, holder)
+        holder["done"] = [[probe]]
+    skip = {i for batch in holder["done"] for i in batch}
+    rest = [i for i in range(len(samples)) if i not in skip]
+    grouped = group_batches([lengths[i] for i in rest], settings.batch_size, holder["cap"])
+    holder["plan"] = [[rest[j] for j in batch] for batch in grouped]
+
+
+def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, holder: dict) -> None:
+    """The forward loop ModelOpt calls (once, or once per layer when layerwise): every sample once."""
     import torch
     from tqdm import tqdm
 
-    forward, holder = calibration_forward(model), {"pad_id": pad_id}
-    lengths = [len(s) for s in samples]
-    stats = {"oom_retries": 0}
-    on_gpu = device.startswith("cuda")
+    if holder.get("before_each_pass"):
+        holder["before_each_pass"]()
+    install_calibration_hooks(model, holder)
+    forward, lengths = calibration_forward(model), [len(s) for s in samples]
     loop_start = time.perf_counter()
-    with torch.no_grad(), max_calibration_hooks(model, holder):
-        done: set[int] = set()
-        cap = CPU_BATCH_TOKENS
-        bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr)
-        if on_gpu and settings.batch_size is None:
-            cap, probe = gpu_token_budget(model, forward, samples, device, settings.gpu_memory_budget, holder)
-            done.add(probe)
-            bar.update(lengths[probe])
-        remaining = [i for i in range(len(samples)) if i not in done]
-        sub_lengths = [lengths[i] for i in remaining]
-        queue = deque([[remaining[j] for j in b] for b in group_batches(sub_lengths, settings.batch_size, cap)])
-        batches_run = [[i] for i in done]
-        cap = cap if settings.batch_size is None else math.inf
+    with torch.no_grad():
+        if "plan" not in holder:
+            plan_batches(model, forward, samples, settings, device, holder)
+        batches_run = list(holder["done"])
+        bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr,
+                   leave=not holder["layerwise"], initial=sum(lengths[i] for b in batches_run for i in b))
+        queue = deque(holder["plan"])
         while queue:
             batch = queue.popleft()
-            if len(batch) > 1 and padded_tokens(lengths, batch) > cap:  # after an OOM, later batches obey the new cap
+            if len(batch) > 1 and padded_tokens(lengths, batch) > holder["cap"]:  # after an OOM
                 queue.extendleft(reversed(split_batch(batch)))
                 continue
             try:
                 run_batch(forward, samples, batch, device, holder)
             except torch.OutOfMemoryError:
-                if len(batch) == 1:
-                    raise UsageError(f"CUDA out of memory on a single {lengths[batch[0]]}-token sample: "
-                                     "lower --max_seq_len or use quantize_nvfp4_offload.py") from None
-                stats["oom_retries"] += 1
-                cap = padded_tokens(lengths, batch) // 2
-                torch.cuda.empty_cache()
+                handle_out_of_memory(batch, lengths, holder)
                 queue.extendleft(reversed(split_batch(batch)))
                 continue
             batches_run.append(batch)
             bar.update(sum(lengths[i] for i in batch))
         bar.close()
-        holder["mask"] = None
-        if on_gpu:
+        if device.startswith("cuda"):
             torch.cuda.synchronize(device)
-    stats["forward_seconds"] = round(time.perf_counter() - loop_start, 2)
-    if "peak_before_probe" in holder:
-        stats["peak_before_probe"] = holder["peak_before_probe"]
-    stats.update(batches=len(batches_run), max_batch_tokens=cap if settings.batch_size is None else None,
-                 padding_fraction=round(padding_fraction(lengths, batches_run), 4))
-    return stats
+    holder["forward_seconds"] = holder.get("forward_seconds", 0.0) + time.perf_counter() - loop_start
+    holder.setdefault("batches_run", batches_run)
 
 
-def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int):
-    """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory)."""
+def handle_out_of_memory(batch: list[int], lengths: list[int], holder: dict) -> None:
+    """Halve the batch and lower the cap for the rest of the run; a lone sample, or a replayed layer, can't."""
+    import torch
+
+    if len(batch) == 1:
+        raise UsageError(f"CUDA out of memory on a single {lengths[batch[0]]}-token sample: "
+                         "lower --max_seq_len or use quantize_nvfp4_offload.py") from None
+    if holder["layerwise"]:  # ModelOpt replays cached inputs batch by batch: the batches must stay as they are
+        raise UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to leave room "
+                         "for activations, or pass a smaller --batch_size") from None
+    holder["oom_retries"] = holder.get("oom_retries", 0) + 1
+    holder["cap"] = padded_tokens(lengths, batch) // 2
+    torch.cuda.empty_cache()
+
+
+def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
+                   layerwise_dir: Path | None = None, before_each_pass: Callable[[], None] | None = None) -> dict:
+    """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
+
+    `before_each_pass` runs before every pass of the forward loop (once per layer when layerwise).
+    """
     import modelopt.torch.quantization as mtq
     import torch
 
-    config = build_quant_config(settings.mode, unquantized)
-    stats: dict = {}
+    config = build_quant_config(settings.mode, unquantized, layerwise_dir)
+    holder: dict = {"pad_id": pad_id, "layerwise": layerwise_dir is not None, "before_each_pass": before_each_pass}
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    mtq.quantize(model, config, lambda m: stats.update(calibrate_batches(m, samples, settings, device, pad_id)))
+    try:
+        mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
+    finally:
+        remove_calibration_hooks(holder)
     if on_gpu:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    tokens = sum(len(s) for s in samples)
-    stats.update(seconds=round(seconds, 2), tokens=tokens, tokens_per_s=round(tokens / seconds, 1))
+    lengths = [len(s) for s in samples]
+    stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
+             "forward_seconds": round(holder["forward_seconds"], 2), "batches": len(holder["batches_run"]),
+             "padding_fraction": round(padding_fraction(lengths, holder["batches_run"]), 4),
+             "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
+             "oom_retries": holder.get("oom_retries", 0)}
     if on_gpu:
-        peak = max(torch.cuda.max_memory_allocated(device), stats.pop("peak_before_probe", 0))
+        peak = max(torch.cuda.max_memory_allocated(device), holder.get("peak_before_probe", 0))
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
     return stats
 
@@ -1089,6 +1177,10 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
 
 
 # --------------------------------------------------------------------------- reporting
+def human_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -1265,8 +1357,30 @@ def pick_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def run(settings: Settings) -> int:
-    """The whole job for validated settings: cheap checks first, the model last."""
+@dataclasses.dataclass
+class Job:
+    """What the cheap checks produced: everything known before any weight is loaded."""
+    config: Any
+    tokenizer: Any
+    skeleton: Any            # the model on the meta device: names and shapes, no memory
+    unquantized: list[str]
+    samples: list[list[int]]
+    data_stats: dict
+    started: float
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        linears = {n for n, m in self.skeleton.named_modules() if type(m).__name__ == "Linear"} - set(self.unquantized)
+        return int(estimate_checkpoint_bytes(self.skeleton, linears) * DISK_MARGIN)
+
+
+def prepare_job(settings: Settings) -> Job | None:
+    """Every cheap check and the calibration data, before the weights load; None after a dry run."""
     started = time.perf_counter()
     for spec in settings.datasets:
         check_dataset_source(spec)
@@ -1280,30 +1394,41 @@ def run(settings: Settings) -> int:
     print_plan(settings, data_stats)
     if settings.dry_run:
         log("dry run: no model weights loaded, nothing written")
-        return 0
-    linear_names = {n for n, m in skeleton.named_modules() if type(m).__name__ == "Linear"} - set(unquantized)
-    check_free_disk(settings.output_model.parent, int(estimate_checkpoint_bytes(skeleton, linear_names) * DISK_MARGIN))
-    del skeleton
-    device = pick_device()
-    load_start = time.perf_counter()
-    model = load_model(settings, config, device)
-    timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    calibration_run = quantize_model(model, settings, unquantized, samples, device, pad_id)
+        return None
+    return Job(config, tokenizer, skeleton, unquantized, samples, data_stats, started)
+
+
+def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timings: dict, device: str,
+               tool: str, extra: dict | None = None) -> None:
+    """Check what was quantized, export with the manifest, print the summary."""
     expected = quantized_linear_shapes(model)
-    skipped_but_quantized = [n for n in expected if any(n == u or n.startswith(u + ".") for u in unquantized)]
+    skipped_but_quantized = [n for n in expected if any(n == u or n.startswith(u + ".") for u in job.unquantized)]
     if skipped_but_quantized:
         raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
     manifest = {
-        "tool": "quantize_nvfp4.py", "source_model": settings.input_model, "mode": settings.mode,
+        "tool": tool, "source_model": settings.input_model, "mode": settings.mode,
         "modelopt_config": settings.modelopt_config_name, "arguments": settings.public_dict(),
-        "versions": library_versions(), "device": device, "calibration": data_stats,
-        "calibration_run": calibration_run, "timings": timings,
+        "versions": library_versions(), "device": device, "calibration": job.data_stats,
+        "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
-    export_checkpoint(model, tokenizer, settings, manifest, expected)
-    timings["total_s"] = round(time.perf_counter() - started, 2)
+    export_checkpoint(model, job.tokenizer, settings, manifest, expected)
+    timings["total_s"] = round(time.perf_counter() - job.started, 2)
     (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print_summary(manifest, settings.output_model)
+
+
+def run(settings: Settings) -> int:
+    """The whole job for validated settings: cheap checks first, the model last."""
+    job = prepare_job(settings)
+    if job is None:
+        return 0
+    check_free_disk(settings.output_model.parent, job.checkpoint_bytes)
+    device = pick_device()
+    load_start = time.perf_counter()
+    model = load_model(settings, job.config, device)
+    timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
+    calibration_run = quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id)
+    finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4.py")
     return 0
 
 

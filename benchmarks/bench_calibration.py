@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     }
     if args.profile:
         measured = results.get("ours") or results.get("ours_cold") or {}
-        cap = args.ceiling_batch_tokens or measured.get("max_batch_tokens") or q.CPU_BATCH_TOKENS
+        cap = args.ceiling_batch_tokens or measured.get("max_batch_tokens") or q.DEFAULT_BATCH_TOKENS
         for name in ("ours", "ceiling"):
             free_memory(device)
             print(f"\n== profile: {name} (self GPU time)\n" + profile_variant(name, args, shape, samples, device, cap,

@@ -214,3 +214,35 @@ def test_dequantize_matches_modelopt():
     theirs = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
     torch.testing.assert_close(ours, theirs)
     assert 0.02 < (torch.linalg.norm(ours - weight) / torch.linalg.norm(weight)).item() < 0.2
+
+
+def test_token_mask_forms():
+    pad = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    four_d = (causal[None, None] & pad[:, None, None, :].bool())  # what transformers builds for sdpa
+    assert q.token_mask(four_d, (2, 3), None).tolist() == pad.bool().tolist()
+    as_float = torch.where(four_d, 0.0, torch.finfo(torch.float32).min)
+    assert q.token_mask(as_float, (2, 3), None).tolist() == pad.bool().tolist()
+    window = four_d & ~torch.tril(torch.ones(3, 3, dtype=torch.bool), diagonal=-2)[None, None]  # sliding window 2
+    assert q.token_mask(window, (2, 3), None).tolist() == pad.bool().tolist()
+    assert q.token_mask(pad, (2, 3), None) is pad
+    assert q.token_mask(None, (2, 3), pad) is None
+    assert q.token_mask(object(), (2, 3), pad) is pad  # unknown form (flex BlockMask): keep what we had
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decoder_layer_hook_recovers_the_padding_mask(attn):
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    model = tiny_fp32_model()
+    model.config._attn_implementation = attn
+    holder, seen = {}, []
+    layers = LayerActivationCollector.get_decoder_layers(model)
+    handles = [layer.register_forward_pre_hook(q.mask_from_attention(holder), with_kwargs=True) for layer in layers]
+    handles += [layer.register_forward_pre_hook(lambda m, a: seen.append(holder["mask"].clone())) for layer in layers]
+    ids, mask = q.padded_batch(SAMPLES, [0, 1, 2], pad_id=0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 2 and all(m.tolist() == mask.bool().tolist() for m in seen)
