@@ -675,11 +675,12 @@ def always_unquantized(model) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(m is t for t in targets if t is not None)]
 
 
-def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None) -> dict:
+def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None,
+                       save_every: int = 1) -> dict:
     """A deep copy of the mode's ModelOpt config with the given modules' quantizers disabled.
 
     With `layerwise_dir`, max calibration runs layer by layer (each offloaded layer comes onto the
-    GPU once for all batches) and checkpoints every layer there, so a killed run can resume.
+    GPU once for all batches) and checkpoints every `save_every` layers there, so a killed run can resume.
     """
     import modelopt.torch.quantization as mtq
 
@@ -689,7 +690,7 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
     if layerwise_dir is not None:
         # max only reads weights: no per-layer weight copies in the checkpoints, no write-back to offloaded storage
         config["algorithm"] = {"method": "max", "layerwise": {"enable": True, "checkpoint_dir": str(layerwise_dir),
-                                                              "calib_mutates_weights": False}}
+                                                              "calib_mutates_weights": False, "save_every": save_every}}
     return config
 
 
@@ -962,7 +963,8 @@ def handle_out_of_memory(batch: list[int], lengths: list[int], holder: dict) -> 
 
 
 def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
-                   layerwise_dir: Path | None = None, before_each_pass: Callable[[], None] | None = None) -> dict:
+                   layerwise_dir: Path | None = None, before_each_pass: Callable[[], None] | None = None,
+                   save_every: int = 1) -> dict:
     """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
 
     `before_each_pass` runs before every pass of the forward loop (once per layer when layerwise).
@@ -970,7 +972,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     import modelopt.torch.quantization as mtq
     import torch
 
-    config = build_quant_config(settings.mode, unquantized, layerwise_dir)
+    config = build_quant_config(settings.mode, unquantized, layerwise_dir, save_every)
     holder: dict = {"pad_id": pad_id, "layerwise": layerwise_dir is not None, "before_each_pass": before_each_pass}
     on_gpu = device.startswith("cuda")
     if on_gpu:

@@ -42,6 +42,7 @@ class OffloadSettings:
     max_cpu_memory: int | None     # bytes, for weights
     clean_offload: bool
     resume: bool
+    checkpoint_every: int = 1      # layers between resume points (each writes one layer's activation cache)
 
     @property
     def layerwise_dir(self) -> Path:
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clean_offload", action="store_true",
                        help="delete what this script put in --offload_folder after a successful run (never after a failed one)")
     group.add_argument("--resume", action="store_true", help="continue a killed run from its per-layer checkpoints")
+    group.add_argument("--checkpoint_every", type=int, default=1, metavar="N",
+                       help="write a resume point every N layers (default 1); each one writes a layer's activation cache")
     return parser
 
 
@@ -92,15 +95,19 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError(f"--offload_folder exists and is not a directory: {folder}")
     if not folder.parent.is_dir():
         raise q.UsageError(f"--offload_folder's parent folder does not exist: {folder.parent}")
-    return OffloadSettings(folder, args.max_gpu_memory, args.max_cpu_memory, args.clean_offload, args.resume)
+    if args.checkpoint_every < 1:
+        raise q.UsageError(f"--checkpoint_every must be >= 1, got {args.checkpoint_every}")
+    return OffloadSettings(folder, args.max_gpu_memory, args.max_cpu_memory, args.clean_offload, args.resume,
+                           args.checkpoint_every)
 
 
 # --------------------------------------------------------------------------- resume bookkeeping
-def job_fingerprint(settings: q.Settings, job: q.Job) -> dict:
+def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) -> dict:
     """What must match for per-layer checkpoints to be reused: model, mode, exclusions, the exact tokens."""
     tokens = hashlib.sha256(json.dumps(job.samples).encode()).hexdigest()
     return {"input_model": settings.input_model, "mode": settings.mode, "dtype": settings.dtype,
-            "unquantized": job.unquantized, "batch_size": settings.batch_size, "calibration_tokens_sha256": tokens}
+            "unquantized": job.unquantized, "batch_size": settings.batch_size, "calibration_tokens_sha256": tokens,
+            "checkpoint_every": offload.checkpoint_every}
 
 
 def committed_layer(layerwise_dir: Path) -> int | None:
@@ -312,7 +319,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     job = q.prepare_job(settings)
     if job is None:
         return 0
-    fingerprint = job_fingerprint(settings, job)
+    fingerprint = job_fingerprint(settings, job, offload)
     resume_after = check_resume(settings, offload, fingerprint)
     offload.offload_folder.mkdir(parents=True, exist_ok=True)
     placement = plan_placement(job, settings, offload)
@@ -327,7 +334,8 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     device = execution_device(placement)
     calibration_run = q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id,
                                        layerwise_dir=offload.layerwise_dir,
-                                       before_each_pass=between_layers(offload.layerwise_dir))
+                                       before_each_pass=between_layers(offload.layerwise_dir),
+                                       save_every=offload.checkpoint_every)
     calibration_run["resumed_after_layer"] = resume_after
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,
