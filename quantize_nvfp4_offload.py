@@ -42,7 +42,7 @@ class OffloadSettings:
     max_cpu_memory: int | None     # bytes, for weights
     clean_offload: bool
     resume: bool
-    checkpoint_every: int = 1      # layers between resume points (each writes one layer's activation cache)
+    checkpoint_every: int = 8      # layers between resume points (each writes one layer's activation cache)
 
     @property
     def layerwise_dir(self) -> Path:
@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clean_offload", action="store_true",
                        help="delete what this script put in --offload_folder after a successful run (never after a failed one)")
     group.add_argument("--resume", action="store_true", help="continue a killed run from its per-layer checkpoints")
-    group.add_argument("--checkpoint_every", type=int, default=1, metavar="N",
-                       help="write a resume point every N layers (default 1); each one writes a layer's activation cache")
+    group.add_argument("--checkpoint_every", type=int, default=8, metavar="N",
+                       help="write a resume point every N layers (default 8); each one writes a layer's activation "
+                            "cache to disk, so 1 makes a run I/O-bound (measured 3.6x slower on an 8B model)")
     return parser
 
 
