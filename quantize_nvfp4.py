@@ -130,6 +130,9 @@ class Settings:
     skip_layers: list[str]
     overwrite: bool
     dry_run: bool
+    eval: bool = False
+    eval_samples: int = 64
+    max_ppl_increase: float | None = None   # percent
     hf_token: str | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -281,7 +284,8 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         dataset_yaml=Path(args.dataset_yaml), datasets=specs, **calibration,
         batch_size=args.batch_size, gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
-        overwrite=args.overwrite, dry_run=args.dry_run, hf_token=env.get("HF_TOKEN") or None,
+        overwrite=args.overwrite, dry_run=args.dry_run, eval=args.eval or args.max_ppl_increase is not None,
+        eval_samples=args.eval_samples, max_ppl_increase=args.max_ppl_increase, hf_token=env.get("HF_TOKEN") or None,
     )
 
 
@@ -488,16 +492,27 @@ def tokenize_texts(texts: list[tuple[str, bool]], tokenizer, max_seq_len: int) -
     return [ids for _, ids in sorted(out, key=lambda pair: pair[0])]
 
 
+def shuffled_pool(tokenized: dict[str, list[list[int]]], min_tokens: int, seed: int) -> list[tuple[str, list[int]]]:
+    """Every sample long enough, as (dataset, ids), shuffled with the seed."""
+    pool = [(name, ids) for name, seqs in tokenized.items() for ids in seqs if len(ids) >= min_tokens]
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
 def select_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_samples: int,
                    seed: int) -> tuple[list[list[int]], dict[str, int]]:
     """Drop short samples, shuffle all with the seed, trim to max_samples; returns samples and kept per dataset."""
-    pool = [(name, ids) for name, seqs in tokenized.items() for ids in seqs if len(ids) >= min_tokens]
-    random.Random(seed).shuffle(pool)
-    pool = pool[:max_samples]
+    pool = shuffled_pool(tokenized, min_tokens, seed)[:max_samples]
     kept = {name: 0 for name in tokenized}
     for name, _ in pool:
         kept[name] += 1
     return [ids for _, ids in pool], kept
+
+
+def holdout_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_samples: int, seed: int,
+                    count: int) -> list[list[int]]:
+    """Samples the trim left out: disjoint from calibration, which stays exactly as without them."""
+    return [ids for _, ids in shuffled_pool(tokenized, min_tokens, seed)[max_samples: max_samples + count]]
 
 
 def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, kept: dict,
@@ -514,8 +529,8 @@ def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped:
     }
 
 
-def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[int]], dict]:
-    """YAML plan -> texts -> tokens -> the calibration samples, with stats for the manifest."""
+def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[int]], dict, list[list[int]]]:
+    """YAML plan -> texts -> tokens -> calibration samples, stats for the manifest, and held-out samples."""
     requests = plan_requests(settings.datasets, settings.max_samples, settings.oversample_ratio)
     texts, skipped, tokenized = {}, {}, {}
     for spec in settings.datasets:
@@ -527,6 +542,11 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
                                                             settings.seed, tokenizer)
         tokenized[spec.name] = tokenize_texts(texts[spec.name], tokenizer, settings.max_seq_len)
     samples, kept = select_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed)
+    holdout = holdout_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed,
+                              settings.eval_samples) if settings.eval else []
+    if settings.eval and len(holdout) < settings.eval_samples:
+        warn(f"--eval: only {len(holdout)} of {settings.eval_samples} held-out samples left after calibration took "
+             f"{len(samples)}; raise --oversample_ratio for more")
     loaded = {name: len(t) for name, t in texts.items()}
     stats = calibration_stats(settings, requests, loaded, skipped, kept, samples)
     if not samples:
@@ -537,7 +557,7 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
         counts = ", ".join(f"{d['name']}: requested {d['requested']}, loaded {d['loaded']}, kept {d['kept']}"
                            for d in stats["per_dataset"])
         warn(f"only {len(samples)} of {settings.max_samples} calibration samples available ({counts}); going on")
-    return samples, stats
+    return samples, stats, holdout
 
 
 # --------------------------------------------------------------------------- batching
@@ -1023,61 +1043,244 @@ def read_checkpoint_tensors(folder: Path) -> dict:
     return tensors
 
 
-def check_quantized_linear(name: str, expected: dict, tensors: dict, group_size: int) -> list[str]:
-    """The rules every quantized linear must meet; returns one message per violation."""
-    import torch
+QUANT_ALGO_GROUP_SIZE = {"NVFP4": 16, "W4A16_NVFP4": 16, "W4A8_NVFP4_FP8": 32}  # what the runtimes load
+MODE_QUANT_ALGO = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}
+SIXTEEN_BIT = ("BF16", "F16")
 
-    out_f, in_f = expected["shape"]
-    rules = {
-        "weight": (torch.uint8, [out_f, in_f // 2]),
-        "weight_scale": (torch.float8_e4m3fn, [out_f, in_f // group_size]),
-        "weight_scale_2": (torch.float32, []),
-    }
-    if expected["input_scale"]:
-        rules["input_scale"] = (torch.float32, [])
-    problems = []
-    for suffix, (dtype, shape) in rules.items():
-        tensor = tensors.get(f"{name}.{suffix}")
-        if tensor is None:
-            problems.append(f"{name}.{suffix}: missing")
-            continue
-        if tensor.dtype != dtype or list(tensor.shape) != shape:
-            problems.append(f"{name}.{suffix}: expected {dtype} {shape}, got {tensor.dtype} {list(tensor.shape)}")
-            continue
-        if suffix != "weight":
-            problems += check_scale_values(f"{name}.{suffix}", tensor.float(), per_block=suffix == "weight_scale")
-    return problems
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint, read lazily: dtype and shape without loading the data."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.problems: list[str] = []
+        index_path = folder / "model.safetensors.index.json"
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else None
+        if not files:
+            self.problems.append(f"{folder}: no .safetensors files [checkpoint: weights]")
+        self.handles = {f: safe_open(str(folder / f), "pt") for f in files}
+        self.location = {key: f for f, h in self.handles.items() for key in h.keys()}
+        if weight_map is not None:
+            self.problems += [f"{key}: listed in the index in {f}, which {'lacks it' if f in self.handles else 'is missing'}"
+                              f" [index: complete]" for key, f in weight_map.items() if self.location.get(key) != f]
+            self.problems += [f"{key}: in {f} but not in model.safetensors.index.json [index: complete]"
+                              for key, f in self.location.items() if key not in weight_map]
+        elif len(files) > 1:
+            self.problems.append(f"{folder}: {len(files)} safetensors files but no model.safetensors.index.json "
+                                 "[index: complete]")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.location
+
+    def dtype(self, key: str) -> str:
+        return self.handles[self.location[key]].get_slice(key).get_dtype()
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.handles[self.location[key]].get_slice(key).get_shape())
+
+    def tensor(self, key: str):
+        return self.handles[self.location[key]].get_tensor(key)
+
+
+def vllm_excludes(name: str, patterns: list[str]) -> bool:
+    """vLLM's ModelOpt matching: exact, substring, fnmatch; 'foo*' also as 'foo' and 'foo.*'."""
+    expanded = []
+    for p in patterns:
+        expanded += [p[:-1], p[:-1] + ".*", p] if p.endswith("*") and not p.endswith(".*") else [p]
+    return any(name == p or p in name or fnmatch.fnmatchcase(name, p) for p in expanded)
+
+
+def trtllm_excludes(name: str, patterns: list[str]) -> bool:
+    """TensorRT-LLM's matching: fnmatch on the name or any ancestor; a trailing '.*' also matches the parent."""
+    parts = name.split(".")
+    candidates = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return any(fnmatch.fnmatchcase(c, p) or (p.endswith(".*") and c == p[:-2]) for c in candidates for p in patterns)
+
+
+def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
+    """hf_quant_config.json and config.json's quantization_config: present, known, and in agreement."""
+    try:
+        hf = json.loads((folder / "hf_quant_config.json").read_text())
+        inline = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError) as exc:
+        return {}, [f"{exc} [config: hf_quant_config.json and config.json readable]"]
+    quant = hf.get("quantization") or {}
+    problems = [f"hf_quant_config.json: missing key quantization.{k} [config: vLLM requires it]"
+                for k in ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules") if k not in quant]
+    algo = quant.get("quant_algo")
+    if algo not in QUANT_ALGO_GROUP_SIZE:
+        problems.append(f"hf_quant_config.json: quant_algo {algo!r} is not one of {', '.join(QUANT_ALGO_GROUP_SIZE)} "
+                        "[config: quant_algo]")
+    elif quant.get("group_size") != QUANT_ALGO_GROUP_SIZE[algo]:
+        problems.append(f"hf_quant_config.json: group_size {quant.get('group_size')} for {algo}, expected "
+                        f"{QUANT_ALGO_GROUP_SIZE[algo]} [config: group_size]")
+    if not isinstance(inline, dict):
+        return quant, problems + ["config.json: no quantization_config [config: runtimes read it]"]
+    if inline.get("quant_method") != "modelopt":
+        problems.append(f"config.json: quantization_config.quant_method {inline.get('quant_method')!r}, expected "
+                        "'modelopt' [config: agreement]")
+    if inline.get("quant_algo") != algo:
+        problems.append(f"config.json: quant_algo {inline.get('quant_algo')!r} but hf_quant_config.json says {algo!r} "
+                        "[config: agreement]")
+    if sorted(inline.get("ignore") or []) != sorted(quant.get("exclude_modules") or []):
+        problems.append("config.json: quantization_config.ignore differs from hf_quant_config.json exclude_modules "
+                        "[config: agreement]")
+    return quant, problems
 
 
 def check_scale_values(label: str, values, per_block: bool) -> list[str]:
     """Scales must be finite and positive; a block scale may be 0 only for an all-zero block."""
     import torch
 
+    values = values.float()
     if not torch.isfinite(values).all():
-        return [f"{label}: non-finite values"]
+        return [f"{label}: non-finite values [scales: finite]"]
     if per_block and ((values < 0).any() or not (values > 0).any()):
-        return [f"{label}: block scales must be >= 0 and not all zero (min {values.min().item()})"]
+        return [f"{label}: block scales must be >= 0 and not all zero (min {values.min().item()}) [scales: positive]"]
     if not per_block and not (values > 0).all():
-        return [f"{label}: scale must be positive, got {values.min().item()}"]
+        return [f"{label}: scale must be positive, got {values.min().item()} [scales: positive]"]
     return []
 
 
+def check_linear(reader: CheckpointReader, name: str, shape: tuple, algo: str) -> list[str]:
+    """One quantized linear against what vLLM and TensorRT-LLM load: dtypes, shapes, scales."""
+    out_f, in_f = shape
+    group = QUANT_ALGO_GROUP_SIZE[algo]
+    if in_f % group:
+        return [f"{name}: in_features {in_f} is not a multiple of the group size {group} [tensors: shape]"]
+    rules = {"weight": ("U8", [out_f, in_f // 2]), "weight_scale": ("F8_E4M3", [out_f, in_f // group]),
+             "weight_scale_2": ("F32", []), "input_scale": ("F32", [])}
+    if algo == "W4A16_NVFP4":
+        rules.pop("input_scale")
+        if f"{name}.input_scale" in reader:
+            return [f"{name}.input_scale: present in a weight-only checkpoint [tensors: no extra]"]
+    problems = []
+    for suffix, (dtype, want) in rules.items():
+        key = f"{name}.{suffix}"
+        if key not in reader:
+            problems.append(f"{key}: missing [tensors: quantized linear needs {suffix}]")
+        elif reader.dtype(key) != dtype or reader.shape(key) != want:
+            problems.append(f"{key}: expected {dtype} {want}, got {reader.dtype(key)} {reader.shape(key)} "
+                            "[tensors: dtype and shape]")
+        elif suffix != "weight":
+            problems += check_scale_values(key, reader.tensor(key), per_block=suffix == "weight_scale")
+    return problems
+
+
+def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: set[str]) -> list[str]:
+    """Layers the runtimes fuse (q/k/v, gate/up) are all quantized or all not, with equal global scales."""
+    import torch
+
+    problems = []
+    for parent in sorted({n.rpartition(".")[0] for n in linears}):
+        for group in FUSED_GROUPS:
+            members = [f"{parent}.{g}" for g in group if f"{parent}.{g}" in linears]
+            if len(members) < 2:
+                continue
+            states = {m in quantized for m in members}
+            if len(states) > 1:
+                problems.append(f"{parent}: {'/'.join(group)} are partly quantized; vLLM and TensorRT-LLM fuse them "
+                                "[fused: all or none]")
+                continue
+            for suffix in ("weight_scale_2", "input_scale") if states == {True} else ():
+                values = [reader.tensor(f"{m}.{suffix}") for m in members if f"{m}.{suffix}" in reader]
+                if len(values) > 1 and not all(torch.equal(values[0], v) for v in values[1:]):
+                    problems.append(f"{parent}.{{{','.join(group)}}}.{suffix}: differ; TensorRT-LLM asserts they are "
+                                    "equal and vLLM mis-scales all but one [fused: shared scales]")
+    return problems
+
+
+def verify_checkpoint(folder: Path) -> tuple[dict, list[str]]:
+    """Every rule vLLM's and TensorRT-LLM's ModelOpt NVFP4 loaders rely on, offline; returns (summary, problems)."""
+    import torch
+    from transformers import AutoConfig
+
+    quant, problems = check_quant_configs(folder)
+    reader = CheckpointReader(folder)
+    problems += reader.problems
+    algo, patterns = quant.get("quant_algo"), quant.get("exclude_modules") or []
+    if algo not in QUANT_ALGO_GROUP_SIZE:
+        return {}, problems
+    config = AutoConfig.from_pretrained(str(folder))
+    skeleton = empty_model(config, trust_remote_code=False)
+    linears = {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = {n for n in linears if f"{n}.weight_scale" in reader}
+    expected = {k for k in skeleton.state_dict()}
+    for name, shape in linears.items():
+        if name in quantized:
+            problems += check_linear(reader, name, shape, algo)
+            expected |= {f"{name}.{s}" for s in ("weight_scale", "weight_scale_2", "input_scale")}
+            if vllm_excludes(name, patterns) or trtllm_excludes(name, patterns):
+                problems.append(f"{name}: quantized but matched by exclude_modules; the runtimes would load it as "
+                                "16-bit [exclude: consistent]")
+        elif f"{name}.weight" in reader:
+            if reader.dtype(f"{name}.weight") not in SIXTEEN_BIT or reader.shape(f"{name}.weight") != list(shape):
+                problems.append(f"{name}.weight: unquantized linear stored as {reader.dtype(f'{name}.weight')} "
+                                f"{reader.shape(f'{name}.weight')} [tensors: dtype and shape]")
+            if not (vllm_excludes(name, patterns) and trtllm_excludes(name, patterns)):
+                problems.append(f"{name}: left in 16 bits but not matched by exclude_modules; the runtimes would load "
+                                "it as FP4 [exclude: consistent]")
+    problems += check_fused_groups(reader, quantized, set(linears))
+    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
+    problems += [f"{k}: missing [tensors: complete]" for k in sorted(expected - set(reader.location) - tied)
+                 if not k.endswith("input_scale") or algo != "W4A16_NVFP4"]
+    problems += [f"{k}: unexpected tensor [tensors: no extra]" for k in sorted(set(reader.location) - expected)]
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) [files: tokenizer]")
+    summary = {"quant_algo": algo, "group_size": quant.get("group_size"), "quantized_linears": len(quantized),
+               "unquantized_linears": len(linears) - len(quantized), "tensors": len(reader.location),
+               "exclude_modules": patterns}
+    return summary, problems
+
+
 def validate_export(folder: Path, expected: dict[str, dict], mode: str) -> dict:
-    """Reopen what was written and check every quantized linear; raise on the first bad checkpoint."""
-    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
-    wanted_algo = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}[mode]
-    problems = [] if quant.get("quant_algo") == wanted_algo else \
-        [f"hf_quant_config.json: quant_algo {quant.get('quant_algo')!r}, expected {wanted_algo!r}"]
-    tensors = read_checkpoint_tensors(folder)
-    for name, info in expected.items():
-        problems += check_quantized_linear(name, info, tensors, int(quant["group_size"]))
-    if not any(f.name in TOKENIZER_FILES for f in folder.iterdir()):
-        problems.append("no tokenizer files written")
+    """verify_checkpoint on what was just written, plus: exactly the modules ModelOpt quantized, in the right mode."""
+    summary, problems = verify_checkpoint(folder)
+    if summary and summary["quant_algo"] != MODE_QUANT_ALGO[mode]:
+        problems.append(f"quant_algo {summary['quant_algo']}, expected {MODE_QUANT_ALGO[mode]} for --{mode}")
+    written = {k[: -len(".weight_scale")] for k in CheckpointReader(folder).location if k.endswith(".weight_scale")}
+    problems += [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(set(expected) - written)]
     if problems:
         raise RuntimeError(f"exported checkpoint failed validation ({len(problems)} problems), first: "
                            + "; ".join(problems[:5]))
-    return {"quantized_linears": len(expected), "tensors": len(tensors), "group_size": quant["group_size"],
-            "quant_algo": quant["quant_algo"], "exclude_modules": quant.get("exclude_modules", [])}
+    return summary
+
+
+def evaluate_existing(args: argparse.Namespace, env: dict) -> int:
+    """--verify DIR --eval --reference ORIGINAL: the emulator on DIR's files against the original model.
+
+    The held-out samples are what is left of the YAML mix after the calibration trim, so pass the
+    --dataset_yaml, --max_samples and --seed the checkpoint was calibrated with.
+    """
+    if not args.reference:
+        raise UsageError("--verify DIR --eval needs --reference ORIGINAL_MODEL (the model DIR was made from)")
+    args.input_model, args.output_model = args.reference, args.verify
+    settings = build_settings(args, env)
+    config = load_model_config(settings)
+    _, _, holdout = prepare_calibration_data(settings, load_tokenizer(settings))
+    if not holdout:
+        raise UsageError("--eval: no held-out samples left after the calibration trim; raise --oversample_ratio")
+    report = report_with_emulator(settings, config, Path(args.verify), holdout, pick_device())
+    print_quality(report)
+    return quality_gate(report, settings.max_ppl_increase)
+
+
+def run_verify(folder: Path) -> int:
+    """--verify: 0 when the checkpoint is clean, 1 when not (each problem on a line), 2 when there is none."""
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--verify: {folder} is not a checkpoint dir (no config.json)")
+    summary, problems = verify_checkpoint(folder)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"verify: {folder}: {len(problems)} problem(s)")
+        return 1
+    print(f"verify: {folder}: OK ({summary['quant_algo']}, group {summary['group_size']}, "
+          f"{summary['quantized_linears']} quantized linears, {summary['unquantized_linears']} excluded, "
+          f"{summary['tensors']} tensors)")
+    return 0
 
 
 def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
@@ -1089,6 +1292,144 @@ def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
     values = lut[codes.long()]
     scales = weight_scale.float().repeat_interleave(group_size, dim=1)
     return values * scales * weight_scale_2.float()
+
+
+# --------------------------------------------------------------------------- quality report
+REPORT_NAME = "quality_report.json"
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E4M3_MAX = 448.0
+
+
+def round_to_e2m1(x):
+    """Nearest FP4 E2M1 value (magnitudes above 6 saturate), sign kept."""
+    import torch
+
+    grid = torch.tensor(E2M1_GRID, device=x.device)
+    index = torch.bucketize(x.abs().clamp(max=6.0), (grid[1:] + grid[:-1]) / 2)
+    return torch.sign(x) * grid[index]
+
+
+def fake_quant_nvfp4_input(x, input_scale, group: int = 16):
+    """What an NVFP4 GEMM does to its input: per-16 FP8 block scales under the stored global input_scale."""
+    import torch
+
+    blocks = x.float().reshape(-1, group)
+    block_scale = (blocks.abs().amax(-1, keepdim=True) / (6.0 * input_scale)).clamp(max=E4M3_MAX)
+    scale = block_scale.to(torch.float8_e4m3fn).float() * input_scale
+    quantized = round_to_e2m1(blocks / torch.where(scale > 0, scale, 1.0)) * scale
+    return quantized.reshape(x.shape).to(x.dtype)
+
+
+def fake_quant_fp8_input(x, input_scale):
+    """What a W4A8 GEMM does to its input: per-tensor FP8 E4M3 with the stored input_scale."""
+    import torch
+
+    scaled = (x.float() / input_scale).clamp(-E4M3_MAX, E4M3_MAX)
+    return (scaled.to(torch.float8_e4m3fn).float() * input_scale).to(x.dtype)
+
+
+def emulate_checkpoint(model, folder: Path) -> list:
+    """Make a 16-bit model compute what the runtimes compute from `folder`; returns the input hooks.
+
+    Each quantized linear gets its dequantized FP4 weight, and (W4A4, W4A8) a pre-hook that quantizes
+    its input with the stored input_scale the way the runtime kernels do. Plain PyTorch: any device.
+    """
+    import torch
+
+    reader = CheckpointReader(folder)
+    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    algo, group = quant["quant_algo"], int(quant["group_size"])
+    hooks = []
+    for name, module in model.named_modules():
+        if f"{name}.weight_scale" not in reader:
+            continue
+        weight = dequantize_nvfp4(reader.tensor(f"{name}.weight"), reader.tensor(f"{name}.weight_scale"),
+                                  reader.tensor(f"{name}.weight_scale_2"), group)
+        with torch.no_grad():
+            module.weight.copy_(weight.to(module.weight.dtype))
+        if algo == "W4A16_NVFP4":
+            continue
+        scale = reader.tensor(f"{name}.input_scale").float().to(module.weight.device)
+        quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, args, s=scale, f=quantize: (f(args[0], s),) + args[1:]))
+    return hooks
+
+
+def token_metrics(reference_logits, quantized_logits, input_ids) -> dict:
+    """Sums over next-token predictions: NLL of both, KL(reference || quantized), top-1 agreements."""
+    import torch
+
+    ref = torch.log_softmax(reference_logits[:, :-1].float(), dim=-1)
+    quant = torch.log_softmax(quantized_logits[:, :-1].float(), dim=-1)
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return {
+        "tokens": targets.numel(),
+        "nll_reference": -ref.gather(-1, targets).sum().item(),
+        "nll_quantized": -quant.gather(-1, targets).sum().item(),
+        "kl": (ref.exp() * (ref - quant)).sum().item(),
+        "top1_agree": (ref.argmax(-1) == quant.argmax(-1)).sum().item(),
+    }
+
+
+def quality_report(reference_fn, quantized_fn, holdout: list[list[int]], device: str, how: str) -> dict:
+    """Perplexity, mean KL and top-1 agreement of the quantized model against the original on held-out text."""
+    import torch
+    from tqdm import tqdm
+
+    totals: dict = {}
+    with torch.no_grad():
+        for sample in tqdm(holdout, desc="evaluate", unit="sample", file=sys.stderr):
+            ids = torch.tensor([sample], device=device)
+            for key, value in token_metrics(reference_fn(ids), quantized_fn(ids), ids).items():
+                totals[key] = totals.get(key, 0) + value
+    n = max(totals.get("tokens", 0), 1)
+    ppl_ref, ppl_quant = math.exp(totals.get("nll_reference", 0) / n), math.exp(totals.get("nll_quantized", 0) / n)
+    return {"method": how, "samples": len(holdout), "tokens": totals.get("tokens", 0),
+            "perplexity_original": round(ppl_ref, 4), "perplexity_quantized": round(ppl_quant, 4),
+            "perplexity_increase_pct": round(100 * (ppl_quant / ppl_ref - 1), 3),
+            "mean_kl": round(totals.get("kl", 0) / n, 6), "top1_agreement": round(totals.get("top1_agree", 0) / n, 4)}
+
+
+def report_with_modelopt(model, holdout: list[list[int]], device: str) -> dict:
+    """On a GPU, in the same process: quantizers off for the reference, on (fake quant) for the quantized."""
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    def reference(ids):
+        with set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
+            return model(input_ids=ids, use_cache=False).logits
+
+    return quality_report(reference, lambda ids: model(input_ids=ids, use_cache=False).logits, holdout, device,
+                          "ModelOpt fake quantization, in process")
+
+
+def report_with_emulator(settings: Settings, config, folder: Path, holdout: list[list[int]], device: str) -> dict:
+    """Reference NVFP4 emulation of the files in `folder` against the original model."""
+    reference = load_model(settings, config, device)
+    emulated = load_model(settings, config, device)
+    emulate_checkpoint(emulated, folder)
+    return quality_report(lambda ids: reference(input_ids=ids, use_cache=False).logits,
+                          lambda ids: emulated(input_ids=ids, use_cache=False).logits, holdout, device,
+                          "reference NVFP4 emulator reading the exported files")
+
+
+def print_quality(report: dict) -> None:
+    log(f"\nquality on {report['samples']} held-out samples ({report['tokens']} tokens; {report['method']})")
+    print_table(("metric", "original", "quantized"), [
+        ("perplexity", report["perplexity_original"], report["perplexity_quantized"]),
+        ("perplexity increase", "", f"{report['perplexity_increase_pct']}%"),
+        ("mean KL(original || quantized)", "", report["mean_kl"]),
+        ("top-1 agreement", "", report["top1_agreement"]),
+    ])
+
+
+def quality_gate(report: dict | None, max_increase: float | None) -> int:
+    """Exit status for --max_ppl_increase: 1 when the quantized model is worse than allowed."""
+    if report is None or max_increase is None or report["perplexity_increase_pct"] <= max_increase:
+        return 0
+    print(f"error: perplexity rose {report['perplexity_increase_pct']}%, more than --max_ppl_increase {max_increase}%",
+          file=sys.stderr)
+    return 1
 
 
 # --------------------------------------------------------------------------- export
@@ -1153,8 +1494,12 @@ def move_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
-def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict) -> dict:
-    """Export into a temp dir beside the target, check it, then rename it into place."""
+def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict,
+                      report_fn: Callable[[Path], dict | None] | None = None) -> dict:
+    """Export into a temp dir beside the target, check it, then rename it into place.
+
+    `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
+    """
     from modelopt.torch.export import export_hf_checkpoint
 
     output = settings.output_model
@@ -1167,7 +1512,12 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         write_tokenizer_and_extras(model, tokenizer, staging)
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
         manifest["validation"] = validate_export(staging, expected, settings.mode)
-        manifest["excluded_modules"] = manifest["validation"]["exclude_modules"]
+        manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
+        report = report_fn(staging) if report_fn else None
+        if report:
+            manifest["quality"] = report
+            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+            (staging / REPORT_NAME).chmod(0o644)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         (staging / MANIFEST_NAME).chmod(0o644)
         staging.chmod(0o755)
@@ -1350,6 +1700,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true", help="load tokenizer and data, print the plan, write nothing")
     p.add_argument("--list_configs", action="store_true", help="print ModelOpt's NVFP4 configs and exit")
     p.add_argument("--self_test", action="store_true", help="quantize a tiny built-in model on Datasets/samples")
+    p.add_argument("--verify", metavar="DIR", help="check an NVFP4 checkpoint against what vLLM and TensorRT-LLM "
+                                                   "load; exit 0 when clean, 1 when not")
+    p.add_argument("--eval", action="store_true", help="quality report on held-out samples: perplexity, KL, top-1")
+    p.add_argument("--eval_samples", type=int, default=64, help="held-out samples for --eval (default 64)")
+    p.add_argument("--max_ppl_increase", type=float, metavar="PCT",
+                   help="exit 1 when perplexity rises more than PCT percent (implies --eval)")
+    p.add_argument("--reference", metavar="MODEL", help="with --verify DIR --eval: the original model to compare with")
     return p
 
 
@@ -1369,6 +1726,7 @@ class Job:
     samples: list[list[int]]
     data_stats: dict
     started: float
+    holdout: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def pad_id(self) -> int:
@@ -1392,17 +1750,20 @@ def prepare_job(settings: Settings) -> Job | None:
     tokenizer = load_tokenizer(settings)
     skeleton = empty_model(config, settings.trust_remote_code)
     unquantized = always_unquantized(skeleton) + resolve_skip_layers(skeleton, settings.skip_layers)
-    samples, data_stats = prepare_calibration_data(settings, tokenizer)
+    samples, data_stats, holdout = prepare_calibration_data(settings, tokenizer)
     print_plan(settings, data_stats)
     if settings.dry_run:
         log("dry run: no model weights loaded, nothing written")
         return None
-    return Job(config, tokenizer, skeleton, unquantized, samples, data_stats, started)
+    return Job(config, tokenizer, skeleton, unquantized, samples, data_stats, started, holdout)
 
 
 def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timings: dict, device: str,
-               tool: str, extra: dict | None = None) -> None:
-    """Check what was quantized, export with the manifest, print the summary."""
+               tool: str, extra: dict | None = None) -> int:
+    """Check what was quantized, evaluate if asked, export with the manifest, print the summary.
+
+    Returns the exit status: 1 when --max_ppl_increase is exceeded (the checkpoint is still written).
+    """
     expected = quantized_linear_shapes(model)
     skipped_but_quantized = [n for n in expected if any(n == u or n.startswith(u + ".") for u in job.unquantized)]
     if skipped_but_quantized:
@@ -1413,10 +1774,23 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         "versions": library_versions(), "device": device, "calibration": job.data_stats,
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
-    export_checkpoint(model, job.tokenizer, settings, manifest, expected)
+    export_checkpoint(model, job.tokenizer, settings, manifest, expected, evaluation(model, settings, job, device))
     timings["total_s"] = round(time.perf_counter() - job.started, 2)
     (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print_summary(manifest, settings.output_model)
+    if "quality" in manifest:
+        print_quality(manifest["quality"])
+    return quality_gate(manifest.get("quality"), settings.max_ppl_increase)
+
+
+def evaluation(model, settings: Settings, job: Job, device: str) -> Callable[[Path], dict | None] | None:
+    """What --eval runs on the staged export: ModelOpt in process on a GPU, the emulator elsewhere."""
+    if not settings.eval or not job.holdout:
+        return None
+    if device.startswith("cuda"):
+        report = report_with_modelopt(model, job.holdout, device)  # before export touches the model
+        return lambda staging: report
+    return lambda staging: report_with_emulator(settings, job.config, staging, job.holdout, device)
 
 
 def run(settings: Settings) -> int:
@@ -1430,8 +1804,7 @@ def run(settings: Settings) -> int:
     model = load_model(settings, job.config, device)
     timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
     calibration_run = quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id)
-    finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4.py")
-    return 0
+    return finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4.py")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1442,6 +1815,11 @@ def main(argv: list[str] | None = None) -> int:
             return list_configs()
         if args.self_test:
             return run_self_test(args)
+        if args.verify:
+            status = run_verify(Path(args.verify))
+            if args.eval or args.max_ppl_increase is not None:
+                status = max(status, evaluate_existing(args, read_env_files(SCRIPT_DIR, Path.cwd())))
+            return status
         env = read_env_files(SCRIPT_DIR, Path.cwd())
         return run(build_settings(args, env))
     except UsageError as exc:

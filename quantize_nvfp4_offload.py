@@ -341,11 +341,11 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,
                          "activation_cache_bytes": placement.activation_cache_bytes}}
-    q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra)
+    status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra)
     shutil.rmtree(offload.layerwise_dir)  # exported: the per-layer checkpoints have served their purpose
     if offload.clean_offload:
         clean_offload_folder(offload)
-    return 0
+    return status
 
 
 def run_self_test(args: argparse.Namespace) -> int:

@@ -106,8 +106,8 @@ def tokenizer(tiny_model):
 
 def test_prepare_is_deterministic_and_counts_add_up(tmp_path, tiny_model, tokenizer):
     settings = settings_for(make_mix(tmp_path), tiny_model)
-    samples, stats = q.prepare_calibration_data(settings, tokenizer)
-    again, _ = q.prepare_calibration_data(settings, tokenizer)
+    samples, stats, _ = q.prepare_calibration_data(settings, tokenizer)
+    again, _, _ = q.prepare_calibration_data(settings, tokenizer)
     assert samples == again and len(samples) == 20
     per = {d["name"]: d for d in stats["per_dataset"]}
     assert per["a"]["requested"] + per["b"]["requested"] == stats["requested_samples"] == 30
@@ -120,7 +120,7 @@ def test_prepare_is_deterministic_and_counts_add_up(tmp_path, tiny_model, tokeni
 
 def test_shortfall_warns_with_per_dataset_counts(tmp_path, tiny_model, tokenizer, capsys):
     settings = settings_for(make_mix(tmp_path, rows_a=3, rows_b=2), tiny_model)
-    samples, stats = q.prepare_calibration_data(settings, tokenizer)
+    samples, stats, _ = q.prepare_calibration_data(settings, tokenizer)
     assert len(samples) == 5 and stats["kept_samples"] == 5
     err = capsys.readouterr().err
     assert "only 5 of 20 calibration samples" in err and "a: requested 23, loaded 3, kept 3" in err
@@ -137,10 +137,10 @@ def test_skipped_rows_are_counted(tmp_path, tiny_model, tokenizer):
     rows = [{"text": "a reasonably long sentence about boats " * 3}, {"text": None}, {"text": ""}] * 4
     write_jsonl(tmp_path / "a.jsonl", rows)
     path = write_yaml(tmp_path / "m.yaml", "calibration: {max_samples: 4}\ndatasets:\n  - name: a\n    path: a.jsonl\n")
-    _, stats = q.prepare_calibration_data(settings_for(path, tiny_model), tokenizer)
+    _, stats, _ = q.prepare_calibration_data(settings_for(path, tiny_model), tokenizer)
     assert stats["per_dataset"][0]["loaded"] == 4 and stats["per_dataset"][0]["skipped_rows"] == 8
 
 
 def test_stats_are_json_serializable(tmp_path, tiny_model, tokenizer):
-    _, stats = q.prepare_calibration_data(settings_for(make_mix(tmp_path), tiny_model), tokenizer)
+    _, stats, _ = q.prepare_calibration_data(settings_for(make_mix(tmp_path), tiny_model), tokenizer)
     json.dumps(stats)

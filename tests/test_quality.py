@@ -1,0 +1,92 @@
+"""--eval: the quality report, the NVFP4 emulator, and the --max_ppl_increase gate."""
+import json
+
+import pytest
+import torch
+
+import quantize_nvfp4 as q
+from conftest import ROOT, run_cli
+
+LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
+SMALL = ("--dataset_yaml", LOCAL_YAML, "--max_samples", "24", "--max_seq_len", "128", "--eval_samples", "8")
+
+
+def test_identical_models_score_identically(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
+    report = q.quality_report(forward, forward, [[5, 9, 30, 41, 7], [3, 8, 100, 2]], "cpu", "same model")
+    assert report["perplexity_original"] == report["perplexity_quantized"]
+    assert report["perplexity_increase_pct"] == 0 and report["mean_kl"] == 0 and report["top1_agreement"] == 1
+    assert report["tokens"] == 7
+
+
+def test_token_metrics_by_hand():
+    ids = torch.tensor([[0, 1, 1]])
+    ref = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.5, 0.5]]]))
+    quant = torch.log(torch.tensor([[[0.5, 0.5], [0.75, 0.25], [0.5, 0.5]]]))
+    m = q.token_metrics(ref, quant, ids)
+    assert m["tokens"] == 2 and m["top1_agree"] == 1
+    assert m["nll_reference"] == pytest.approx(-(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.75))).item())
+    assert m["kl"] == pytest.approx((0.25 * torch.log(torch.tensor(1 / 3)) + 0.75 * torch.log(torch.tensor(3.0))).item())
+
+
+def test_fake_quant_inputs():
+    exact = torch.tensor([[0.5, -1.0, 6.0, 3.0] * 4])  # block amax 6 with input_scale 1/448: block scale 1.0
+    torch.testing.assert_close(q.fake_quant_nvfp4_input(exact, torch.tensor(1 / 448)), exact)
+    x = torch.randn(8, 64)
+    amax = x.abs().max()
+    error = (q.fake_quant_nvfp4_input(x, amax / (6 * 448)) - x).norm() / x.norm()
+    assert 0.02 < error < 0.2
+    fp8 = (q.fake_quant_fp8_input(x, amax / 448) - x).norm() / x.norm()
+    assert 0 < fp8 < 0.05
+    assert q.round_to_e2m1(torch.tensor([0.2, 0.3, 2.4, 2.6, -5.1, 9.0])).tolist() == [0.0, 0.5, 2.0, 3.0, -6.0, 6.0]
+
+
+def test_eval_writes_report_and_gate_fails_the_run(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--input_model", str(tiny_model), "--output_model", str(out), *SMALL,
+                     "--max_ppl_increase", "-100")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "more than --max_ppl_increase -100.0%" in result.stderr and "quality on 8 held-out samples" in result.stderr
+    report = json.loads((out / "quality_report.json").read_text())  # the checkpoint is still written, and valid
+    assert report["samples"] == 8 and report["method"].startswith("reference NVFP4 emulator")
+    assert 0 < report["mean_kl"] and 0 < report["top1_agreement"] <= 1
+    assert json.loads((out / "nvfp4_manifest.json").read_text())["quality"] == report
+
+    again = run_cli("--verify", str(out), "--eval", "--reference", str(tiny_model), *SMALL)
+    assert again.returncode == 0 and "OK (NVFP4" in again.stdout, again.stderr[-2000:]
+    assert f"perplexity increase                       {report['perplexity_increase_pct']}%" in again.stderr
+    assert run_cli("--verify", str(out), "--eval", *SMALL).returncode == 2  # needs --reference
+
+
+def test_holdout_is_disjoint_and_leaves_calibration_unchanged():
+    tokenized = {"a": [[i] * (i + 5) for i in range(30)]}
+    calibration, _ = q.select_samples(tokenized, 5, 10, seed=3)
+    held = q.holdout_samples(tokenized, 5, 10, seed=3, count=8)
+    assert len(held) == 8 and not {tuple(s) for s in held} & {tuple(s) for s in calibration}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt fake quantization runs on CUDA only")
+@pytest.mark.parametrize("flag", [[], ["--w4a8"], ["--weight_only"]])
+def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):
+    """The emulator reading the exported files computes what ModelOpt's fake-quantized model computes."""
+    args = q.build_parser().parse_args(["--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"),
+                                        *SMALL, "--eval", *flag])
+    settings = q.build_settings(args, {})
+    job = q.prepare_job(settings)
+    model = q.load_model(settings, job.config, "cuda:0")
+    q.quantize_model(model, settings, job.unquantized, job.samples, "cuda:0", job.pad_id)
+    modelopt = q.report_with_modelopt(model, job.holdout, "cuda:0")
+    with torch.no_grad():  # ModelOpt's logits before export, which may touch the model
+        fake_quant = {tuple(s): model(input_ids=torch.tensor([s], device="cuda:0"), use_cache=False).logits
+                      for s in job.holdout}
+    q.export_checkpoint(model, job.tokenizer, settings, {"timings": {}}, q.quantized_linear_shapes(model))
+    emulated = q.load_model(settings, job.config, "cuda:0")
+    q.emulate_checkpoint(emulated, tmp_path / "out")
+    between = q.quality_report(lambda ids: fake_quant[tuple(ids[0].tolist())],
+                               lambda ids: emulated(input_ids=ids, use_cache=False).logits,
+                               job.holdout, "cuda:0", "ModelOpt vs emulator")
+    print(flag, "ModelOpt vs original:", modelopt, "emulator vs ModelOpt:", between)
+    assert between["mean_kl"] < 0.1 * modelopt["mean_kl"], (between, modelopt)
