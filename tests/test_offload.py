@@ -13,7 +13,8 @@ from conftest import ROOT, assert_usage_error, run_cli
 OFFLOAD_SCRIPT = ROOT / "quantize_nvfp4_offload.py"
 # --batch_size 4: several padded batches, so the layer-by-layer replay has to exclude padding too
 DATA = ("--dataset_yaml", str(q.SAMPLES_YAML), "--max_samples", "24", "--max_seq_len", "192", "--batch_size", "4")
-CPU_CAP = ("--max_cpu_memory", "600000", "--checkpoint_every", "1")  # a layer in RAM, others on disk; resume points per layer
+# On a GPU machine the embeddings go to the GPU, a layer to RAM, the rest to disk; a resume point after every layer
+CPU_CAP = ("--max_gpu_memory", "200000", "--max_cpu_memory", "600000", "--checkpoint_every", "1")
 
 
 @pytest.fixture(scope="module")

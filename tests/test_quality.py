@@ -69,24 +69,41 @@ def test_holdout_is_disjoint_and_leaves_calibration_unchanged():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt fake quantization runs on CUDA only")
-@pytest.mark.parametrize("flag", [[], ["--w4a8"], ["--weight_only"]])
+@pytest.mark.parametrize("flag", [[], ["--weight_only"], ["--w4a8"]])
 def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):
-    """The emulator reading the exported files computes what ModelOpt's fake-quantized model computes."""
+    """Per quantized linear, on real activations: emulator and ModelOpt differ by far less than quantization does.
+
+    (End-to-end KL on a random tiny model is bf16 noise: its outputs are nearly uniform.) For W4A8,
+    ModelOpt 0.47's fake quantization uses 16-element weight blocks where the export uses 32, so the
+    emulator, which reads the export, is the reference; the test pins that difference down.
+    """
     args = q.build_parser().parse_args(["--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"),
-                                        *SMALL, "--eval", *flag])
+                                        *SMALL, *flag])
     settings = q.build_settings(args, {})
     job = q.prepare_job(settings)
     model = q.load_model(settings, job.config, "cuda:0")
+    original = q.load_model(settings, job.config, "cuda:0")
     q.quantize_model(model, settings, job.unquantized, job.samples, "cuda:0", job.pad_id)
-    modelopt = q.report_with_modelopt(model, job.holdout, "cuda:0")
-    with torch.no_grad():  # ModelOpt's logits before export, which may touch the model
-        fake_quant = {tuple(s): model(input_ids=torch.tensor([s], device="cuda:0"), use_cache=False).logits
-                      for s in job.holdout}
+    inputs, outputs = {}, {}
+    names = list(q.quantized_linear_shapes(model))
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: (inputs.setdefault(n, a[0].detach().clone()), outputs.setdefault(n, out.detach().clone())))
+        for n in names]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([job.samples[0]], device="cuda:0"), use_cache=False)
+    for h in hooks:
+        h.remove()
     q.export_checkpoint(model, job.tokenizer, settings, {"timings": {}}, q.quantized_linear_shapes(model))
     emulated = q.load_model(settings, job.config, "cuda:0")
     q.emulate_checkpoint(emulated, tmp_path / "out")
-    between = q.quality_report(lambda ids: fake_quant[tuple(ids[0].tolist())],
-                               lambda ids: emulated(input_ids=ids, use_cache=False).logits,
-                               job.holdout, "cuda:0", "ModelOpt vs emulator")
-    print(flag, "ModelOpt vs original:", modelopt, "emulator vs ModelOpt:", between)
-    assert between["mean_kl"] < 0.1 * modelopt["mean_kl"], (between, modelopt)
+    ratios = []
+    with torch.no_grad():
+        for n in names:
+            exact = original.get_submodule(n)(inputs[n]).float()
+            ours = emulated.get_submodule(n)(inputs[n]).float()
+            ratios.append(((ours - outputs[n].float()).norm() / (exact - outputs[n].float()).norm()).item())
+    print(flag, "emulator-vs-ModelOpt / quantization error, per linear:", [round(r, 3) for r in ratios])
+    if flag == ["--w4a8"]:
+        assert min(ratios) > 0.5  # the block-size mismatch: if ModelOpt fixes it, route W4A8 eval back to ModelOpt
+    else:
+        assert max(ratios) < 0.3, ratios
