@@ -86,9 +86,13 @@ def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):
     q.quantize_model(model, settings, job.unquantized, job.samples, "cuda:0", job.pad_id)
     inputs, outputs = {}, {}
     names = list(q.quantized_linear_shapes(model))
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, out, n=n: (inputs.setdefault(n, a[0].detach().clone()), outputs.setdefault(n, out.detach().clone())))
-        for n in names]
+    def record(name):
+        def hook(module, args, output):  # returns None: the output stays as it is
+            inputs.setdefault(name, args[0].detach().clone())
+            outputs.setdefault(name, output.detach().clone())
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
     with torch.no_grad():
         model(input_ids=torch.tensor([job.samples[0]], device="cuda:0"), use_cache=False)
     for h in hooks:
