@@ -106,8 +106,17 @@ def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):
             exact = original.get_submodule(n)(inputs[n]).float()
             ours = emulated.get_submodule(n)(inputs[n]).float()
             ratios.append(((ours - outputs[n].float()).norm() / (exact - outputs[n].float()).norm()).item())
-    print(flag, "emulator-vs-ModelOpt / quantization error, per linear:", [round(r, 3) for r in ratios])
-    if flag == ["--w4a8"]:
-        assert min(ratios) > 0.5  # the block-size mismatch: if ModelOpt fixes it, route W4A8 eval back to ModelOpt
-    else:
-        assert max(ratios) < 0.3, ratios
+    by_name = dict(zip(names, ratios))
+    print(flag, "emulator-vs-ModelOpt / quantization error, per linear:", {k: round(v, 3) for k, v in by_name.items()})
+    unfused = {n: r for n, r in by_name.items() if n.endswith(("o_proj", "down_proj"))}
+    fused = {n: r for n, r in by_name.items() if n not in unfused}
+    if flag == ["--w4a8"]:  # ModelOpt's 16-element fake-quant blocks against the export's 32: far apart everywhere
+        assert min(ratios) > 0.5, by_name
+        return
+    assert max(unfused.values()) < 0.3, unfused  # same weights, same input scales: the two agree
+    # Fused groups share the largest member's global scale in the export; that member still agrees,
+    # the others are requantized on the shared scale, as the runtimes will compute them.
+    for layer in {n.rsplit(".", 2)[0] for n in fused}:
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            members = [r for n, r in fused.items() if n.startswith(layer + ".") and n.endswith(group)]
+            assert min(members) < 0.3, (layer, group, members)
