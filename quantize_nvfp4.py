@@ -89,6 +89,7 @@ MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any G
 BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python), in tokens: batching trades it for padding
 AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
 DISK_MARGIN = 1.10               # export writes temp files beside the output
+FAIL_RANK_ENV = "NVFP4_TEST_FAIL_RANK"  # tests only: this rank raises during calibration
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
 
 
@@ -466,7 +467,8 @@ def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=
     else:
         dataset = dataset.shuffle(seed=seed)
     texts, skipped = [], 0
-    with tqdm(total=wanted, desc=f"format {spec.name}", unit="sample", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=wanted, desc=f"format {spec.name}", unit="sample", file=sys.stderr, leave=False,
+              disable=not on_main_rank()) as bar:
         for row in dataset:
             if len(texts) >= wanted:
                 break
@@ -714,17 +716,103 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
     return config
 
 
-def load_model(settings: Settings, config, device: str):
+def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(settings.dtype, config)
     model = AutoModelForCausalLM.from_pretrained(
         settings.input_model, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-        token=settings.hf_token, device_map={"": device}, low_cpu_mem_usage=True)
+        token=settings.hf_token, device_map=device_map or {"": device}, low_cpu_mem_usage=True)
     model.eval()
     if not getattr(model.config, "architectures", None):  # export_hf_checkpoint requires it
         model.config.architectures = [type(model).__name__]
     return model
+
+
+# --------------------------------------------------------------------------- several GPUs
+@dataclasses.dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> Ranks:
+    """Under torchrun / accelerate launch: one process per GPU, NCCL (gloo on CPU), torch.distributed only.
+
+    Every rank loads the model and builds the same calibration set, calibrates on its share of the
+    batches, and ModelOpt's max calibration all-reduces every amax with MAX across the ranks.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=2))
+    log(f"data parallel: {world} processes, each calibrating 1/{world} of the batches")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def current_ranks() -> Ranks:
+    import torch.distributed as dist
+
+    return Ranks(dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else Ranks()
+
+
+def rank_share(batches: list[list[int]], lengths: list[int], rank: int, world: int) -> list[list[int]]:
+    """This rank's batches: each batch, largest first, to the least-loaded rank (padded tokens); same on every rank."""
+    if len(batches) < world:
+        raise UsageError(f"{len(batches)} calibration batches for {world} processes: use fewer processes, more "
+                         "--max_samples, or a smaller --batch_size")
+    loads, owner = [0] * world, {}
+    for index in sorted(range(len(batches)), key=lambda i: (-padded_tokens(lengths, batches[i]), i)):
+        target = min(range(world), key=lambda r: (loads[r], r))
+        loads[target] += padded_tokens(lengths, batches[index])
+        owner[index] = target
+    return [batch for index, batch in enumerate(batches) if owner[index] == rank]
+
+
+def all_reduce_min(value: int, device: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def check_ranks_agree(model, device: str) -> None:
+    """After ModelOpt's sync every rank must hold the same amax; it only warns when a sync fails."""
+    import torch
+    import torch.distributed as dist
+
+    amaxes = [m._amax.float().sum() for m in model.modules() if getattr(m, "_amax", None) is not None
+              and type(m).__name__.endswith("Quantizer")]
+    fingerprint = torch.stack(amaxes).to(device) if amaxes else torch.zeros(1, device=device)
+    high, low = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        raise RuntimeError("quantizer amax differs between processes after ModelOpt's data-parallel sync: "
+                           "the calibration is not the same on every rank")
+
+
+def placement_for(weight_bytes: int, gpu_budgets: list[int]) -> str:
+    """'single' when the 16-bit weights fit one GPU's budget, 'balanced' across GPUs when they fit all of them."""
+    if not gpu_budgets or weight_bytes <= gpu_budgets[0]:
+        return "single"
+    if len(gpu_budgets) > 1 and weight_bytes <= sum(gpu_budgets):
+        return "balanced"
+    raise UsageError(f"the model's weights ({human_bytes(weight_bytes)}) exceed the GPU memory "
+                     f"({human_bytes(sum(gpu_budgets))} over {len(gpu_budgets)} GPU(s)): use quantize_nvfp4_offload.py")
 
 
 # --------------------------------------------------------------------------- calibration
@@ -925,13 +1013,20 @@ def plan_batches(model, forward, samples, settings: Settings, device: str, holde
     """
     lengths = [len(s) for s in samples]
     holder.update(done=[], cap=DEFAULT_BATCH_TOKENS if settings.batch_size is None else math.inf)
+    ranks = current_ranks()
     if settings.batch_size is None and device.startswith("cuda") and not holder["layerwise"]:
         holder["cap"], probe = gpu_token_budget(model, forward, samples, device, settings.gpu_memory_budget, holder)
-        holder["done"] = [[probe]]
+        holder["done"] = [[probe]]  # every rank ran it: max is idempotent, so that changes nothing
+        if ranks.distributed:  # one plan for all ranks: the smallest budget
+            holder["cap"] = all_reduce_min(holder["cap"], device)
     skip = {i for batch in holder["done"] for i in batch}
     rest = [i for i in range(len(samples)) if i not in skip]
     grouped = group_batches([lengths[i] for i in rest], settings.batch_size, holder["cap"])
     holder["plan"] = [[rest[j] for j in batch] for batch in grouped]
+    if ranks.distributed:
+        holder["plan"] = rank_share(holder["plan"], lengths, ranks.rank, ranks.world)
+    if os.environ.get(FAIL_RANK_ENV) == str(ranks.rank):
+        raise RuntimeError(f"simulated failure on rank {ranks.rank} ({FAIL_RANK_ENV})")
 
 
 def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, holder: dict) -> None:
@@ -949,6 +1044,7 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
             plan_batches(model, forward, samples, settings, device, holder)
         batches_run = list(holder["done"])
         bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr,
+                   disable=not on_main_rank(),
                    leave=not holder["layerwise"], initial=sum(lengths[i] for b in batches_run for i in b))
         queue = deque(holder["plan"])
         while queue:
@@ -1007,6 +1103,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
         mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
     finally:
         remove_calibration_hooks(holder)
+    if current_ranks().distributed:
+        check_ranks_agree(model, device)
     if on_gpu:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -1015,7 +1113,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
              "forward_seconds": round(holder["forward_seconds"], 2), "batches": len(holder["batches_run"]),
              "padding_fraction": round(padding_fraction(lengths, holder["batches_run"]), 4),
              "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
-             "oom_retries": holder.get("oom_retries", 0)}
+             "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world}
     if on_gpu:
         peak = max(torch.cuda.max_memory_allocated(device), holder.get("peak_before_probe", 0))
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
@@ -1537,12 +1635,19 @@ def human_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def on_main_rank() -> bool:
+    """Rank 0 under torchrun / accelerate launch (which set RANK), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    if on_main_rank():
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if on_main_rank():
+        print(message, file=sys.stderr, flush=True)
 
 
 def print_plan(settings: Settings, stats: dict) -> None:
@@ -1715,9 +1820,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pick_device() -> str:
+    """This process's device: its LOCAL_RANK's GPU under torchrun / accelerate launch."""
     import torch
 
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
 @dataclasses.dataclass
@@ -1816,12 +1922,43 @@ def run(settings: Settings) -> int:
     if job is None:
         return 0
     check_free_disk(settings.output_model.parent, job.checkpoint_bytes)
-    device = pick_device()
+    device, ranks = pick_device(), current_ranks()
+    device_map = gpu_placement(settings, job, ranks.distributed)
     load_start = time.perf_counter()
-    model = load_model(settings, job.config, device)
+    model = load_model(settings, job.config, device, device_map)
     timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
     calibration_run = quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id)
-    return finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4.py")
+    status = 0
+    if ranks.rank == 0:  # the others wait below, then exit 0
+        status = finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4.py")
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return status
+
+
+def gpu_placement(settings: Settings, job: Job, distributed: bool) -> str | None:
+    """None (one GPU, or the CPU) or 'balanced' across GPUs; refuses, before loading, a model too big for them.
+
+    A data-parallel rank has its own GPU only, so its model must fit that one.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return None
+    gpus = [torch.cuda.current_device()] if distributed else list(range(count))
+    budgets = [int(settings.gpu_memory_budget * 2**30) if settings.gpu_memory_budget
+               else int(torch.cuda.get_device_properties(i).total_memory * AUTO_BUDGET_FRACTION) for i in gpus]
+    weight_bytes = sum(p.numel() for p in job.skeleton.parameters()) * \
+        torch.finfo(resolve_dtype(settings.dtype, job.config)).bits // 8
+    if placement_for(weight_bytes, budgets) == "single":
+        return None
+    log(f"the weights ({human_bytes(weight_bytes)}) exceed one GPU's budget ({human_bytes(budgets[0])}): placing "
+        f"them across {len(budgets)} GPUs with a balanced device map (for speed, use one process per GPU instead)")
+    return "balanced"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1838,7 +1975,9 @@ def main(argv: list[str] | None = None) -> int:
                 status = max(status, evaluate_existing(args, read_env_files(SCRIPT_DIR, Path.cwd())))
             return status
         env = read_env_files(SCRIPT_DIR, Path.cwd())
-        return run(build_settings(args, env))
+        settings = build_settings(args, env)
+        init_distributed()
+        return run(settings)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
+                           "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
     if not args.offload_folder:
         raise q.UsageError("no offload folder: pass --offload_folder DIR (a disk with room for the offloaded weights)")
     folder = Path(args.offload_folder).expanduser().resolve()
