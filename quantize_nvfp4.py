@@ -1796,7 +1796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=parse_batch_size, default=None, metavar="auto|N",
                    help="samples per calibration forward; auto (default) sizes batches in tokens to the GPU budget")
     p.add_argument("--gpu_memory_budget", type=float, metavar="GiB",
-                   help=f"cap for weights + calibration activations (default {AUTO_BUDGET_FRACTION:.0%} of the GPU)")
+                   help=f"cap for weights + calibration activations (default {AUTO_BUDGET_FRACTION * 100:.0f}%% of the GPU)")
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="load dtype; auto = the checkpoint's (float32 loads as bfloat16)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code from the hub")

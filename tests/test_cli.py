@@ -225,3 +225,9 @@ def test_failed_export_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="validation exploded"):
         q.run(q.build_settings(args, {}))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["quantize_nvfp4.py", "quantize_nvfp4_offload.py"])
+def test_help(script):
+    result = run_cli("--help", script=ROOT / script)
+    assert result.returncode == 0 and "--input_model" in result.stdout, result.stderr[-2000:]
