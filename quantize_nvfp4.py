@@ -13,7 +13,6 @@ quantize_nvfp4_offload.py imports the helpers below; keep them here, once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -691,6 +690,13 @@ def with_fused_siblings(names: list[str], all_names: set[str]) -> list[str]:
     return out
 
 
+def parameter_bytes(module, dtype) -> int:
+    """The module's parameters in `dtype`: what loading it costs."""
+    import torch
+
+    return sum(p.numel() for p in module.parameters()) * torch.finfo(dtype).bits // 8
+
+
 def always_unquantized(model) -> list[str]:
     """Input and output embeddings: kept in 16 bits, whatever the config says."""
     targets = [model.get_input_embeddings(), model.get_output_embeddings()]
@@ -845,15 +851,26 @@ def max_collectable(quantizer) -> bool:
             and not quantizer.rotate_is_enabled)
 
 
+def mask_for_rows(x, mask):
+    """`mask` shaped like x's rows ([B, T] or flattened [B*T]), or None when x has another layout.
+
+    Weights, and routed expert inputs (MoE), carry no batch layout to mask.
+    """
+    rows = x.shape[:-1]
+    if mask is not None and (rows == mask.shape or (x.dim() == 2 and rows[0] == mask.numel())):
+        return mask.reshape(rows).to(x.dtype)
+    return None
+
+
 def masked_amax(x, mask):
     """max |x| over the rows `mask` keeps (all rows without one): one read of x, no copy, no GPU sync."""
     import torch
 
-    rows = x.shape[:-1]
-    if mask is not None and (rows == mask.shape or (x.dim() == 2 and rows[0] == mask.numel())):
+    row_mask = mask_for_rows(x, mask)
+    if row_mask is not None:
         low, high = torch.aminmax(x, dim=-1)
-        return (torch.maximum(high, -low) * mask.reshape(rows).to(x.dtype)).max()
-    low, high = torch.aminmax(x)  # weights, and routed expert inputs (MoE) that carry no batch layout
+        return (torch.maximum(high, -low) * row_mask).max()
+    low, high = torch.aminmax(x)
     return torch.maximum(high, -low)
 
 
@@ -926,12 +943,10 @@ def mask_from_attention(holder: dict):
 def zero_padding(holder: dict):
     """A pre-hook zeroing padded rows of a linear's input, for quantizers with other calibrators."""
     def hook(module, args):
-        mask, x = holder.get("mask"), args[0] if args else None
-        if mask is None or x is None:
+        row_mask = mask_for_rows(args[0], holder.get("mask")) if args else None
+        if row_mask is None:
             return None
-        if x.shape[:-1] == mask.shape or (x.dim() == 2 and x.shape[0] == mask.numel()):
-            return (x * mask.reshape(x.shape[:-1] + (1,)).to(x.dtype),) + args[1:]
-        return None
+        return (args[0] * row_mask.unsqueeze(-1),) + args[1:]
     return hook
 
 
@@ -1132,19 +1147,6 @@ def quantized_linear_shapes(model) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------- checkpoint validation
-def read_checkpoint_tensors(folder: Path) -> dict:
-    """All tensors of a safetensors checkpoint, as name -> tensor (single file or sharded)."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder}: no .safetensors files")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 QUANT_ALGO_GROUP_SIZE = {"NVFP4": 16, "W4A16_NVFP4": 16, "W4A8_NVFP4_FP8": 32}  # what the runtimes load
 MODE_QUANT_ALGO = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}
 SIXTEEN_BIT = ("BF16", "F16")
@@ -1184,6 +1186,14 @@ class CheckpointReader:
 
     def tensor(self, key: str):
         return self.handles[self.location[key]].get_tensor(key)
+
+
+def read_checkpoint_tensors(folder: Path) -> dict:
+    """All tensors of a safetensors checkpoint, as name -> tensor (single file or sharded)."""
+    reader = CheckpointReader(folder)
+    if not reader.handles:
+        raise ValueError(f"{folder}: no .safetensors files")
+    return {key: reader.tensor(key) for key in reader.location}
 
 
 def vllm_excludes(name: str, patterns: list[str]) -> bool:
@@ -1294,14 +1304,19 @@ def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: s
     return problems
 
 
-def verify_checkpoint(folder: Path) -> tuple[dict, list[str]]:
-    """Every rule vLLM's and TensorRT-LLM's ModelOpt NVFP4 loaders rely on, offline; returns (summary, problems)."""
+def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = ()) -> tuple[dict, list[str]]:
+    """Every rule vLLM's and TensorRT-LLM's ModelOpt NVFP4 loaders rely on, offline; returns (summary, problems).
+
+    After an export, `quantized_in_memory` are the modules ModelOpt quantized: each must be written as NVFP4.
+    """
     import torch
     from transformers import AutoConfig
 
     quant, problems = check_quant_configs(folder)
     reader = CheckpointReader(folder)
     problems += reader.problems
+    written = {k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale")}
+    problems += [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(set(quantized_in_memory) - written)]
     algo, patterns = quant.get("quant_algo"), quant.get("exclude_modules") or []
     if algo not in QUANT_ALGO_GROUP_SIZE:
         return {}, problems
@@ -1339,11 +1354,9 @@ def verify_checkpoint(folder: Path) -> tuple[dict, list[str]]:
 
 def validate_export(folder: Path, expected: dict[str, dict], mode: str) -> dict:
     """verify_checkpoint on what was just written, plus: exactly the modules ModelOpt quantized, in the right mode."""
-    summary, problems = verify_checkpoint(folder)
+    summary, problems = verify_checkpoint(folder, quantized_in_memory=expected)
     if summary and summary["quant_algo"] != MODE_QUANT_ALGO[mode]:
         problems.append(f"quant_algo {summary['quant_algo']}, expected {MODE_QUANT_ALGO[mode]} for --{mode}")
-    written = {k[: -len(".weight_scale")] for k in CheckpointReader(folder).location if k.endswith(".weight_scale")}
-    problems += [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(set(expected) - written)]
     if problems:
         raise RuntimeError(f"exported checkpoint failed validation ({len(problems)} problems), first: "
                            + "; ".join(problems[:5]))
@@ -1735,22 +1748,27 @@ def sample_corpus() -> list[str]:
     return corpus
 
 
-def run_self_test(args: argparse.Namespace) -> int:
-    """Tiny Llama + tokenizer in a temp dir -> the real pipeline on Datasets/samples -> checks."""
+def self_test(args: argparse.Namespace, run_job: Callable[[argparse.Namespace, Path], int], layers: int = 2,
+              label: str = "self-test") -> int:
+    """Tiny Llama + tokenizer in a temp dir -> `run_job(args, temp_dir)` on Datasets/samples -> checks."""
     with tempfile.TemporaryDirectory(prefix="nvfp4-selftest-") as tmp:
         tmp_path = Path(tmp)
         tokenizer = build_tiny_tokenizer(tmp_path / "model", sample_corpus())
-        build_tiny_model(tmp_path / "model", vocab_size=len(tokenizer))
+        build_tiny_model(tmp_path / "model", vocab_size=len(tokenizer), layers=layers)
         args.input_model = str(tmp_path / "model")
         keep_output = bool(args.output_model)
         args.output_model = args.output_model or str(tmp_path / "out")
         args.dataset_yaml = args.dataset_yaml or str(SAMPLES_YAML)
         start = time.perf_counter()
-        status = run(build_settings(args, {}))
+        status = run_job(args, tmp_path)
         check_dequantization(Path(args.input_model), Path(args.output_model))
         kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
-        log(f"self-test passed in {time.perf_counter() - start:.1f} s: {args.output_model}{kept}")
+        log(f"{label} passed in {time.perf_counter() - start:.1f} s: {args.output_model}{kept}")
         return status
+
+
+def run_self_test(args: argparse.Namespace) -> int:
+    return self_test(args, lambda job_args, tmp_path: run(build_settings(job_args, {})))
 
 
 def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.25) -> None:
@@ -1952,8 +1970,7 @@ def gpu_placement(settings: Settings, job: Job, distributed: bool) -> str | None
     gpus = [torch.cuda.current_device()] if distributed else list(range(count))
     budgets = [int(settings.gpu_memory_budget * 2**30) if settings.gpu_memory_budget
                else int(torch.cuda.get_device_properties(i).total_memory * AUTO_BUDGET_FRACTION) for i in gpus]
-    weight_bytes = sum(p.numel() for p in job.skeleton.parameters()) * \
-        torch.finfo(resolve_dtype(settings.dtype, job.config)).bits // 8
+    weight_bytes = parameter_bytes(job.skeleton, resolve_dtype(settings.dtype, job.config))
     if placement_for(weight_bytes, budgets) == "single":
         return None
     log(f"the weights ({human_bytes(weight_bytes)}) exceed one GPU's budget ({human_bytes(budgets[0])}): placing "

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -215,7 +214,7 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     dtype = q.resolve_dtype(settings.dtype, job.config)
     cache = activation_cache_bytes(job, settings, dtype)
     layers = decoder_layer_names(job.skeleton)
-    largest_layer = max((module_bytes(job.skeleton, name, dtype) for name in layers), default=0)
+    largest_layer = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers), default=0)
     reserve = 2 * cache + 2 * largest_layer  # current and next layer's inputs; the layer being calibrated
     device_map = infer_auto_device_map(job.skeleton, max_memory=max_memory_map(offload, reserve),
                                        no_split_module_classes=job.skeleton._no_split_modules or [], dtype=dtype)
@@ -239,12 +238,6 @@ def decoder_layer_names(model) -> list[str]:
                            "use quantize_nvfp4.py (or quantize_nvfp4.py with a device map across GPUs)")
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(layer)] for layer in layers]
-
-
-def module_bytes(model, name: str, dtype) -> int:
-    import torch
-
-    return sum(p.numel() for p in model.get_submodule(name).parameters()) * torch.finfo(dtype).bits // 8
 
 
 def lookup_device(device_map: dict, name: str):
@@ -353,21 +346,12 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
 
 def run_self_test(args: argparse.Namespace) -> int:
     """The tiny built-in model, split across CPU and disk (and GPU if there is one), end to end."""
-    with tempfile.TemporaryDirectory(prefix="nvfp4-offload-selftest-") as tmp:
-        tmp_path = Path(tmp)
-        tokenizer = q.build_tiny_tokenizer(tmp_path / "model", q.sample_corpus())
-        q.build_tiny_model(tmp_path / "model", vocab_size=len(tokenizer), layers=4)
-        args.input_model, args.dataset_yaml = str(tmp_path / "model"), args.dataset_yaml or str(q.SAMPLES_YAML)
-        keep_output = bool(args.output_model)
-        args.output_model = args.output_model or str(tmp_path / "out")
-        args.offload_folder = args.offload_folder or str(tmp_path / "offload")
-        args.max_cpu_memory = args.max_cpu_memory or 600_000  # embeddings and two layers fit; the rest goes to disk
-        start = time.perf_counter()
-        status = run_offload(q.build_settings(args, {}), build_offload_settings(args))
-        q.check_dequantization(Path(args.input_model), Path(args.output_model))
-        kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
-        q.log(f"offload self-test passed in {time.perf_counter() - start:.1f} s: {args.output_model}{kept}")
-        return status
+    def run_job(job_args: argparse.Namespace, tmp_path: Path) -> int:
+        job_args.offload_folder = job_args.offload_folder or str(tmp_path / "offload")
+        job_args.max_cpu_memory = job_args.max_cpu_memory or 600_000  # the embeddings in RAM, the decoder layers on disk
+        return run_offload(q.build_settings(job_args, {}), build_offload_settings(job_args))
+
+    return q.self_test(args, run_job, layers=4, label="offload self-test")
 
 
 def main(argv: list[str] | None = None) -> int:
