@@ -53,6 +53,17 @@ MODES = {
     "w4a8": ("W4A8_NVFP4_FP8_CFG", "--w4a8", "FP4 weights, FP8 activations"),
     "weight_only": ("W4A16_NVFP4_CFG", "--weight_only", "W4A16: FP4 weights, 16-bit activations"),
 }
+# --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
+KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+# --algorithm -> ModelOpt's calibration algorithm; all but max run a fake-quantized forward (CUDA only)
+ALGORITHMS = {
+    "max": "max",
+    "awq_lite": {"method": "awq_lite"},                 # per-channel smoothing scales, searched per layer
+    "awq_clip": {"method": "awq_clip"},                 # clipped per-block weight ranges, searched
+    "mse": {"method": "mse", "fp8_scale_sweep": True},  # per-block weight scales minimizing weight MSE
+}
+ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
+MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
     "streaming": bool, "formatter": str, "columns": dict, "subset": str, "data_files": (str, list),
@@ -130,6 +141,9 @@ class Settings:
     skip_layers: list[str]
     overwrite: bool
     dry_run: bool
+    kv_cache: str = "none"
+    algorithm: str = "max"
+    moe_calibration: str = "routed"
     eval: bool = False
     eval_samples: int = 64
     max_ppl_increase: float | None = None   # percent
@@ -253,6 +267,20 @@ def validate_calibration_numbers(values: dict) -> None:
                          f"({values['max_seq_len']}): every sample would be dropped")
 
 
+def check_algorithm(algorithm: str, mode: str) -> None:
+    """Non-max algorithms run quantized forwards that ModelOpt implements for CUDA only: refuse them early."""
+    if algorithm == "max":
+        return
+    if mode not in ALGORITHM_MODES:
+        raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm max, or "
+                         f"the default W4A4 mode or --weight_only")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
+                         "CUDA kernels); on this machine use --algorithm max")
+
+
 def parse_batch_size(text: str) -> int | None:
     if text == "auto":
         return None
@@ -278,13 +306,15 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     if args.gpu_memory_budget is not None and args.gpu_memory_budget <= 0:
         raise UsageError(f"--gpu_memory_budget must be > 0 GiB, got {args.gpu_memory_budget}")
     mode = "w4a8" if args.w4a8 else "weight_only" if args.weight_only else "nvfp4"
+    check_algorithm(args.algorithm, mode)
     return Settings(
         input_model=input_model,
         output_model=Path(output_model).expanduser().resolve() if output_model else None,
         dataset_yaml=Path(args.dataset_yaml), datasets=specs, **calibration,
         batch_size=args.batch_size, gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
-        overwrite=args.overwrite, dry_run=args.dry_run, eval=args.eval or args.max_ppl_increase is not None,
+        overwrite=args.overwrite, dry_run=args.dry_run, kv_cache=args.kv_cache, algorithm=args.algorithm,
+        moe_calibration=args.moe_calibration, eval=args.eval or args.max_ppl_increase is not None,
         eval_samples=args.eval_samples, max_ppl_increase=args.max_ppl_increase, hf_token=env.get("HF_TOKEN") or None,
     )
 
@@ -703,9 +733,9 @@ def always_unquantized(model) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(m is t for t in targets if t is not None)]
 
 
-def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None,
-                       save_every: int = 1) -> dict:
-    """A deep copy of the mode's ModelOpt config with the given modules' quantizers disabled.
+def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None, save_every: int = 1,
+                       kv_cache: str = "none", algorithm: str = "max", moe_calibration: str = "routed") -> dict:
+    """A deep copy of the mode's ModelOpt config: given modules off, KV cache and algorithm merged in.
 
     With `layerwise_dir`, max calibration runs layer by layer (each offloaded layer comes onto the
     GPU once for all batches) and checkpoints every `save_every` layers there, so a killed run can resume.
@@ -715,10 +745,23 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
     config = copy.deepcopy(getattr(mtq, MODES[mode][0]))
     for name in unquantized:
         config["quant_cfg"].append({"quantizer_name": f"{name}.*", "enable": False})
+    if KV_CACHE_CONFIGS[kv_cache]:
+        # last, so it wins over --skip_layers: the runtimes quantize every layer's KV cache, and a layer
+        # without scales would get 1.0. As mtq.update_quant_cfg_with_kv_cache_quant, without its print.
+        config["quant_cfg"] += copy.deepcopy(getattr(mtq, KV_CACHE_CONFIGS[kv_cache])["quant_cfg"])
+    algo = copy.deepcopy(ALGORITHMS[algorithm])
+    algo = algo if isinstance(algo, dict) else {"method": algo}
+    if algorithm == "mse":  # the sweep searches static per-block scales, as in ModelOpt's NVFP4 MSE preset
+        for entry in config["quant_cfg"]:
+            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+                entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], "type": "static"}}
+    if moe_calibration == "all":
+        algo["moe_calib_experts_ratio"] = 1.0
     if layerwise_dir is not None:
         # max only reads weights: no per-layer weight copies in the checkpoints, no write-back to offloaded storage
-        config["algorithm"] = {"method": "max", "layerwise": {"enable": True, "checkpoint_dir": str(layerwise_dir),
-                                                              "calib_mutates_weights": False, "save_every": save_every}}
+        algo["layerwise"] = {"enable": True, "checkpoint_dir": str(layerwise_dir), "calib_mutates_weights": False,
+                             "save_every": save_every}
+    config["algorithm"] = algo if len(algo) > 1 or algorithm != "max" else "max"
     return config
 
 
@@ -851,22 +894,29 @@ def max_collectable(quantizer) -> bool:
             and not quantizer.rotate_is_enabled)
 
 
-def mask_for_rows(x, mask):
-    """`mask` shaped like x's rows ([B, T] or flattened [B*T]), or None when x has another layout.
+def mask_for_rows(x, mask, layout: str = "rows"):
+    """`mask` shaped to broadcast over x's rows, or None when x has another layout.
 
-    Weights, and routed expert inputs (MoE), carry no batch layout to mask.
+    "rows": activations [B, T, ...] or flattened [B*T, ...]. "heads": attention's key and value
+    states [B, heads, T, head_dim]. Weights, and routed expert inputs (MoE), carry no batch layout.
     """
+    if mask is None:
+        return None
+    if layout == "heads":
+        if x.dim() == 4 and x.shape[0] == mask.shape[0] and x.shape[2] == mask.shape[1]:
+            return mask[:, None, :].to(x.dtype)
+        return None
     rows = x.shape[:-1]
-    if mask is not None and (rows == mask.shape or (x.dim() == 2 and rows[0] == mask.numel())):
+    if rows == mask.shape or (x.dim() == 2 and rows[0] == mask.numel()):
         return mask.reshape(rows).to(x.dtype)
     return None
 
 
-def masked_amax(x, mask):
+def masked_amax(x, mask, layout: str = "rows"):
     """max |x| over the rows `mask` keeps (all rows without one): one read of x, no copy, no GPU sync."""
     import torch
 
-    row_mask = mask_for_rows(x, mask)
+    row_mask = mask_for_rows(x, mask, layout)
     if row_mask is not None:
         low, high = torch.aminmax(x, dim=-1)
         return (torch.maximum(high, -low) * row_mask).max()
@@ -886,14 +936,15 @@ def sync_free_max_calibrator():
     from modelopt.torch.quantization.calib import MaxCalibrator
 
     class SyncFreeMaxCalibrator(MaxCalibrator):
-        def __init__(self, original: MaxCalibrator, mask_source: dict | None):
+        def __init__(self, original: MaxCalibrator, mask_source: dict | None, layout: str = "rows"):
             self.__dict__.update(original.__dict__)
             self._mask_source = mask_source  # activations only: a weight is never masked
+            self._layout = layout
 
         @torch.no_grad()
         def collect(self, x):
             mask = self._mask_source.get("mask") if self._mask_source is not None else None
-            amax = masked_amax(x, mask).detach()
+            amax = masked_amax(x, mask, self._layout).detach()
             if self._calib_amax is None or x.device.type == "meta":  # meta: as MaxCalibrator does
                 self._calib_amax = amax
             else:
@@ -950,27 +1001,165 @@ def zero_padding(holder: dict):
     return hook
 
 
+def moe_blocks(model) -> list[tuple[str, Any, Any]]:
+    """(name, block, router) for every mixture-of-experts block: a module with `experts` and a `gate`/`router`."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        router = getattr(module, "gate", None) or getattr(module, "router", None)
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, torch.nn.Module) and isinstance(router, torch.nn.Module):
+            found.append((name, module, router))
+    return found
+
+
+def expert_count(block, router) -> int:
+    experts = block.experts
+    for source in (experts, router, block):
+        for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
+            if isinstance(getattr(source, attr, None), int):
+                return getattr(source, attr)
+    return len(experts) if hasattr(experts, "__len__") else router.weight.shape[0]
+
+
+def routed_indices(router, inputs, output):
+    """The [tokens, top_k] expert choices a router made: v5 routers return them, v4 ones return logits."""
+    import torch
+
+    if isinstance(output, tuple) and len(output) >= 3 and not output[2].is_floating_point():
+        return output[2]
+    logits = output[0] if isinstance(output, tuple) else output
+    top_k = getattr(router, "top_k", None)
+    if not isinstance(logits, torch.Tensor) or not isinstance(top_k, int):
+        return None
+    return torch.topk(logits.float(), top_k, dim=-1).indices
+
+
+def count_routed_tokens(name: str, holder: dict):
+    """A router forward hook: tokens per expert, real tokens only, from the last pass through this block.
+
+    ModelOpt's "all experts" calibration calls the router once more with top_k raised to every expert;
+    only calls with the model's own top_k are counted.
+    """
+    import torch
+
+    def hook(router, inputs, output):
+        indices = routed_indices(router, inputs, output)
+        entry = holder["coverage"].get(name)
+        if indices is None or entry is None or indices.shape[-1] != entry["top_k"]:
+            return
+        if entry["pass"] != holder.get("pass"):  # a layer-by-layer replay or an algorithm's second pass
+            entry.update(counts=torch.zeros(entry["experts"], dtype=torch.long, device=indices.device),
+                         **{"pass": holder.get("pass")})
+        keep = mask_for_rows(inputs[0], holder.get("mask")) if inputs else None
+        chosen = indices if keep is None else indices[keep.reshape(-1) > 0]
+        entry["counts"] += torch.bincount(chosen.reshape(-1).long(), minlength=entry["experts"])[: entry["experts"]]
+    return hook
+
+
+def start_coverage(model, holder: dict) -> None:
+    """One entry per MoE block: its expert count and top_k, counted by count_routed_tokens."""
+    holder["coverage"] = {}
+    for name, block, router in moe_blocks(model):
+        top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None)
+        if isinstance(top_k, int):
+            holder["coverage"][name] = {"experts": expert_count(block, router), "top_k": top_k, "pass": None,
+                                        "counts": None}
+
+
+def expert_coverage(holder: dict, moe_calibration: str) -> dict | None:
+    """Per MoE block: tokens routed to each expert and the experts no calibration token was routed to."""
+    import torch
+
+    coverage = holder.get("coverage") or {}
+    if not coverage:
+        return None
+    layers = {}
+    for name, entry in coverage.items():
+        counts = entry["counts"]
+        if counts is None:
+            counts = torch.zeros(entry["experts"], dtype=torch.long)
+        if current_ranks().distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        tokens = counts.cpu().tolist()
+        layers[name] = {"experts": entry["experts"], "top_k": entry["top_k"], "tokens_per_expert": tokens,
+                        "unrouted_experts": [i for i, n in enumerate(tokens) if n == 0]}
+    unrouted = sum(len(v["unrouted_experts"]) for v in layers.values())
+    return {"moe_calibration": moe_calibration, "moe_blocks": len(layers), "unrouted_experts": unrouted,
+            "note": "every expert was calibrated on every token (--moe_calibration all)" if moe_calibration == "all"
+            else "experts with no routed tokens share their layer's input scales (ModelOpt's fused experts) and "
+                 "take weight scales from the weights", "layers": layers}
+
+
+def uncalibrated_quantizers(model) -> list[str]:
+    """Enabled quantizers whose amax is unset, zero or not finite: what would export as a broken scale."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    bad = []
+    for name, quantizer in model.named_modules():
+        if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled:
+            continue
+        if "weight_quantizer" not in name and "input_quantizer" not in name and not name.endswith("_bmm_quantizer"):
+            continue
+        amax = getattr(quantizer, "_amax", None)
+        if amax is None and getattr(quantizer, "_dynamic", False):
+            continue
+        if amax is None or amax.numel() == 0 or not torch.isfinite(amax).all() or not (amax > 0).any():
+            bad.append(name)
+    return bad
+
+
+def check_calibrated(model, settings: Settings) -> None:
+    bad = uncalibrated_quantizers(model)
+    if bad:
+        hint = ("pass --moe_calibration all, " if any(".experts." in f".{n}" for n in bad) else "") + \
+            "raise --max_samples, or keep those modules in 16 bits with --skip_layers"
+        raise UsageError(f"{len(bad)} quantizers got no usable calibration data (first: {', '.join(bad[:3])}); "
+                         f"nothing was exported: {hint}")
+
+
+def quantizer_role(name: str) -> tuple[bool, str]:
+    """(masked, layout) for a quantizer's calibrator, from its module name.
+
+    Weights are never masked. Routed expert inputs have no batch layout; their padded rows are zero
+    instead (see install_calibration_hooks), which leaves a max unchanged.
+    """
+    leaf = name.rpartition(".")[2]
+    if "weight_quantizer" in name or ".experts." in f".{name}":
+        return False, "rows"
+    return True, "heads" if leaf.endswith("_bmm_quantizer") else "rows"
+
+
 def install_calibration_hooks(model, holder: dict) -> None:
     """Once per quantize call: sync-free calibrators, and the padding mask kept current for them.
 
     The mask is set by run_batch and, because ModelOpt's layer-by-layer calibration replays each
     decoder layer on cached inputs outside our loop, by every decoder layer from its attention_mask.
     With right padding and a causal mask real tokens never attend to padding, so leaving padded rows
-    out of the amax is exact: the scales do not depend on the batch size.
+    out of the amax is exact: the scales do not depend on the batch size. Mixture-of-experts blocks
+    get their padded rows zeroed, so experts see no padding and the router counts none.
     """
+    from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
 
     if "handles" in holder:
         return
     calibrator_class, handles = sync_free_max_calibrator(), []
+    for name, quantizer in list(model.named_modules()):
+        if isinstance(quantizer, TensorQuantizer) and max_collectable(quantizer):
+            masked, layout = quantizer_role(name)
+            quantizer._calibrator = calibrator_class(quantizer._calibrator, holder if masked else None, layout)
     for module in list(model.modules()):
-        for name in ("weight_quantizer", "input_quantizer"):
-            quantizer = getattr(module, name, None)
-            if max_collectable(quantizer):
-                quantizer._calibrator = calibrator_class(quantizer._calibrator, holder if name == "input_quantizer" else None)
         input_quantizer = getattr(module, "input_quantizer", None)
         if getattr(input_quantizer, "is_enabled", False) and not isinstance(input_quantizer._calibrator, calibrator_class):
             handles.append(module.register_forward_pre_hook(zero_padding(holder)))
+    for name, block, router in moe_blocks(model):
+        handles.append(block.register_forward_pre_hook(zero_padding(holder)))
+        handles.append(router.register_forward_hook(count_routed_tokens(name, holder)))
     for layer in LayerActivationCollector.get_decoder_layers(model) or []:
         handles.append(layer.register_forward_pre_hook(mask_from_attention(holder), with_kwargs=True))
     holder["handles"] = handles
@@ -1051,6 +1240,7 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
 
     if holder.get("before_each_pass"):
         holder["before_each_pass"]()
+    holder["pass"] = holder.get("pass", 0) + 1
     install_calibration_hooks(model, holder)
     forward, lengths = calibration_forward(model), [len(s) for s in samples]
     loop_start = time.perf_counter()
@@ -1107,8 +1297,10 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     import modelopt.torch.quantization as mtq
     import torch
 
-    config = build_quant_config(settings.mode, unquantized, layerwise_dir, save_every)
+    config = build_quant_config(settings.mode, unquantized, layerwise_dir, save_every, settings.kv_cache,
+                                settings.algorithm, settings.moe_calibration)
     holder: dict = {"pad_id": pad_id, "layerwise": layerwise_dir is not None, "before_each_pass": before_each_pass}
+    start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -1123,6 +1315,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     if on_gpu:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    check_calibrated(model, settings)
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(holder["forward_seconds"], 2), "batches": len(holder["batches_run"]),
@@ -1132,6 +1325,9 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     if on_gpu:
         peak = max(torch.cuda.max_memory_allocated(device), holder.get("peak_before_probe", 0))
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
+    coverage = expert_coverage(holder, settings.moe_calibration)
+    if coverage:
+        stats["moe_expert_coverage"] = coverage
     return stats
 
 
@@ -1150,6 +1346,11 @@ def quantized_linear_shapes(model) -> dict[str, dict]:
 QUANT_ALGO_GROUP_SIZE = {"NVFP4": 16, "W4A16_NVFP4": 16, "W4A8_NVFP4_FP8": 32}  # what the runtimes load
 MODE_QUANT_ALGO = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}
 SIXTEEN_BIT = ("BF16", "F16")
+KV_CACHE_SCHEMES = {  # kv_cache_quant_algo -> what config.json's kv_cache_scheme must be for vLLM to agree
+    None: lambda scheme: scheme is None,
+    "FP8": lambda scheme: isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8,
+    "NVFP4": lambda scheme: scheme == "NVFP4" or (isinstance(scheme, dict) and scheme.get("num_bits") == 4),
+}
 
 
 class CheckpointReader:
@@ -1239,6 +1440,13 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
     if sorted(inline.get("ignore") or []) != sorted(quant.get("exclude_modules") or []):
         problems.append("config.json: quantization_config.ignore differs from hf_quant_config.json exclude_modules "
                         "[config: agreement]")
+    kv_algo, scheme = quant.get("kv_cache_quant_algo"), inline.get("kv_cache_scheme")
+    if kv_algo not in KV_CACHE_SCHEMES:
+        problems.append(f"hf_quant_config.json: kv_cache_quant_algo {kv_algo!r} is not one of "
+                        f"{', '.join(map(str, KV_CACHE_SCHEMES))} [config: kv_cache_quant_algo]")
+    elif not KV_CACHE_SCHEMES[kv_algo](scheme):
+        problems.append(f"config.json: kv_cache_scheme {scheme!r} does not say {kv_algo}, which hf_quant_config.json "
+                        "says; vLLM reads config.json [config: agreement]")
     return quant, problems
 
 
@@ -1304,6 +1512,54 @@ def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: s
     return problems
 
 
+def expected_linears(skeleton, reader: CheckpointReader) -> tuple[dict[str, tuple[int, int]], set[str]]:
+    """Every linear the export writes, name -> (out, in); and the state-dict keys the export replaces.
+
+    Fused MoE experts (3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I]) are written per expert as
+    experts.E.gate_proj / up_proj / down_proj, the names vLLM's and TensorRT-LLM's MoE loaders map.
+    """
+    import torch
+
+    linears = {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    replaced = set()
+    for name, module in skeleton.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3):
+            continue
+        if f"{name}.gate_up_proj" in reader:  # left unquantized: written as it is
+            continue
+        experts, a, b = down.shape
+        hidden, inner = (a, b) if gate_up.shape[1] == 2 * b else (b, a)  # some models store them transposed
+        for e in range(experts):
+            linears |= {f"{name}.{e}.gate_proj": (inner, hidden), f"{name}.{e}.up_proj": (inner, hidden),
+                        f"{name}.{e}.down_proj": (hidden, inner)}
+        replaced |= {f"{name}.gate_up_proj", f"{name}.down_proj"}
+    return linears, replaced
+
+
+def check_kv_scales(reader: CheckpointReader, kv_algo: str | None, linears: Iterable[str]) -> tuple[list[str], set]:
+    """With a quantized KV cache every attention layer needs k_proj.k_scale and v_proj.v_scale: FP32 scalars > 0.
+
+    vLLM remaps them to attn.k_scale / attn.v_scale; a missing pair becomes 1.0 there, a zero one fails.
+    """
+    if kv_algo is None:
+        return [], set()
+    problems, keys = [], set()
+    for parent in sorted({n.rpartition(".")[0] for n in linears if n.endswith(".k_proj")}):
+        if f"{parent}.v_proj" not in linears:
+            continue
+        for key in (f"{parent}.k_proj.k_scale", f"{parent}.v_proj.v_scale"):
+            keys.add(key)
+            if key not in reader:
+                problems.append(f"{key}: missing with kv_cache_quant_algo {kv_algo} [kv cache: scales]")
+            elif reader.dtype(key) != "F32" or reader.shape(key) not in ([], [1]):
+                problems.append(f"{key}: expected an F32 scalar, got {reader.dtype(key)} {reader.shape(key)} "
+                                "[kv cache: scales]")
+            else:
+                problems += check_scale_values(key, reader.tensor(key), per_block=False)
+    return problems, keys
+
+
 def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = ()) -> tuple[dict, list[str]]:
     """Every rule vLLM's and TensorRT-LLM's ModelOpt NVFP4 loaders rely on, offline; returns (summary, problems).
 
@@ -1322,9 +1578,12 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = ()) -> 
         return {}, problems
     config = AutoConfig.from_pretrained(str(folder))
     skeleton = empty_model(config, trust_remote_code=False)
-    linears = {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears, replaced = expected_linears(skeleton, reader)
     quantized = {n for n in linears if f"{n}.weight_scale" in reader}
-    expected = {k for k in skeleton.state_dict()}
+    expected = {k for k in skeleton.state_dict()} - replaced | {f"{n}.weight" for n in linears}
+    kv_problems, kv_keys = check_kv_scales(reader, quant.get("kv_cache_quant_algo"), linears)
+    problems += kv_problems
+    expected |= kv_keys
     for name, shape in linears.items():
         if name in quantized:
             problems += check_linear(reader, name, shape, algo)
@@ -1346,7 +1605,8 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = ()) -> 
     problems += [f"{k}: unexpected tensor [tensors: no extra]" for k in sorted(set(reader.location) - expected)]
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) [files: tokenizer]")
-    summary = {"quant_algo": algo, "group_size": quant.get("group_size"), "quantized_linears": len(quantized),
+    summary = {"quant_algo": algo, "group_size": quant.get("group_size"),
+               "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"), "quantized_linears": len(quantized),
                "unquantized_linears": len(linears) - len(quantized), "tensors": len(reader.location),
                "exclude_modules": patterns}
     return summary, problems
@@ -1392,7 +1652,8 @@ def run_verify(folder: Path) -> int:
     if problems:
         print(f"verify: {folder}: {len(problems)} problem(s)")
         return 1
-    print(f"verify: {folder}: OK ({summary['quant_algo']}, group {summary['group_size']}, "
+    kv = f", KV cache {summary['kv_cache_quant_algo']}" if summary["kv_cache_quant_algo"] else ""
+    print(f"verify: {folder}: OK ({summary['quant_algo']}, group {summary['group_size']}{kv}, "
           f"{summary['quantized_linears']} quantized linears, {summary['unquantized_linears']} excluded, "
           f"{summary['tensors']} tensors)")
     return 0
@@ -1443,11 +1704,82 @@ def fake_quant_fp8_input(x, input_scale):
     return (scaled.to(torch.float8_e4m3fn).float() * input_scale).to(x.dtype)
 
 
+def use_eager_experts(model) -> None:
+    """Fused MoE experts call F.linear per expert only in transformers' eager implementation (ModelOpt
+    needs it too); the default grouped_mm would bypass the emulator's input quantization."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"
+
+
+def emulate_fused_experts(module, name: str, reader: CheckpointReader, algo: str, group: int) -> list:
+    """Dequantized FP4 weights into the 3-D expert tensors, and each expert's F.linear input quantized
+    with its projection's input scale: the max over experts, as vLLM's FlashInfer MoE takes it."""
+    import torch
+
+    experts, inner = module.gate_up_proj.shape[0], module.down_proj.shape[2]
+    if module.gate_up_proj.shape[1] != 2 * inner:
+        raise RuntimeError(f"{name}: the emulator supports experts stored as [E, 2I, H] and [E, H, I] only")
+
+    def weight(e: int, proj: str):
+        key = f"{name}.{e}.{proj}"
+        return dequantize_nvfp4(reader.tensor(f"{key}.weight"), reader.tensor(f"{key}.weight_scale"),
+                                reader.tensor(f"{key}.weight_scale_2"), group)
+
+    with torch.no_grad():
+        for e in range(experts):
+            module.gate_up_proj[e].copy_(torch.cat([weight(e, "gate_proj"), weight(e, "up_proj")]))
+            module.down_proj[e].copy_(weight(e, "down_proj"))
+    if algo == "W4A16_NVFP4":
+        return []
+    scales = {proj: torch.stack([reader.tensor(f"{name}.{e}.{proj}.input_scale").float().reshape(())
+                                 for e in range(experts)]).max() for proj in ("gate_proj", "down_proj")}
+    quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
+    plain_linear = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        first = w.untyped_storage().data_ptr() == module.gate_up_proj.untyped_storage().data_ptr()
+        return plain_linear(quantize(x, scales["gate_proj" if first else "down_proj"].to(x.device)), w, b)
+
+    def patch(*_):
+        torch.nn.functional.linear = linear
+
+    def unpatch(*_):
+        torch.nn.functional.linear = plain_linear
+
+    return [module.register_forward_pre_hook(patch), module.register_forward_hook(unpatch)]
+
+
+def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str) -> None:
+    """Keys and values quantized with the stored k_scale / v_scale before attention, as the runtimes
+    store them in the cache (FP8 per tensor, or NVFP4 in 16-blocks under that global scale)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    quantize = fake_quant_fp8_input if kv_algo == "FP8" else fake_quant_nvfp4_input
+    for name, module in model.named_modules():
+        if f"{name}.k_proj.k_scale" in reader:
+            device = module.k_proj.weight.device
+            module._kv_emulation = (reader.tensor(f"{name}.k_proj.k_scale").float().reshape(()).to(device),
+                                    reader.tensor(f"{name}.v_proj.v_scale").float().reshape(()).to(device))
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if hasattr(module, "_kv_emulation"):
+            key_scale, value_scale = module._kv_emulation
+            key, value = quantize(key, key_scale), quantize(value, value_scale)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("nvfp4_kv_emulation", attention)
+    model.set_attn_implementation("nvfp4_kv_emulation")
+
+
 def emulate_checkpoint(model, folder: Path) -> list:
     """Make a 16-bit model compute what the runtimes compute from `folder`; returns the input hooks.
 
-    Each quantized linear gets its dequantized FP4 weight, and (W4A4, W4A8) a pre-hook that quantizes
-    its input with the stored input_scale the way the runtime kernels do. Plain PyTorch: any device.
+    Each quantized linear (and MoE expert) gets its dequantized FP4 weight, and (W4A4, W4A8) its input
+    quantized with the stored input_scale the way the runtime kernels do; with a quantized KV cache,
+    keys and values are quantized with the stored scales. Plain PyTorch: any device.
     """
     import torch
 
@@ -1455,7 +1787,12 @@ def emulate_checkpoint(model, folder: Path) -> list:
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     algo, group = quant["quant_algo"], int(quant["group_size"])
     hooks = []
+    use_eager_experts(model)
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter) and \
+                f"{name}.0.gate_proj.weight_scale" in reader:
+            hooks += emulate_fused_experts(module, name, reader, algo, group)
+            continue
         if f"{name}.weight_scale" not in reader:
             continue
         weight = dequantize_nvfp4(reader.tensor(f"{name}.weight"), reader.tensor(f"{name}.weight_scale"),
@@ -1468,6 +1805,8 @@ def emulate_checkpoint(model, folder: Path) -> list:
         quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
         hooks.append(module.register_forward_pre_hook(
             lambda m, args, s=scale, f=quantize: (f(args[0], s),) + args[1:]))
+    if quant.get("kv_cache_quant_algo"):
+        emulate_kv_cache(model, reader, quant["kv_cache_quant_algo"])
     return hooks
 
 
@@ -1521,6 +1860,7 @@ def report_with_modelopt(model, holdout: list[list[int]], device: str) -> dict:
 def report_with_emulator(settings: Settings, config, folder: Path, holdout: list[list[int]], device: str) -> dict:
     """Reference NVFP4 emulation of the files in `folder` against the original model."""
     reference = load_model(settings, config, device)
+    use_eager_experts(reference)  # the same expert arithmetic on both sides
     emulated = load_model(settings, config, device)
     emulate_checkpoint(emulated, folder)
     return quality_report(lambda ids: reference(input_ids=ids, use_cache=False).logits,
@@ -1609,6 +1949,128 @@ def move_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
+def check_awq_foldable(skeleton) -> None:
+    """awq_lite's checkpoint loads only when every input scale folds into the layer before it: ModelOpt
+    folds o_proj's and down_proj's only in the attention and MLP classes it lists. Refuse others before loading.
+    """
+    from modelopt.torch.export.quant_utils import PQS_FUSE_MODULE_MAPPING
+
+    if moe_blocks(skeleton):
+        raise UsageError("--algorithm awq_lite: mixture-of-experts models are not supported (expert scales do not "
+                         "fold into a loadable NVFP4 checkpoint); use --algorithm awq_clip, mse or max")
+    known = [c for classes, _ in PQS_FUSE_MODULE_MAPPING for c in classes]
+    for _, module in skeleton.named_modules():
+        children = {n for n, _ in module.named_children()}
+        pairs = [pair for _, pair in PQS_FUSE_MODULE_MAPPING if set(pair) <= children]
+        if pairs and not any(c in type(module).__name__ for c in known):
+            raise UsageError(f"--algorithm awq_lite: ModelOpt cannot fold the {pairs[0][1]} scales of "
+                             f"{type(module).__name__} (it folds them for {', '.join(known)}), so the checkpoint "
+                             "would not load in vLLM or TensorRT-LLM; use --algorithm awq_clip, mse or max")
+
+
+def fold_awq_scales(model) -> None:
+    """Fold awq_lite's per-channel input scales into the layers before, as ModelOpt's export does, and
+    into v_proj also for grouped-query attention (averaging the scale over each group of query heads).
+
+    Export folds the rest (into layernorms); what it cannot fold stays a pre_quant_scale tensor, which
+    neither runtime's NVFP4 loader applies (see relabel_folded_awq).
+    """
+    from modelopt.torch.export.quant_utils import fuse_prequant_to_linear
+
+    fuse_prequant_to_linear(model, fuse_grouped_heads=True)
+
+
+def relabel_folded_awq(folder: Path, mode: str) -> None:
+    """ModelOpt labels a checkpoint NVFP4_AWQ when any scale was folded, though its layers are then plain
+    NVFP4 ones; vLLM refuses that label. Rewrite it to the mode's algorithm when no pre_quant_scale is left.
+    """
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config = json.loads(hf_path.read_text())
+    quant = hf_config["quantization"]
+    if quant.get("quant_algo") != "NVFP4_AWQ":
+        return
+    left = [k for k in CheckpointReader(folder).location if k.endswith(".pre_quant_scale")]
+    if left:
+        raise RuntimeError(f"awq_lite left {len(left)} per-channel pre_quant_scale tensors (first: {left[0]}) that "
+                           "the NVFP4 loaders of vLLM and TensorRT-LLM do not apply: use --algorithm awq_clip or mse")
+    for key in ("has_zero_point", "pre_quant_scale"):
+        quant.pop(key, None)
+    quant["quant_algo"] = MODE_QUANT_ALGO[mode]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = convert_hf_quant_config_format(hf_config)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+MODEL_CARD_NAME = "README.md"
+RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and which runtimes load them")
+    "NVFP4": "vLLM: native FP4 GEMMs on Blackwell (SM100/103/12x); on Turing to Hopper it runs weight-only through "
+             "Marlin. TensorRT-LLM: Blackwell.",
+    "W4A16_NVFP4": "vLLM 2026 releases (Marlin, SM >= 75) and recent TensorRT-LLM builds; older ones reject W4A16_NVFP4.",
+    "W4A8_NVFP4_FP8": "TensorRT-LLM on Blackwell only; vLLM does not load W4A8_NVFP4_FP8.",
+}
+KV_NOTES = {
+    "FP8": "FP8 KV cache: vLLM picks it up from the checkpoint with the default `--kv-cache-dtype auto`.",
+    "NVFP4": "NVFP4 KV cache: vLLM reads it as `nvfp4` (FlashInfer; Blackwell, or SM80-120 with head size != 64); "
+             "TensorRT-LLM reads `kv_cache_quant_algo` from hf_quant_config.json.",
+}
+
+
+def model_card(manifest: dict, folder_name: str) -> str:
+    """The output dir's README.md: what was quantized, how, how well, and how to serve it."""
+    args, calib, validation = manifest["arguments"], manifest["calibration"], manifest["validation"]
+    algo, kv = validation["quant_algo"], validation.get("kv_cache_quant_algo")
+    lines = [
+        "---", f"base_model: {manifest['source_model']}", "library_name: transformers",
+        "tags: [nvfp4, modelopt, quantized]", "---", "",
+        f"# {folder_name}", "",
+        f"`{manifest['source_model']}` quantized to NVFP4 (`{algo}`) with NVIDIA ModelOpt "
+        f"{manifest['versions'].get('nvidia-modelopt')} by `{manifest['tool']}`.", "",
+        "| | |", "|---|---|",
+        f"| mode | {MODES[manifest['mode']][2]} (`{manifest['modelopt_config']}`) |",
+        f"| calibration algorithm | `{args['algorithm']}` |",
+        f"| KV cache | {kv or '16-bit (not quantized)'} |",
+        f"| quantized linears | {validation['quantized_linears']} (group size {validation['group_size']}) |",
+        f"| kept in 16 bits | {', '.join(f'`{m}`' for m in manifest['excluded_modules']) or 'none'} |",
+        f"| calibration data | {calib['kept_samples']} samples, {calib['tokens']['total']} tokens (max "
+        f"{args['max_seq_len']} per sample, seed {args['seed']}) from `{Path(args['dataset_yaml']).name}` |", "",
+        "## Calibration mix", "", "| dataset | requested | kept |", "|---|---|---|",
+        *[f"| {d['name']} | {d['requested']} | {d['kept']} |" for d in calib["per_dataset"]], "",
+    ]
+    lines += quality_section(manifest.get("quality"))
+    coverage = manifest["calibration_run"].get("moe_expert_coverage")
+    if coverage:
+        lines += ["## Mixture-of-experts coverage", "",
+                  f"{coverage['unrouted_experts']} expert(s) over {coverage['moe_blocks']} MoE blocks got no routed "
+                  f"calibration token (`--moe_calibration {coverage['moe_calibration']}`); per layer counts are in "
+                  f"`{MANIFEST_NAME}`.", ""]
+    lines += ["## Serving", "", RUNTIME_NOTES[algo] + (" " + KV_NOTES[kv] if kv else ""), ""]
+    if algo != "W4A8_NVFP4_FP8":
+        lines += ["vLLM:", "", "```python", "from vllm import LLM",
+                  f'llm = LLM(model="./{folder_name}", quantization="modelopt_fp4")', "```", "",
+                  f"or `vllm serve ./{folder_name} --quantization modelopt_fp4`.", ""]
+    lines += ["TensorRT-LLM (PyTorch backend):", "", "```python", "from tensorrt_llm import LLM",
+              f'llm = LLM(model="./{folder_name}")  # reads hf_quant_config.json', "```", "",
+              f"or `trtllm-serve ./{folder_name}`.", "",
+              f"`{MANIFEST_NAME}` records every setting, library version and timing of this run.", ""]
+    return "\n".join(lines)
+
+
+def quality_section(report: dict | None) -> list[str]:
+    if not report:
+        return ["## Quality", "", "Not measured (run with `--eval`, or `--verify DIR --eval --reference MODEL`).", ""]
+    return ["## Quality", "", f"On {report['samples']} held-out samples ({report['tokens']} tokens) of the "
+            f"calibration mix, measured by the {report['method']}:", "",
+            "| metric | value |", "|---|---|",
+            f"| perplexity, original | {report['perplexity_original']} |",
+            f"| perplexity, quantized | {report['perplexity_quantized']} |",
+            f"| perplexity increase | {report['perplexity_increase_pct']}% |",
+            f"| mean KL(original \\|\\| quantized) | {report['mean_kl']} |",
+            f"| top-1 agreement | {report['top1_agreement']} |", ""]
+
+
 def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict,
                       report_fn: Callable[[Path], dict | None] | None = None) -> dict:
     """Export into a temp dir beside the target, check it, then rename it into place.
@@ -1621,9 +2083,12 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         start = time.perf_counter()
+        if settings.algorithm == "awq_lite":
+            fold_awq_scales(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
+        relabel_folded_awq(staging, settings.mode)
         write_tokenizer_and_extras(model, tokenizer, staging)
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
         manifest["validation"] = validate_export(staging, expected, settings.mode)
@@ -1634,7 +2099,9 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
             (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
             (staging / REPORT_NAME).chmod(0o644)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        (staging / MANIFEST_NAME).chmod(0o644)
+        (staging / MODEL_CARD_NAME).write_text(model_card(manifest, output.name))
+        for name in (MANIFEST_NAME, MODEL_CARD_NAME):
+            (staging / name).chmod(0o644)
         staging.chmod(0o755)
         move_into_place(staging, output)
     except BaseException:
@@ -1686,6 +2153,8 @@ def print_summary(manifest: dict, output: Path) -> None:
     rows = [
         ("output", output),
         ("mode", f"{manifest['mode']} ({manifest['modelopt_config']})"),
+        ("algorithm / KV cache", f"{manifest['arguments']['algorithm']} / "
+                                 f"{manifest['validation'].get('kv_cache_quant_algo') or '16-bit'}"),
         ("quantized linears", manifest["validation"]["quantized_linears"]),
         ("excluded modules", len(manifest["excluded_modules"])),
         ("calibration samples", manifest["calibration"]["kept_samples"]),
@@ -1697,6 +2166,10 @@ def print_summary(manifest: dict, output: Path) -> None:
         ("load / export", f"{t['load_model_s']} s / {t['export_s']} s"),
         ("total", f"{t['total_s']} s"),
     ]
+    coverage = calib.get("moe_expert_coverage")
+    if coverage:
+        rows.append(("MoE experts with no routed token", f"{coverage['unrouted_experts']} "
+                                                         f"(--moe_calibration {coverage['moe_calibration']})"))
     log("\nsummary")
     print_table(("item", "value"), rows)
 
@@ -1821,6 +2294,13 @@ def build_parser() -> argparse.ArgumentParser:
     modes = p.add_mutually_exclusive_group()
     modes.add_argument("--w4a8", action="store_true", help="W4A8_NVFP4_FP8_CFG: FP4 weights, FP8 activations")
     modes.add_argument("--weight_only", action="store_true", help="W4A16_NVFP4_CFG: FP4 weights, 16-bit activations")
+    p.add_argument("--kv_cache", choices=tuple(KV_CACHE_CONFIGS), default="none",
+                   help="quantize the KV cache: fp8 (vLLM, TensorRT-LLM) or nvfp4 (Blackwell runtimes); default none")
+    p.add_argument("--algorithm", choices=tuple(ALGORITHMS), default="max",
+                   help="ModelOpt calibration algorithm (default max; the others need a CUDA GPU, see README)")
+    p.add_argument("--moe_calibration", choices=MOE_CALIBRATION, default="routed",
+                   help="mixture-of-experts: calibrate experts on the tokens routed to them (default), or every "
+                        "expert on every token (all: slower, no expert left uncalibrated)")
     p.add_argument("--skip_layers", nargs="+", metavar="PATTERN", default=[],
                    help="keep matching modules unquantized (glob on module names, e.g. 'layers.0.*' 'down_proj')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
@@ -1878,6 +2358,8 @@ def prepare_job(settings: Settings) -> Job | None:
     tokenizer = load_tokenizer(settings)
     skeleton = empty_model(config, settings.trust_remote_code)
     unquantized = always_unquantized(skeleton) + resolve_skip_layers(skeleton, settings.skip_layers)
+    if settings.algorithm == "awq_lite":
+        check_awq_foldable(skeleton)
     samples, data_stats, holdout = prepare_calibration_data(settings, tokenizer)
     print_plan(settings, data_stats)
     if settings.dry_run:
