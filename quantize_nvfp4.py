@@ -1014,6 +1014,19 @@ def moe_blocks(model) -> list[tuple[str, Any, Any]]:
     return found
 
 
+def under_experts(name: str) -> bool:
+    """A module or quantizer inside a mixture-of-experts `experts` container."""
+    return ".experts." in f".{name}"
+
+
+def is_fused_experts(module) -> bool:
+    """transformers 5's fused experts: 3-D gate_up_proj and down_proj parameters, one slice per expert."""
+    import torch
+
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
+
+
 def expert_count(block, router) -> int:
     experts = block.experts
     for source in (experts, router, block):
@@ -1050,8 +1063,8 @@ def count_routed_tokens(name: str, holder: dict):
         if indices is None or entry is None or indices.shape[-1] != entry["top_k"]:
             return
         if entry["pass"] != holder.get("pass"):  # a layer-by-layer replay or an algorithm's second pass
-            entry.update(counts=torch.zeros(entry["experts"], dtype=torch.long, device=indices.device),
-                         **{"pass": holder.get("pass")})
+            entry["pass"] = holder.get("pass")
+            entry["counts"] = torch.zeros(entry["experts"], dtype=torch.long, device=indices.device)
         keep = mask_for_rows(inputs[0], holder.get("mask")) if inputs else None
         chosen = indices if keep is None else indices[keep.reshape(-1) > 0]
         entry["counts"] += torch.bincount(chosen.reshape(-1).long(), minlength=entry["experts"])[: entry["experts"]]
@@ -1113,10 +1126,10 @@ def uncalibrated_quantizers(model) -> list[str]:
     return bad
 
 
-def check_calibrated(model, settings: Settings) -> None:
+def check_calibrated(model) -> None:
     bad = uncalibrated_quantizers(model)
     if bad:
-        hint = ("pass --moe_calibration all, " if any(".experts." in f".{n}" for n in bad) else "") + \
+        hint = ("pass --moe_calibration all, " if any(under_experts(n) for n in bad) else "") + \
             "raise --max_samples, or keep those modules in 16 bits with --skip_layers"
         raise UsageError(f"{len(bad)} quantizers got no usable calibration data (first: {', '.join(bad[:3])}); "
                          f"nothing was exported: {hint}")
@@ -1129,7 +1142,7 @@ def quantizer_role(name: str) -> tuple[bool, str]:
     instead (see install_calibration_hooks), which leaves a max unchanged.
     """
     leaf = name.rpartition(".")[2]
-    if "weight_quantizer" in name or ".experts." in f".{name}":
+    if "weight_quantizer" in name or under_experts(name):
         return False, "rows"
     return True, "heads" if leaf.endswith("_bmm_quantizer") else "rows"
 
@@ -1315,7 +1328,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     if on_gpu:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    check_calibrated(model, settings)
+    check_calibrated(model)
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(holder["forward_seconds"], 2), "batches": len(holder["batches_run"]),
@@ -1523,13 +1536,10 @@ def expected_linears(skeleton, reader: CheckpointReader) -> tuple[dict[str, tupl
     linears = {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
     replaced = set()
     for name, module in skeleton.named_modules():
-        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-        if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3):
+        if not is_fused_experts(module) or f"{name}.gate_up_proj" in reader:  # the latter: left unquantized
             continue
-        if f"{name}.gate_up_proj" in reader:  # left unquantized: written as it is
-            continue
-        experts, a, b = down.shape
-        hidden, inner = (a, b) if gate_up.shape[1] == 2 * b else (b, a)  # some models store them transposed
+        experts, a, b = module.down_proj.shape
+        hidden, inner = (a, b) if module.gate_up_proj.shape[1] == 2 * b else (b, a)  # some store them transposed
         for e in range(experts):
             linears |= {f"{name}.{e}.gate_proj": (inner, hidden), f"{name}.{e}.up_proj": (inner, hidden),
                         f"{name}.{e}.down_proj": (hidden, inner)}
@@ -1565,7 +1575,6 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = ()) -> 
 
     After an export, `quantized_in_memory` are the modules ModelOpt quantized: each must be written as NVFP4.
     """
-    import torch
     from transformers import AutoConfig
 
     quant, problems = check_quant_configs(folder)
@@ -1789,8 +1798,7 @@ def emulate_checkpoint(model, folder: Path) -> list:
     hooks = []
     use_eager_experts(model)
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter) and \
-                f"{name}.0.gate_proj.weight_scale" in reader:
+        if is_fused_experts(module) and f"{name}.0.gate_proj.weight_scale" in reader:
             hooks += emulate_fused_experts(module, name, reader, algo, group)
             continue
         if f"{name}.weight_scale" not in reader:

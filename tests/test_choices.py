@@ -282,7 +282,7 @@ def test_uncalibrated_quantizer_stops_the_export(tiny_model):
     model.model.layers[1].mlp.down_proj.input_quantizer.amax = torch.tensor(0.0)
     assert q.uncalibrated_quantizers(model) == ["model.layers.1.mlp.down_proj.input_quantizer"]
     with pytest.raises(q.UsageError, match="1 quantizers got no usable calibration data"):
-        q.check_calibrated(model, None)
+        q.check_calibrated(model)
 
 
 # --------------------------------------------------------------------------- model card
