@@ -13,6 +13,7 @@ quantize_nvfp4_offload.py imports the helpers below; keep them here, once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -23,6 +24,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -675,13 +677,49 @@ def load_tokenizer(settings: Settings):
     return tokenizer
 
 
+def model_class(config, trust_remote_code: bool):
+    """The class the checkpoint names in `architectures`, or an auto class for it; encoders are refused.
+
+    AutoModelForCausalLM is not enough: it refuses most vision-language wrappers and, for some
+    (Llama 4), silently picks the text-only class, which drops the vision weights from the export.
+    """
+    import transformers
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(unsupported_architecture(architecture or config.model_type, "an encoder-decoder model"))
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        return transformers.AutoModelForCausalLM
+    named = getattr(transformers, architecture, None) if architecture else None
+    if named is None:
+        autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText)
+        auto = next((a for a in autos if not architecture and type(config) in a._model_mapping), None)
+        if auto is None:
+            raise UsageError(unsupported_architecture(architecture or config.model_type,
+                                                      f"not a text-generating model known to transformers "
+                                                      f"{transformers.__version__} (pass --trust_remote_code if the "
+                                                      "repo ships its own code)"))
+        return auto
+    if not named.can_generate():
+        raise UsageError(unsupported_architecture(architecture, "an encoder, not a text generator"))
+    return named
+
+
+def unsupported_architecture(architecture: str, why: str) -> str:
+    return (f"architecture {architecture} is not supported: {why}; this tool quantizes decoder LLMs (...ForCausalLM) "
+            "and vision-language models (...ForConditionalGeneration with a text decoder) for vLLM and TensorRT-LLM")
+
+
 def empty_model(config, trust_remote_code: bool):
     """The model's module tree on the meta device: names and shapes, no weights, no memory."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
+    cls = model_class(config, trust_remote_code)
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if hasattr(cls, "from_config"):  # an auto class
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls._from_config(config)
 
 
 def pattern_matches(name: str, pattern: str) -> bool:
@@ -720,6 +758,18 @@ def with_fused_siblings(names: list[str], all_names: set[str]) -> list[str]:
     return out
 
 
+def source_checkpoint_dir(settings: Settings) -> Path:
+    """The folder holding the source checkpoint's files: the local dir, or its snapshot in the hub cache
+    (which from_pretrained has filled by now, so nothing is downloaded twice)."""
+    local = Path(settings.input_model).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(settings.input_model, token=settings.hf_token,
+                                  allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
+
+
 def parameter_bytes(module, dtype) -> int:
     """The module's parameters in `dtype`: what loading it costs."""
     import torch
@@ -728,9 +778,47 @@ def parameter_bytes(module, dtype) -> int:
 
 
 def always_unquantized(model) -> list[str]:
-    """Input and output embeddings: kept in 16 bits, whatever the config says."""
+    """Input and output embeddings, and everything outside the text decoder: kept in 16 bits.
+
+    A vision-language model is calibrated on text, so its vision tower, projector and audio parts
+    never see calibration data; they stay as they are, and the runtimes load them in 16 bits.
+    """
     targets = [model.get_input_embeddings(), model.get_output_embeddings()]
-    return [n for n, m in model.named_modules() if n and any(m is t for t in targets if t is not None)]
+    embeddings = [n for n, m in model.named_modules() if n and any(m is t for t in targets if t is not None)]
+    return embeddings + [n for n in outside_text_decoder(model) if n not in embeddings]
+
+
+def outside_text_decoder(model) -> list[str]:
+    """The largest modules holding linear layers but neither holding nor inside the text decoder."""
+    import torch
+
+    decoder = text_decoder(model)
+    if decoder is None:
+        return []
+    decoder_name = next(n for n, m in model.named_modules() if m is decoder)
+    ancestors = {".".join(decoder_name.split(".")[:i]) for i in range(len(decoder_name.split(".")) + 1)}
+    outside = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.startswith(decoder_name + "."):
+            continue
+        parts = name.split(".")
+        top = next(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in ancestors)
+        if top not in outside:
+            outside.append(top)
+    return outside
+
+
+def text_decoder(model):
+    """The language model's decoder stack: what calibration on text reaches."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if get_decoder is None:
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, ValueError, NotImplementedError):  # exotic wrappers: quantize every linear
+        return None
+    inner = getattr(decoder, "get_decoder", None)  # Llama 4's language_model is itself a ...ForCausalLM
+    return inner() if inner is not None and decoder is not model and inner() is not decoder else decoder
 
 
 def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None, save_every: int = 1,
@@ -766,10 +854,8 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
 
 
 def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None):
-    from transformers import AutoModelForCausalLM
-
     dtype = resolve_dtype(settings.dtype, config)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(config, settings.trust_remote_code).from_pretrained(
         settings.input_model, dtype=dtype, trust_remote_code=settings.trust_remote_code,
         token=settings.hf_token, device_map=device_map or {"": device}, low_cpu_mem_usage=True)
     model.eval()
@@ -871,6 +957,7 @@ def calibration_forward(model) -> Callable:
     The signature is read from the class: ModelOpt's layer-by-layer calibration patches the instance's
     forward (to stop early), and calling anything but the instance would bypass that patch.
     """
+    model = text_generator(model)
     params = inspect.signature(type(model).forward).parameters
     kwargs = {"use_cache": False} if "use_cache" in params else {}
     if "logits_to_keep" in params:
@@ -881,6 +968,14 @@ def calibration_forward(model) -> Callable:
         base = getattr(model, model.base_model_prefix)  # lm_head is never quantized: skip it entirely
         return lambda input_ids, attention_mask: base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def text_generator(model):
+    """The model to run on text: a vision-language wrapper's own language model when that is a complete
+    causal LM (Llama 4, whose wrapper's forward needs image outputs), else the model itself."""
+    language_model = getattr(model, "language_model", None)
+    can_generate = getattr(language_model, "can_generate", None)
+    return language_model if can_generate is not None and can_generate() else model
 
 
 def max_collectable(quantizer) -> bool:
@@ -1126,6 +1221,32 @@ def uncalibrated_quantizers(model) -> list[str]:
     return bad
 
 
+def keep_unreached_in_16_bits(model) -> list[str]:
+    """Modules whose input quantizer never saw a token stay in 16 bits; returns their names.
+
+    Some hybrid and state-space blocks use a wrapped linear's weight outside the linear's own forward
+    (a fused kernel reads `out_proj.weight`), so its input is never measured and it has no input scale
+    to export. Switching all its quantizers off exports it in 16 bits and lists it in exclude_modules.
+    MoE experts are left to check_calibrated, which stops with the remedies for them.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    kept = []
+    for name, module in model.named_modules():
+        input_quantizer = getattr(module, "input_quantizer", None)
+        if (not isinstance(input_quantizer, TensorQuantizer) or not input_quantizer.is_enabled or under_experts(name)
+                or getattr(input_quantizer, "_amax", None) is not None or getattr(input_quantizer, "_dynamic", False)):
+            continue
+        for child in module.modules():
+            if isinstance(child, TensorQuantizer):
+                child.disable()
+        kept.append(name)
+    if kept:
+        warn(f"{len(kept)} module(s) never ran their own forward during calibration (their weights are used "
+             f"elsewhere), so they stay in 16 bits: {', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}")
+    return kept
+
+
 def check_calibrated(model) -> None:
     bad = uncalibrated_quantizers(model)
     if bad:
@@ -1328,13 +1449,15 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     if on_gpu:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    unreached = keep_unreached_in_16_bits(model)
     check_calibrated(model)
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(holder["forward_seconds"], 2), "batches": len(holder["batches_run"]),
              "padding_fraction": round(padding_fraction(lengths, holder["batches_run"]), 4),
              "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
-             "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world}
+             "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world,
+             "kept_16_bit_unreached": unreached}
     if on_gpu:
         peak = max(torch.cuda.max_memory_allocated(device), holder.get("peak_before_probe", 0))
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
@@ -1478,27 +1601,45 @@ def check_scale_values(label: str, values, per_block: bool) -> list[str]:
 
 
 def check_linear(reader: CheckpointReader, name: str, shape: tuple, algo: str) -> list[str]:
-    """One quantized linear against what vLLM and TensorRT-LLM load: dtypes, shapes, scales."""
+    """One quantized linear [out, in] against what vLLM and TensorRT-LLM load: dtypes, shapes, scales."""
     out_f, in_f = shape
     group = QUANT_ALGO_GROUP_SIZE[algo]
     if in_f % group:
         return [f"{name}: in_features {in_f} is not a multiple of the group size {group} [tensors: shape]"]
-    rules = {"weight": ("U8", [out_f, in_f // 2]), "weight_scale": ("F8_E4M3", [out_f, in_f // group]),
+    keys = {s: f"{name}.{s}" for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
+    return check_nvfp4_tensors(reader, keys, [out_f, in_f // 2], [out_f, in_f // group], algo)
+
+
+def check_expert_stack(reader: CheckpointReader, key: str, shape: list[int], algo: str) -> list[str]:
+    """A 3-D expert stack [experts, in, out] (GPT-OSS, Llama 4) as ModelOpt writes it: FP4 packed along `in`,
+    with `{key}_weight_scale` [experts, in/group, out] and per-stack scalar scales."""
+    group = QUANT_ALGO_GROUP_SIZE[algo]
+    if len(shape) != 3 or shape[1] % group:
+        return [f"{key}: expert stack of shape {shape} is not [experts, in, out] with in a multiple of {group} "
+                "[tensors: shape]"]
+    experts, in_f, out_f = shape
+    keys = {"weight": key, **{s: f"{key}_{s}" for s in ("weight_scale", "weight_scale_2", "input_scale")}}
+    return check_nvfp4_tensors(reader, keys, [experts, in_f // 2, out_f], [experts, in_f // group, out_f], algo)
+
+
+def check_nvfp4_tensors(reader: CheckpointReader, keys: dict[str, str], weight_shape: list[int],
+                        scale_shape: list[int], algo: str) -> list[str]:
+    rules = {"weight": ("U8", weight_shape), "weight_scale": ("F8_E4M3", scale_shape),
              "weight_scale_2": ("F32", []), "input_scale": ("F32", [])}
     if algo == "W4A16_NVFP4":
         rules.pop("input_scale")
-        if f"{name}.input_scale" in reader:
-            return [f"{name}.input_scale: present in a weight-only checkpoint [tensors: no extra]"]
+        if keys["input_scale"] in reader:
+            return [f"{keys['input_scale']}: present in a weight-only checkpoint [tensors: no extra]"]
     problems = []
-    for suffix, (dtype, want) in rules.items():
-        key = f"{name}.{suffix}"
+    for role, (dtype, want) in rules.items():
+        key = keys[role]
         if key not in reader:
-            problems.append(f"{key}: missing [tensors: quantized linear needs {suffix}]")
+            problems.append(f"{key}: missing [tensors: quantized linear needs {role}]")
         elif reader.dtype(key) != dtype or reader.shape(key) != want:
             problems.append(f"{key}: expected {dtype} {want}, got {reader.dtype(key)} {reader.shape(key)} "
                             "[tensors: dtype and shape]")
-        elif suffix != "weight":
-            problems += check_scale_values(key, reader.tensor(key), per_block=suffix == "weight_scale")
+        elif role != "weight":
+            problems += check_scale_values(key, reader.tensor(key), per_block=role == "weight_scale")
     return problems
 
 
@@ -1525,26 +1666,58 @@ def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: s
     return problems
 
 
-def expected_linears(skeleton, reader: CheckpointReader) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """Every linear the export writes, name -> (out, in); and the state-dict keys the export replaces.
+def original_tensors(skeleton, source: Path | None) -> dict[str, list[int]]:
+    """The tensors the model had before quantization, by the names and shapes they have on disk.
 
-    Fused MoE experts (3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I]) are written per expert as
-    experts.E.gate_proj / up_proj / down_proj, the names vLLM's and TensorRT-LLM's MoE loaders map.
+    With the source checkpoint at hand they come from its safetensors headers. Without it (`--verify
+    DIR` alone), from what save_pretrained would write for this config: transformers' load-time
+    renames and fusions reversed on the meta skeleton. Never from the calibrated model in memory.
     """
-    import torch
+    if source is not None:
+        reader = CheckpointReader(source)
+        if reader.handles:
+            return {key: reader.shape(key) for key in reader.location}
+    from transformers.core_model_loading import revert_weight_conversion
 
-    linears = {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
-    replaced = set()
-    for name, module in skeleton.named_modules():
-        if not is_fused_experts(module) or f"{name}.gate_up_proj" in reader:  # the latter: left unquantized
-            continue
-        experts, a, b = module.down_proj.shape
-        hidden, inner = (a, b) if module.gate_up_proj.shape[1] == 2 * b else (b, a)  # some store them transposed
-        for e in range(experts):
-            linears |= {f"{name}.{e}.gate_proj": (inner, hidden), f"{name}.{e}.up_proj": (inner, hidden),
-                        f"{name}.{e}.down_proj": (hidden, inner)}
-        replaced |= {f"{name}.gate_up_proj", f"{name}.down_proj"}
-    return linears, replaced
+    return {key: list(t.shape) for key, t in revert_weight_conversion(skeleton, skeleton.state_dict()).items()}
+
+
+def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader, algo: str,
+                            tied: set[str]) -> tuple[set[str], set[str], list[str]]:
+    """Every original tensor is written as NVFP4 (a linear's weight, or a 3-D expert stack) or carried over
+    with its shape. Returns (what was quantized, every key the checkpoint may hold, problems)."""
+    scalars = ("weight_scale_2",) + (() if algo == "W4A16_NVFP4" else ("input_scale",))
+    quantized, expected, problems = set(), set(), []
+    for key, shape in originals.items():
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if module and f"{module}.weight_scale" in reader and len(shape) == 2:
+            quantized.add(module)
+            problems += check_linear(reader, module, tuple(shape), algo)
+            expected |= {key, f"{module}.weight_scale"} | {f"{module}.{s}" for s in scalars}
+        elif f"{key}_weight_scale" in reader:
+            quantized.add(key)
+            problems += check_expert_stack(reader, key, shape, algo)
+            expected |= {key, f"{key}_weight_scale"} | {f"{key}_{s}" for s in scalars}
+        elif key in reader:
+            expected.add(key)
+            if reader.shape(key) != shape:
+                problems.append(f"{key}: shape {reader.shape(key)}, the original has {shape} [tensors: carried over]")
+        elif key not in tied:
+            problems.append(f"{key}: missing [tensors: complete]")
+    return quantized, expected, problems
+
+
+def export_names(model) -> Callable[[str], str]:
+    """In-memory module name -> the name the export writes: transformers' load-time renames reversed, by
+    the same ModelOpt function export_hf_checkpoint uses (identity when the model was not renamed)."""
+    from modelopt.torch.export.quant_aware_conversion import (QuantConversionUnsupportedError,
+                                                              build_reverse_name_mapper)
+
+    try:
+        mapper = build_reverse_name_mapper(model)
+    except QuantConversionUnsupportedError:  # the export then keeps the in-memory names as well
+        mapper = None
+    return mapper or (lambda name: name)
 
 
 def check_kv_scales(reader: CheckpointReader, kv_algo: str | None, linears: Iterable[str]) -> tuple[list[str], set]:
@@ -1570,60 +1743,82 @@ def check_kv_scales(reader: CheckpointReader, kv_algo: str | None, linears: Iter
     return problems, keys
 
 
-def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = ()) -> tuple[dict, list[str]]:
+def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
+                      source: Path | None = None) -> tuple[dict, list[str]]:
     """Every rule vLLM's and TensorRT-LLM's ModelOpt NVFP4 loaders rely on, offline; returns (summary, problems).
 
-    After an export, `quantized_in_memory` are the modules ModelOpt quantized: each must be written as NVFP4.
+    `source`: the checkpoint the export came from; what must be written derives from its tensors on
+    disk. After an export, `quantized_in_memory` are the modules ModelOpt quantized, by their exported
+    names: each must be written as NVFP4.
     """
+    import torch
     from transformers import AutoConfig
 
     quant, problems = check_quant_configs(folder)
     reader = CheckpointReader(folder)
     problems += reader.problems
-    written = {k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale")}
-    problems += [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(set(quantized_in_memory) - written)]
     algo, patterns = quant.get("quant_algo"), quant.get("exclude_modules") or []
     if algo not in QUANT_ALGO_GROUP_SIZE:
         return {}, problems
     config = AutoConfig.from_pretrained(str(folder))
     skeleton = empty_model(config, trust_remote_code=False)
-    linears, replaced = expected_linears(skeleton, reader)
-    quantized = {n for n in linears if f"{n}.weight_scale" in reader}
-    expected = {k for k in skeleton.state_dict()} - replaced | {f"{n}.weight" for n in linears}
+    originals = original_tensors(skeleton, source)
+    tie = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
+    quantized, expected, more = check_against_originals(originals, reader, algo, tied)
+    problems += more + [f"{n}: quantized in memory but not written as NVFP4"
+                        for n in sorted(set(quantized_in_memory) - quantized)]
+    to_disk = export_names(skeleton)
+    linears = {to_disk(n): (m.out_features, m.in_features) for n, m in skeleton.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    linears.update({n: None for n in quantized if n not in linears})
     kv_problems, kv_keys = check_kv_scales(reader, quant.get("kv_cache_quant_algo"), linears)
-    problems += kv_problems
-    expected |= kv_keys
-    for name, shape in linears.items():
-        if name in quantized:
-            problems += check_linear(reader, name, shape, algo)
-            expected |= {f"{name}.{s}" for s in ("weight_scale", "weight_scale_2", "input_scale")}
-            if vllm_excludes(name, patterns) or trtllm_excludes(name, patterns):
-                problems.append(f"{name}: quantized but matched by exclude_modules; the runtimes would load it as "
-                                "16-bit [exclude: consistent]")
-        elif f"{name}.weight" in reader:
-            if reader.dtype(f"{name}.weight") not in SIXTEEN_BIT or reader.shape(f"{name}.weight") != list(shape):
-                problems.append(f"{name}.weight: unquantized linear stored as {reader.dtype(f'{name}.weight')} "
-                                f"{reader.shape(f'{name}.weight')} [tensors: dtype and shape]")
-            if not (vllm_excludes(name, patterns) and trtllm_excludes(name, patterns)):
-                problems.append(f"{name}: left in 16 bits but not matched by exclude_modules; the runtimes would load "
-                                "it as FP4 [exclude: consistent]")
+    problems += kv_problems + check_exclusions(reader, quantized, linears, patterns)
     problems += check_fused_groups(reader, quantized, set(linears))
-    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
-    problems += [f"{k}: missing [tensors: complete]" for k in sorted(expected - set(reader.location) - tied)
-                 if not k.endswith("input_scale") or algo != "W4A16_NVFP4"]
-    problems += [f"{k}: unexpected tensor [tensors: no extra]" for k in sorted(set(reader.location) - expected)]
+    extra = set(reader.location) - expected - kv_keys
+    carried, carried_problems = check_carried_unloaded(reader, extra, type(skeleton), patterns)
+    problems += carried_problems + [f"{k}: unexpected tensor [tensors: no extra]" for k in sorted(extra - carried)]
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) [files: tokenizer]")
     summary = {"quant_algo": algo, "group_size": quant.get("group_size"),
                "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"), "quantized_linears": len(quantized),
-               "unquantized_linears": len(linears) - len(quantized), "tensors": len(reader.location),
-               "exclude_modules": patterns}
+               "unquantized_linears": len(set(linears) - quantized), "tensors": len(reader.location),
+               "checked_against": "source checkpoint" if source else "config", "exclude_modules": patterns}
     return summary, problems
 
 
-def validate_export(folder: Path, expected: dict[str, dict], mode: str) -> dict:
-    """verify_checkpoint on what was just written, plus: exactly the modules ModelOpt quantized, in the right mode."""
-    summary, problems = verify_checkpoint(folder, quantized_in_memory=expected)
+def check_carried_unloaded(reader: CheckpointReader, extra: set[str], cls, patterns: list[str]) -> tuple[set, list]:
+    """Tensors the model class skips on load (multi-token prediction) may ride along, in 16 bits and excluded."""
+    ignored = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    carried = {k for k in extra if any(re.search(p, k) for p in ignored)}
+    problems = [f"{k}: carried over but not excluded, or not 16-bit; vLLM would load it as FP4 [exclude: consistent]"
+                for k in sorted(carried) if reader.dtype(k) not in SIXTEEN_BIT + ("F32",)
+                or not (vllm_excludes(k.rpartition(".")[0], patterns) and trtllm_excludes(k.rpartition(".")[0], patterns))]
+    return carried, problems
+
+
+def check_exclusions(reader: CheckpointReader, quantized: set[str], linears: dict, patterns: list[str]) -> list[str]:
+    """A quantized linear must match no exclude pattern; a 16-bit one must match in both runtimes' matchers."""
+    problems = []
+    for name in sorted(linears):
+        if name in quantized:
+            if vllm_excludes(name, patterns) or trtllm_excludes(name, patterns):
+                problems.append(f"{name}: quantized but matched by exclude_modules; the runtimes would load it as "
+                                "16-bit [exclude: consistent]")
+        elif f"{name}.weight" in reader:
+            if reader.dtype(f"{name}.weight") not in SIXTEEN_BIT:
+                problems.append(f"{name}.weight: unquantized linear stored as {reader.dtype(f'{name}.weight')} "
+                                "[tensors: dtype and shape]")
+            if not (vllm_excludes(name, patterns) and trtllm_excludes(name, patterns)):
+                problems.append(f"{name}: left in 16 bits but not matched by exclude_modules; the runtimes would load "
+                                "it as FP4 [exclude: consistent]")
+    return problems
+
+
+def validate_export(folder: Path, expected: Iterable[str], mode: str, source: Path | None) -> dict:
+    """verify_checkpoint on what was just written against the source checkpoint, plus: exactly the modules
+    ModelOpt quantized (`expected`, by exported name), in the right mode."""
+    summary, problems = verify_checkpoint(folder, quantized_in_memory=expected, source=source)
     if summary and summary["quant_algo"] != MODE_QUANT_ALGO[mode]:
         problems.append(f"quant_algo {summary['quant_algo']}, expected {MODE_QUANT_ALGO[mode]} for --{mode}")
     if problems:
@@ -1722,19 +1917,21 @@ def use_eager_experts(model) -> None:
             config._experts_implementation = "eager"
 
 
-def emulate_fused_experts(module, name: str, reader: CheckpointReader, algo: str, group: int) -> list:
-    """Dequantized FP4 weights into the 3-D expert tensors, and each expert's F.linear input quantized
-    with its projection's input scale: the max over experts, as vLLM's FlashInfer MoE takes it."""
+def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
+                          group: int) -> list:
+    """transformers 5's fused experts [E, 2I, H] / [E, H, I], exported one linear per expert (`key(e, proj)` is
+    its exported name): dequantized FP4 weights into the 3-D tensors, and each projection's input quantized
+    with the max of its experts' input scales, as vLLM's FlashInfer MoE takes it."""
     import torch
 
     experts, inner = module.gate_up_proj.shape[0], module.down_proj.shape[2]
     if module.gate_up_proj.shape[1] != 2 * inner:
-        raise RuntimeError(f"{name}: the emulator supports experts stored as [E, 2I, H] and [E, H, I] only")
+        raise RuntimeError(f"{key(0, 'gate_proj')}: the emulator supports per-expert exports of [E, 2I, H] experts only")
 
     def weight(e: int, proj: str):
-        key = f"{name}.{e}.{proj}"
-        return dequantize_nvfp4(reader.tensor(f"{key}.weight"), reader.tensor(f"{key}.weight_scale"),
-                                reader.tensor(f"{key}.weight_scale_2"), group)
+        prefix = key(e, proj)
+        return dequantize_nvfp4(reader.tensor(f"{prefix}.weight"), reader.tensor(f"{prefix}.weight_scale"),
+                                reader.tensor(f"{prefix}.weight_scale_2"), group)
 
     with torch.no_grad():
         for e in range(experts):
@@ -1742,25 +1939,60 @@ def emulate_fused_experts(module, name: str, reader: CheckpointReader, algo: str
             module.down_proj[e].copy_(weight(e, "down_proj"))
     if algo == "W4A16_NVFP4":
         return []
-    scales = {proj: torch.stack([reader.tensor(f"{name}.{e}.{proj}.input_scale").float().reshape(())
+    scales = {proj: torch.stack([reader.tensor(f"{key(e, proj)}.input_scale").float().reshape(())
                                  for e in range(experts)]).max() for proj in ("gate_proj", "down_proj")}
-    quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
-    plain_linear = torch.nn.functional.linear
+    return quantize_expert_inputs(module, scales["gate_proj"], scales["down_proj"], algo)
 
-    def linear(x, w, b=None):
-        first = w.untyped_storage().data_ptr() == module.gate_up_proj.untyped_storage().data_ptr()
-        return plain_linear(quantize(x, scales["gate_proj" if first else "down_proj"].to(x.device)), w, b)
+
+def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: str, group: int) -> list:
+    """Expert stacks [E, in, out] (GPT-OSS, Llama 4) exported as 3-D NVFP4 tensors packed along `in`."""
+    import torch
+
+    def dequantized(key: str, e: int):
+        weight, scale = reader.tensor(key)[e], reader.tensor(f"{key}_weight_scale")[e]
+        return dequantize_nvfp4(weight.T.contiguous(), scale.T.contiguous(),
+                                reader.tensor(f"{key}_weight_scale_2"), group).T
+
+    with torch.no_grad():
+        for proj in ("gate_up_proj", "down_proj"):
+            param = getattr(module, proj)
+            for e in range(param.shape[0]):
+                param[e].copy_(dequantized(f"{prefix}.{proj}", e))
+    if algo == "W4A16_NVFP4":
+        return []
+    return quantize_expert_inputs(module, reader.tensor(f"{prefix}.gate_up_proj_input_scale").float(),
+                                  reader.tensor(f"{prefix}.down_proj_input_scale").float(), algo)
+
+
+def quantize_expert_inputs(module, gate_up_scale, down_scale, algo: str) -> list:
+    """During the experts' forward, quantize the input of every product with gate_up_proj or down_proj,
+    whichever op the implementation uses (F.linear per expert, matmul, @, bmm)."""
+    import torch
+
+    quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
+    scales = {module.gate_up_proj.untyped_storage().data_ptr(): gate_up_scale.reshape(()),
+              module.down_proj.untyped_storage().data_ptr(): down_scale.reshape(())}
+    ops = {(torch.nn.functional, "linear"): torch.nn.functional.linear, (torch, "matmul"): torch.matmul,
+           (torch, "bmm"): torch.bmm, (torch.Tensor, "__matmul__"): torch.Tensor.__matmul__}
+
+    def quantizing(op):
+        def call(x, w, *rest, **kwargs):
+            scale = scales.get(w.untyped_storage().data_ptr()) if isinstance(w, torch.Tensor) else None
+            return op(x if scale is None else quantize(x, scale.to(x.device)), w, *rest, **kwargs)
+        return call
 
     def patch(*_):
-        torch.nn.functional.linear = linear
+        for (owner, name), op in ops.items():
+            setattr(owner, name, quantizing(op))
 
     def unpatch(*_):
-        torch.nn.functional.linear = plain_linear
+        for (owner, name), op in ops.items():
+            setattr(owner, name, op)
 
     return [module.register_forward_pre_hook(patch), module.register_forward_hook(unpatch)]
 
 
-def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str) -> None:
+def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str, to_disk: Callable[[str], str]) -> None:
     """Keys and values quantized with the stored k_scale / v_scale before attention, as the runtimes
     store them in the cache (FP8 per tensor, or NVFP4 in 16-blocks under that global scale)."""
     from transformers import AttentionInterface
@@ -1768,10 +2000,11 @@ def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str) -> None:
 
     quantize = fake_quant_fp8_input if kv_algo == "FP8" else fake_quant_nvfp4_input
     for name, module in model.named_modules():
-        if f"{name}.k_proj.k_scale" in reader:
+        prefix = to_disk(name)
+        if f"{prefix}.k_proj.k_scale" in reader:
             device = module.k_proj.weight.device
-            module._kv_emulation = (reader.tensor(f"{name}.k_proj.k_scale").float().reshape(()).to(device),
-                                    reader.tensor(f"{name}.v_proj.v_scale").float().reshape(()).to(device))
+            module._kv_emulation = (reader.tensor(f"{prefix}.k_proj.k_scale").float().reshape(()).to(device),
+                                    reader.tensor(f"{prefix}.v_proj.v_scale").float().reshape(()).to(device))
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         if hasattr(module, "_kv_emulation"):
@@ -1788,34 +2021,53 @@ def emulate_checkpoint(model, folder: Path) -> list:
 
     Each quantized linear (and MoE expert) gets its dequantized FP4 weight, and (W4A4, W4A8) its input
     quantized with the stored input_scale the way the runtime kernels do; with a quantized KV cache,
-    keys and values are quantized with the stored scales. Plain PyTorch: any device.
+    keys and values are quantized with the stored scales. Exported names are matched to the model's
+    modules through the export's own renaming; every quantized tensor in the files must find its
+    module, or the report would describe a model that was only partly quantized. Plain PyTorch: any device.
     """
-    import torch
-
     reader = CheckpointReader(folder)
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     algo, group = quant["quant_algo"], int(quant["group_size"])
-    hooks = []
+    to_disk, hooks, applied = export_names(model), [], set()
     use_eager_experts(model)
     for name, module in model.named_modules():
-        if is_fused_experts(module) and f"{name}.0.gate_proj.weight_scale" in reader:
-            hooks += emulate_fused_experts(module, name, reader, algo, group)
-            continue
-        if f"{name}.weight_scale" not in reader:
-            continue
-        weight = dequantize_nvfp4(reader.tensor(f"{name}.weight"), reader.tensor(f"{name}.weight_scale"),
-                                  reader.tensor(f"{name}.weight_scale_2"), group)
-        with torch.no_grad():
-            module.weight.copy_(weight.to(module.weight.dtype))
-        if algo == "W4A16_NVFP4":
-            continue
-        scale = reader.tensor(f"{name}.input_scale").float().to(module.weight.device)
-        quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, args, s=scale, f=quantize: (f(args[0], s),) + args[1:]))
+        prefix = to_disk(name)
+        if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
+            hooks += emulate_expert_stacks(module, prefix, reader, algo, group)
+            applied |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+        elif is_fused_experts(module) and f"{to_disk(f'{name}.0.gate_proj')}.weight_scale" in reader:
+            key = lambda e, proj, n=name: to_disk(f"{n}.{e}.{proj}")  # noqa: E731
+            hooks += emulate_fused_experts(module, key, reader, algo, group)
+            applied |= {key(e, p) for e in range(module.gate_up_proj.shape[0])
+                        for p in ("gate_proj", "up_proj", "down_proj")}
+        elif f"{prefix}.weight_scale" in reader and hasattr(module, "weight"):
+            hooks += emulate_linear(module, prefix, reader, algo, group)
+            applied.add(prefix)
+    in_files = {k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale")} | \
+        {k[: -len("_weight_scale")] for k in reader.location if k.endswith("_weight_scale")}
+    missed = sorted(in_files - applied)
+    if missed:
+        raise RuntimeError(f"the emulator found the model's module for only {len(in_files) - len(missed)} of "
+                           f"{len(in_files)} quantized tensors in {folder} (first missed: {missed[0]}); no quality "
+                           "report, since it would describe a partly quantized model")
     if quant.get("kv_cache_quant_algo"):
-        emulate_kv_cache(model, reader, quant["kv_cache_quant_algo"])
+        emulate_kv_cache(model, reader, quant["kv_cache_quant_algo"], to_disk)
     return hooks
+
+
+def emulate_linear(module, prefix: str, reader: CheckpointReader, algo: str, group: int) -> list:
+    """The dequantized FP4 weight, and a hook quantizing the input with the stored input_scale."""
+    import torch
+
+    weight = dequantize_nvfp4(reader.tensor(f"{prefix}.weight"), reader.tensor(f"{prefix}.weight_scale"),
+                              reader.tensor(f"{prefix}.weight_scale_2"), group)
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+    if algo == "W4A16_NVFP4":
+        return []
+    scale = reader.tensor(f"{prefix}.input_scale").float().to(module.weight.device)
+    quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
+    return [module.register_forward_pre_hook(lambda m, args, s=scale, f=quantize: (f(args[0], s),) + args[1:])]
 
 
 def token_metrics(reference_logits, quantized_logits, input_ids) -> dict:
@@ -1859,9 +2111,10 @@ def report_with_modelopt(model, holdout: list[list[int]], device: str) -> dict:
 
     def reference(ids):
         with set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
-            return model(input_ids=ids, use_cache=False).logits
+            return text_generator(model)(input_ids=ids, use_cache=False).logits
 
-    return quality_report(reference, lambda ids: model(input_ids=ids, use_cache=False).logits, holdout, device,
+    return quality_report(reference, lambda ids: text_generator(model)(input_ids=ids, use_cache=False).logits,
+                          holdout, device,
                           "ModelOpt fake quantization, in process")
 
 
@@ -1871,8 +2124,9 @@ def report_with_emulator(settings: Settings, config, folder: Path, holdout: list
     use_eager_experts(reference)  # the same expert arithmetic on both sides
     emulated = load_model(settings, config, device)
     emulate_checkpoint(emulated, folder)
-    return quality_report(lambda ids: reference(input_ids=ids, use_cache=False).logits,
-                          lambda ids: emulated(input_ids=ids, use_cache=False).logits, holdout, device,
+    applied = sum(1 for k in CheckpointReader(folder).location if k.endswith("weight_scale"))
+    return {"quantized_tensors_emulated": applied} | quality_report(lambda ids: text_generator(reference)(input_ids=ids, use_cache=False).logits,
+                          lambda ids: text_generator(emulated)(input_ids=ids, use_cache=False).logits, holdout, device,
                           "reference NVFP4 emulator reading the exported files")
 
 
@@ -2012,6 +2266,42 @@ def relabel_folded_awq(folder: Path, mode: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+UNLOADED_FILE = "model-not-loaded-by-transformers.safetensors"
+
+
+def carry_unloaded_tensors(model, staging: Path, source: Path) -> dict | None:
+    """Checkpoint tensors the model class skips on load (the multi-token-prediction layers of DeepSeek-V3
+    and GLM-4.5, which vLLM uses for speculative decoding): copied as they are into their own shard,
+    listed in the index, and excluded from quantization in both config files."""
+    from safetensors.torch import save_file
+
+    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
+    reader = CheckpointReader(source)
+    keys = sorted(k for k in reader.location if any(re.search(p, k) for p in patterns))
+    if not keys:
+        return None
+    save_file({k: reader.tensor(k).contiguous() for k in keys}, str(staging / UNLOADED_FILE), metadata={"format": "pt"})
+    index_path = staging / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else \
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in CheckpointReader(staging).location}}
+    index["weight_map"].update({k: UNLOADED_FILE for k in keys})
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    excluded = sorted({f"{m.group(1)}.*" if (m := re.match(r"(.*?\.layers\.\d+)\.", k)) else k.rpartition(".")[0]
+                       for k in keys})
+    add_exclusions(staging, excluded)
+    return {"tensors": len(keys), "exclude_modules": excluded, "file": UNLOADED_FILE}
+
+
+def add_exclusions(folder: Path, patterns: list[str]) -> None:
+    """Append exclude patterns to hf_quant_config.json and config.json's quantization_config, which must agree."""
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
+    for holder, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        holder[key] = list(holder.get(key) or []) + [p for p in patterns if p not in (holder.get(key) or [])]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 MODEL_CARD_NAME = "README.md"
 RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and which runtimes load them")
     "NVFP4": "vLLM: native FP4 GEMMs on Blackwell (SM100/103/12x); on Turing to Hopper it runs weight-only through "
@@ -2042,6 +2332,7 @@ def model_card(manifest: dict, folder_name: str) -> str:
         f"| KV cache | {kv or '16-bit (not quantized)'} |",
         f"| quantized linears | {validation['quantized_linears']} (group size {validation['group_size']}) |",
         f"| kept in 16 bits | {', '.join(f'`{m}`' for m in manifest['excluded_modules']) or 'none'} |",
+        *special_16_bit_rows(manifest),
         f"| calibration data | {calib['kept_samples']} samples, {calib['tokens']['total']} tokens (max "
         f"{args['max_seq_len']} per sample, seed {args['seed']}) from `{Path(args['dataset_yaml']).name}` |", "",
         "## Calibration mix", "", "| dataset | requested | kept |", "|---|---|---|",
@@ -2066,6 +2357,20 @@ def model_card(manifest: dict, folder_name: str) -> str:
     return "\n".join(lines)
 
 
+def special_16_bit_rows(manifest: dict) -> list[str]:
+    """Model-card rows for 16-bit parts the user did not ask for: unloaded checkpoint tensors, unreached modules."""
+    rows, carried = [], manifest.get("carried_unloaded")
+    unreached = manifest["calibration_run"].get("kept_16_bit_unreached")
+    if carried:
+        rows.append(f"| copied unchanged, not loaded by transformers | {carried['tensors']} tensors "
+                    f"({', '.join(f'`{m}`' for m in carried['exclude_modules'])}, e.g. multi-token-prediction layers "
+                    "for speculative decoding), in 16 bits and excluded |")
+    if unreached:
+        rows.append(f"| 16 bits: never reached by calibration | {', '.join(f'`{m}`' for m in unreached)} (their "
+                    "weights are used outside their own forward) |")
+    return rows
+
+
 def quality_section(report: dict | None) -> list[str]:
     if not report:
         return ["## Quality", "", "Not measured (run with `--eval`, or `--verify DIR --eval --reference MODEL`).", ""]
@@ -2079,7 +2384,21 @@ def quality_section(report: dict | None) -> list[str]:
             f"| top-1 agreement | {report['top1_agreement']} |", ""]
 
 
-def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict,
+@contextlib.contextmanager
+def text_forward(model):
+    """While ModelOpt's export runs its dummy forward on token ids: a wrapper whose language model is a
+    complete causal LM runs that one (Llama 4's wrapper forward fails without image outputs)."""
+    generator = text_generator(model)
+    if generator is not model:
+        model.forward = generator.forward
+    try:
+        yield
+    finally:
+        if generator is not model:
+            del model.forward
+
+
+def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: list[str],
                       report_fn: Callable[[Path], dict | None] | None = None) -> dict:
     """Export into a temp dir beside the target, check it, then rename it into place.
 
@@ -2093,13 +2412,14 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         start = time.perf_counter()
         if settings.algorithm == "awq_lite":
             fold_awq_scales(model)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), text_forward(model):
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
+        manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source_checkpoint_dir(settings))
         write_tokenizer_and_extras(model, tokenizer, staging)
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
-        manifest["validation"] = validate_export(staging, expected, settings.mode)
+        manifest["validation"] = validate_export(staging, expected, settings.mode, source_checkpoint_dir(settings))
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
         report = report_fn(staging) if report_fn else None
         if report:
@@ -2174,6 +2494,10 @@ def print_summary(manifest: dict, output: Path) -> None:
         ("load / export", f"{t['load_model_s']} s / {t['export_s']} s"),
         ("total", f"{t['total_s']} s"),
     ]
+    if calib.get("kept_16_bit_unreached"):
+        rows.append(("16-bit: never reached by calibration", len(calib["kept_16_bit_unreached"])))
+    if manifest.get("carried_unloaded"):
+        rows.append(("copied, not loaded by transformers", f"{manifest['carried_unloaded']['tensors']} tensors"))
     coverage = calib.get("moe_expert_coverage")
     if coverage:
         rows.append(("MoE experts with no routed token", f"{coverage['unrouted_experts']} "
@@ -2382,10 +2706,12 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
 
     Returns the exit status: 1 when --max_ppl_increase is exceeded (the checkpoint is still written).
     """
-    expected = quantized_linear_shapes(model)
-    skipped_but_quantized = [n for n in expected if any(n == u or n.startswith(u + ".") for u in job.unquantized)]
+    quantized = quantized_linear_shapes(model)
+    skipped_but_quantized = [n for n in quantized if any(n == u or n.startswith(u + ".") for u in job.unquantized)]
     if skipped_but_quantized:
         raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
+    to_disk = export_names(model)
+    expected = [to_disk(n) for n in quantized]
     manifest = {
         "tool": tool, "source_model": settings.input_model, "mode": settings.mode,
         "modelopt_config": settings.modelopt_config_name, "arguments": settings.public_dict(),
