@@ -853,15 +853,37 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
     return config
 
 
-def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None):
+def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None, **kwargs):
+    """The weights, checked: nothing missing (transformers would fill it with random values), nothing the
+    model does not know, every value finite. `kwargs` go to from_pretrained (the offload folder)."""
     dtype = resolve_dtype(settings.dtype, config)
-    model = model_class(config, settings.trust_remote_code).from_pretrained(
-        settings.input_model, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-        token=settings.hf_token, device_map=device_map or {"": device}, low_cpu_mem_usage=True)
+    model, info = model_class(config, settings.trust_remote_code).from_pretrained(
+        settings.input_model, dtype=dtype, trust_remote_code=settings.trust_remote_code, token=settings.hf_token,
+        device_map=device_map or {"": device}, low_cpu_mem_usage=True, output_loading_info=True, **kwargs)
     model.eval()
+    check_loaded_weights(model, info, settings.input_model)
     if not getattr(model.config, "architectures", None):  # export_hf_checkpoint requires it
         model.config.architectures = [type(model).__name__]
     return model
+
+
+def check_loaded_weights(model, info: dict, source: str) -> None:
+    """Refuse a checkpoint that lost tensors (a shard or index entry), has tensors this model does not load
+    (another model's), or holds NaN or infinite values: each would quantize into a wrong model with exit 0."""
+    import torch
+
+    for kind, why in (("missing_keys", "are not in the checkpoint (transformers would fill them with random "
+                                       "values); a shard or index entry is lost: download the model again"),
+                      ("unexpected_keys", "are in the checkpoint but not in this model class; is the config "
+                                          "from another model?"),
+                      ("mismatched_keys", "have another shape in the checkpoint than the config gives")):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            raise UsageError(f"{source}: {len(keys)} weights {why} (first: {', '.join(keys[:3])})")
+    bad = [name for name, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()]
+    if bad:
+        raise UsageError(f"{source}: {len(bad)} weight tensors hold NaN or infinite values (first: "
+                         f"{', '.join(bad[:3])}): the checkpoint is corrupt; quantizing it would export garbage")
 
 
 # --------------------------------------------------------------------------- several GPUs
@@ -1846,18 +1868,22 @@ def evaluate_existing(args: argparse.Namespace, env: dict) -> int:
     return quality_gate(report, settings.max_ppl_increase)
 
 
-def run_verify(folder: Path) -> int:
-    """--verify: 0 when the checkpoint is clean, 1 when not (each problem on a line), 2 when there is none."""
+def run_verify(folder: Path, source: Path | None = None) -> int:
+    """--verify: 0 when the checkpoint is clean, 1 when not (each problem on a line), 2 when there is none.
+
+    With `source` (--reference, a local dir) every tensor of the original checkpoint must be accounted for.
+    """
     if not (folder / "config.json").is_file():
         raise UsageError(f"--verify: {folder} is not a checkpoint dir (no config.json)")
-    summary, problems = verify_checkpoint(folder)
+    summary, problems = verify_checkpoint(folder, source=source)
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
         print(f"verify: {folder}: {len(problems)} problem(s)")
         return 1
     kv = f", KV cache {summary['kv_cache_quant_algo']}" if summary["kv_cache_quant_algo"] else ""
-    print(f"verify: {folder}: OK ({summary['quant_algo']}, group {summary['group_size']}{kv}, "
+    print(f"verify: {folder}: OK against the {summary['checked_against']} ({summary['quant_algo']}, "
+          f"group {summary['group_size']}{kv}, "
           f"{summary['quantized_linears']} quantized linears, {summary['unquantized_linears']} excluded, "
           f"{summary['tensors']} tensors)")
     return 0
@@ -2803,7 +2829,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.self_test:
             return run_self_test(args)
         if args.verify:
-            status = run_verify(Path(args.verify))
+            reference = Path(args.reference).expanduser() if args.reference else None
+            status = run_verify(Path(args.verify), reference if reference and reference.is_dir() else None)
             if args.eval or args.max_ppl_increase is not None:
                 status = max(status, evaluate_existing(args, read_env_files(SCRIPT_DIR, Path.cwd())))
             return status

@@ -289,13 +289,7 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
 def load_offloaded_model(settings: q.Settings, job: q.Job, placement: Placement, offload: OffloadSettings):
     weights_dir = offload.offload_folder / WEIGHTS_DIR
     weights_dir.mkdir(parents=True, exist_ok=True)
-    model = q.model_class(job.config, settings.trust_remote_code).from_pretrained(
-        settings.input_model, dtype=q.resolve_dtype(settings.dtype, job.config), device_map=placement.device_map,
-        offload_folder=str(weights_dir), trust_remote_code=settings.trust_remote_code, token=settings.hf_token)
-    model.eval()
-    if not getattr(model.config, "architectures", None):
-        model.config.architectures = [type(model).__name__]
-    return model
+    return q.load_model(settings, job.config, "cpu", placement.device_map, offload_folder=str(weights_dir))
 
 
 def execution_device(placement: Placement) -> str:

@@ -118,7 +118,7 @@ def test_each_broken_rule_is_named(clean_checkpoint, tmp_path, breakage):
 
 def test_verify_cli_exit_codes(clean_checkpoint, tmp_path):
     ok = run_cli("--verify", str(clean_checkpoint))
-    assert ok.returncode == 0 and "OK (NVFP4, group 16, 14 quantized linears" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "OK against the config (NVFP4, group 16, 14 quantized linears" in ok.stdout, ok.stderr
     folder = tmp_path / "ckpt"
     shutil.copytree(clean_checkpoint, folder)
     BREAKAGES["NaN scale"][0](folder)
@@ -139,3 +139,15 @@ def test_verify_cli_exit_codes(clean_checkpoint, tmp_path):
 def test_runtime_exclusion_matchers(name, patterns, vllm, trtllm):
     assert q.vllm_excludes(name, patterns) is vllm
     assert q.trtllm_excludes(name, patterns) is trtllm
+
+
+def test_verify_against_the_source_checkpoint(clean_checkpoint, tiny_model, tmp_path):
+    """With --reference every tensor of the source must be in the checkpoint, under its on-disk name."""
+    ok = run_cli("--verify", str(clean_checkpoint), "--reference", str(tiny_model))
+    assert ok.returncode == 0 and "OK against the source checkpoint" in ok.stdout, ok.stdout + ok.stderr[-2000:]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(clean_checkpoint, folder)
+    edit_tensors(folder, lambda t: t.update({"model.norm.weight": torch.ones(4, dtype=torch.bfloat16)}))
+    summary, problems = q.verify_checkpoint(folder, source=tiny_model)
+    assert summary["checked_against"] == "source checkpoint"
+    assert any("model.norm.weight: shape [4], the original has [128]" in p for p in problems), problems
