@@ -1785,7 +1785,7 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     config = AutoConfig.from_pretrained(str(folder))
     skeleton = empty_model(config, trust_remote_code=False)
     originals = original_tensors(skeleton, source)
-    tie = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    tie = any(getattr(c, "tie_word_embeddings", False) for c in (config, config.get_text_config()))  # either may say
     tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
     quantized, expected, more = check_against_originals(originals, reader, algo, tied)
     problems += more + [f"{n}: quantized in memory but not written as NVFP4"
