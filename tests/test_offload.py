@@ -63,7 +63,7 @@ def test_killed_run_resumes_from_its_checkpoints(four_layer_model, in_memory_che
     assert killed.returncode != 0 and "simulated failure after layer 1" in killed.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["offload"]  # nothing half-written
     assert offload.committed_layer(folder / offload.LAYERWISE_DIR) == 1  # and --clean_offload kept the progress
-    caches = sorted(p.parent.name for p in folder.rglob("next_inputs.pt"))
+    caches = sorted(p.parent.name for p in folder.rglob(f"{offload.INPUTS_FILE}.bin"))
     assert caches == ["layer_0001"]  # older layers' activation caches were pruned as calibration moved on
 
     assert_usage_error(offload_cli(four_layer_model, out, folder), "pass --resume")
