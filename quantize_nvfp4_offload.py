@@ -250,7 +250,7 @@ class ResumeWriter:
         ready = None
         if next_inputs and next_inputs[0].is_cuda:  # the copy waits for the layer's kernels, not for later ones
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(next_inputs[0].device))
         self.thread = threading.Thread(target=self._commit, args=(layer, quantizers, next_inputs, ready),
                                        name="resume-writer")
         self.thread.start()
