@@ -9,7 +9,7 @@ A random Llama-3-8B-shaped model (14.96 GiB bf16) is saved to disk, then calibra
       (full logits, KV cache) inside mtq.quantize, timed on N samples and scaled by sample count.
 The warm (a) and the first (c) are exported with ModelOpt's export_hf_checkpoint and compared tensor for tensor.
 
-    python benchmarks/bench_offload.py              # H100: about 5 minutes, needs ~45 GB of disk
+    python benchmarks/bench_offload.py              # H100: a few minutes; needs ~45 GB of disk
     python benchmarks/bench_offload.py --tiny       # a 4-layer tiny model split across CPU and disk
 """
 from __future__ import annotations
