@@ -96,9 +96,12 @@ LOCAL_DATA_BUILDERS = {
 # of a group may be excluded, or the checkpoint does not load.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and layerwise (one layer's activations live)
+DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations live)
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
 BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python), in tokens: batching trades it for padding
+# A batch shape's first run in a process sets up cuBLAS/cuDNN plans: on an H100, 12.1 s cold against 5.8 s warm
+# over 14 shapes (issue 15), about 0.45 s, or 13k tokens at 29.5k tokens/s. Every batch of a plan has its own shape.
+SHAPE_SETUP_TOKENS = 13312
 AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
 DISK_MARGIN = 1.10               # export writes temp files beside the output
 FAIL_RANK_ENV = "NVFP4_TEST_FAIL_RANK"  # tests only: this rank raises during calibration
@@ -598,8 +601,9 @@ def group_batches(lengths: list[int], batch_size: int | None, max_batch_tokens: 
     """Sample indices sorted longest first, grouped by a sample count or by a padded-token budget.
 
     Under a token budget the sorted list is cut where it costs least: each batch costs its padded
-    tokens plus a fixed per-forward overhead, and an exact search (O(samples x batch size)) picks the
-    cuts. Greedy filling pads short samples up to long ones; this keeps padding to a few percent.
+    tokens, a fixed per-forward overhead and the set-up of its shape (a script runs once, so every
+    shape is new), and an exact search (O(samples x batch size)) picks the cuts. Greedy filling pads
+    short samples up to long ones; the search pads only where a batch fewer saves more.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     if batch_size:
@@ -611,7 +615,7 @@ def group_batches(lengths: list[int], batch_size: int | None, max_batch_tokens: 
             padded = (end - start) * sorted_lengths[start]
             if padded > max_batch_tokens and end - start > 1:
                 break  # earlier starts are longer samples and more of them: only worse
-            cost = best[start] + padded + BATCH_OVERHEAD_TOKENS
+            cost = best[start] + padded + BATCH_OVERHEAD_TOKENS + SHAPE_SETUP_TOKENS
             if cost < best[end]:
                 best[end], cut[end] = cost, start
     batches, end = [], len(order)
@@ -821,13 +825,9 @@ def text_decoder(model):
     return inner() if inner is not None and decoder is not model and inner() is not decoder else decoder
 
 
-def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | None = None, save_every: int = 1,
-                       kv_cache: str = "none", algorithm: str = "max", moe_calibration: str = "routed") -> dict:
-    """A deep copy of the mode's ModelOpt config: given modules off, KV cache and algorithm merged in.
-
-    With `layerwise_dir`, max calibration runs layer by layer (each offloaded layer comes onto the
-    GPU once for all batches) and checkpoints every `save_every` layers there, so a killed run can resume.
-    """
+def build_quant_config(mode: str, unquantized: list[str], kv_cache: str = "none", algorithm: str = "max",
+                       moe_calibration: str = "routed") -> dict:
+    """A deep copy of the mode's ModelOpt config: given modules off, KV cache and algorithm merged in."""
     import modelopt.torch.quantization as mtq
 
     config = copy.deepcopy(getattr(mtq, MODES[mode][0]))
@@ -845,10 +845,6 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
                 entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], "type": "static"}}
     if moe_calibration == "all":
         algo["moe_calib_experts_ratio"] = 1.0
-    if layerwise_dir is not None:
-        # max only reads weights: no per-layer weight copies in the checkpoints, no write-back to offloaded storage
-        algo["layerwise"] = {"enable": True, "checkpoint_dir": str(layerwise_dir), "calib_mutates_weights": False,
-                             "save_every": save_every}
     config["algorithm"] = algo if len(algo) > 1 or algorithm != "max" else "max"
     return config
 
@@ -976,8 +972,8 @@ def placement_for(weight_bytes: int, gpu_budgets: list[int]) -> str:
 def calibration_forward(model) -> Callable:
     """The cheapest forward that still runs every quantized linear: no KV cache, no full logits.
 
-    The signature is read from the class: ModelOpt's layer-by-layer calibration patches the instance's
-    forward (to stop early), and calling anything but the instance would bypass that patch.
+    The signature is read from the class: accelerate's offload hooks replace the instance's forward
+    with a wrapper, and calling anything but the instance would bypass them.
     """
     model = text_generator(model)
     params = inspect.signature(type(model).forward).parameters
@@ -1100,7 +1096,7 @@ def token_mask(attention, rows: tuple, current):
 
 
 def mask_from_attention(holder: dict):
-    """A decoder-layer pre-hook keeping holder['mask'] right, also in ModelOpt's layer-by-layer replay."""
+    """A decoder-layer pre-hook keeping holder['mask'] right, also when the offload script calls layers itself."""
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "attention_mask" in kwargs and hidden is not None:
@@ -1179,7 +1175,7 @@ def count_routed_tokens(name: str, holder: dict):
         entry = holder["coverage"].get(name)
         if indices is None or entry is None or indices.shape[-1] != entry["top_k"]:
             return
-        if entry["pass"] != holder.get("pass"):  # a layer-by-layer replay or an algorithm's second pass
+        if entry["pass"] != holder.get("pass"):  # an algorithm's second pass
             entry["pass"] = holder.get("pass")
             entry["counts"] = torch.zeros(entry["experts"], dtype=torch.long, device=indices.device)
         keep = mask_for_rows(inputs[0], holder.get("mask")) if inputs else None
@@ -1293,8 +1289,8 @@ def quantizer_role(name: str) -> tuple[bool, str]:
 def install_calibration_hooks(model, holder: dict) -> None:
     """Once per quantize call: sync-free calibrators, and the padding mask kept current for them.
 
-    The mask is set by run_batch and, because ModelOpt's layer-by-layer calibration replays each
-    decoder layer on cached inputs outside our loop, by every decoder layer from its attention_mask.
+    The mask is set by run_batch and, because the offload script's layer loop calls each decoder
+    layer on cached inputs outside our model forward, by every decoder layer from its attention_mask.
     With right padding and a causal mask real tokens never attend to padding, so leaving padded rows
     out of the amax is exact: the scales do not depend on the batch size. Mixture-of-experts blocks
     get their padded rows zeroed, so experts see no padding and the router counts none.
@@ -1366,7 +1362,7 @@ def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
 
 
 def plan_batches(model, forward, samples, settings: Settings, device: str, holder: dict) -> None:
-    """Decide the batches once; layer-by-layer calibration replays the same ones for every layer.
+    """Decide the batches once; an algorithm's later passes run the same ones.
 
     On a GPU in auto mode the longest sample runs first, alone, to size the batches (it is real
     calibration work and is not run again). Elsewhere the budget is DEFAULT_BATCH_TOKENS.
@@ -1374,7 +1370,7 @@ def plan_batches(model, forward, samples, settings: Settings, device: str, holde
     lengths = [len(s) for s in samples]
     holder.update(done=[], cap=DEFAULT_BATCH_TOKENS if settings.batch_size is None else math.inf)
     ranks = current_ranks()
-    if settings.batch_size is None and device.startswith("cuda") and not holder["layerwise"]:
+    if settings.batch_size is None and device.startswith("cuda"):
         holder["cap"], probe = gpu_token_budget(model, forward, samples, device, settings.gpu_memory_budget, holder)
         holder["done"] = [[probe]]  # every rank ran it: max is idempotent, so that changes nothing
         if ranks.distributed:  # one plan for all ranks: the smallest budget
@@ -1390,12 +1386,10 @@ def plan_batches(model, forward, samples, settings: Settings, device: str, holde
 
 
 def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, holder: dict) -> None:
-    """The forward loop ModelOpt calls (once, or once per layer when layerwise): every sample once."""
+    """The forward loop ModelOpt calls (once per pass of its algorithm): every sample once."""
     import torch
     from tqdm import tqdm
 
-    if holder.get("before_each_pass"):
-        holder["before_each_pass"]()
     holder["pass"] = holder.get("pass", 0) + 1
     install_calibration_hooks(model, holder)
     forward, lengths = calibration_forward(model), [len(s) for s in samples]
@@ -1405,8 +1399,7 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
             plan_batches(model, forward, samples, settings, device, holder)
         batches_run = list(holder["done"])
         bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr,
-                   disable=not on_main_rank(),
-                   leave=not holder["layerwise"], initial=sum(lengths[i] for b in batches_run for i in b))
+                   disable=not on_main_rank(), initial=sum(lengths[i] for b in batches_run for i in b))
         queue = deque(holder["plan"])
         while queue:
             batch = queue.popleft()
@@ -1429,33 +1422,30 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
 
 
 def handle_out_of_memory(batch: list[int], lengths: list[int], holder: dict) -> None:
-    """Halve the batch and lower the cap for the rest of the run; a lone sample, or a replayed layer, can't."""
+    """Halve the batch and lower the cap for the rest of the run; a lone sample can't be split."""
     import torch
 
     if len(batch) == 1:
         raise UsageError(f"CUDA out of memory on a single {lengths[batch[0]]}-token sample: "
                          "lower --max_seq_len or use quantize_nvfp4_offload.py") from None
-    if holder["layerwise"]:  # ModelOpt replays cached inputs batch by batch: the batches must stay as they are
-        raise UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to leave room "
-                         "for activations, or pass a smaller --batch_size") from None
     holder["oom_retries"] = holder.get("oom_retries", 0) + 1
     holder["cap"] = padded_tokens(lengths, batch) // 2
     torch.cuda.empty_cache()
 
 
 def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
-                   layerwise_dir: Path | None = None, before_each_pass: Callable[[], None] | None = None,
-                   save_every: int = 1) -> dict:
+                   calibrate: Callable[[Any, dict, dict], None] | None = None) -> dict:
     """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
 
-    `before_each_pass` runs before every pass of the forward loop (once per layer when layerwise).
+    `calibrate(model, config, holder)` replaces that call (the offload script's layer loop); it must
+    fill holder's "batches_run", "forward_seconds" and "cap" as calibrate_batches does.
     """
     import modelopt.torch.quantization as mtq
     import torch
 
-    config = build_quant_config(settings.mode, unquantized, layerwise_dir, save_every, settings.kv_cache,
-                                settings.algorithm, settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id, "layerwise": layerwise_dir is not None, "before_each_pass": before_each_pass}
+    config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
+                                settings.moe_calibration)
+    holder: dict = {"pad_id": pad_id}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -1463,7 +1453,10 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
+        if calibrate is None:
+            mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
+        else:
+            calibrate(model, config, holder)
     finally:
         remove_calibration_hooks(holder)
     if current_ranks().distributed:

@@ -2,9 +2,11 @@
 """NVFP4 quantization for models larger than GPU memory: accelerate offload + layer-by-layer calibration.
 
 The original offload script ran one sample per forward, so every sample dragged every offloaded
-weight across PCIe or off the disk again. Here ModelOpt calibrates layer by layer: each decoder
-layer's weights come onto the GPU once for all calibration batches, so a run costs about one pass
-over the weights plus the compute. Every layer is checkpointed, and --resume continues a killed run.
+weight across PCIe or off the disk again. Here calibration goes layer by layer: each decoder layer's
+weights come onto the GPU once, every batch runs through it once (collecting its scales with
+ModelOpt's max calibration), and its outputs are the next layer's inputs. A run costs one pass over
+the weights plus one forward of compute. Resume points are written in the background every
+--checkpoint_every layers, and --resume continues a killed run.
 
     python quantize_nvfp4_offload.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml \
         --offload_folder /scratch/offload --max_gpu_memory 60GiB
@@ -14,23 +16,30 @@ Takes everything quantize_nvfp4.py takes (the helpers are imported from it, not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import quantize_nvfp4 as q
 
 # --------------------------------------------------------------------------- constants
 WEIGHTS_DIR = "offloaded_weights"            # accelerate's disk-offloaded weights
-LAYERWISE_DIR = "layerwise_calibration"      # ModelOpt's per-layer calibration checkpoints
+LAYERWISE_DIR = "layerwise_calibration"      # resume points: per-layer scales, the newest activation cache
+PROGRESS_FILE = "manifest.json"              # the last committed layer; written last, atomically
+RESUME_FORMAT = "nvfp4-layer-loop-1"         # what this version writes; anything else is not resumed
+QUANTIZERS_FILE = "quantizers.pt"            # one layer's quantizer state (a few KiB)
+INPUTS_FILE = "next_inputs"                  # .bin: the next layer's inputs as raw bytes; .json: their index
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
-FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this layer's checkpoint is committed
+FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this layer's resume point is committed
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
 
 
@@ -82,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete what this script put in --offload_folder after a successful run (never after a failed one)")
     group.add_argument("--resume", action="store_true", help="continue a killed run from its per-layer checkpoints")
     group.add_argument("--checkpoint_every", type=int, default=8, metavar="N",
-                       help="write a resume point every N layers (default 8); each one writes a layer's activation "
-                            "cache to disk, so 1 makes a run I/O-bound (measured 3.6x slower on an 8B model)")
+                       help="write a resume point every N layers (default 8); each writes one layer's activation "
+                            "cache to disk in the background while the next layers compute")
     return parser
 
 
@@ -109,26 +118,37 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
 
 
 # --------------------------------------------------------------------------- resume bookkeeping
+def layer_batches(samples: list[list[int]], settings: q.Settings) -> list[list[int]]:
+    """The batches every layer runs: a fixed token budget, since one layer's activations are all that live."""
+    return q.group_batches([len(s) for s in samples], settings.batch_size, q.DEFAULT_BATCH_TOKENS)
+
+
 def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) -> dict:
-    """What must match for per-layer checkpoints to be reused: model, mode, exclusions, the exact tokens."""
+    """What must match for resume points to be reused: model, mode, exclusions, the exact tokens and batches."""
     tokens = hashlib.sha256(json.dumps(job.samples).encode()).hexdigest()
+    batches = hashlib.sha256(json.dumps(layer_batches(job.samples, settings)).encode()).hexdigest()
     return {"input_model": settings.input_model, "mode": settings.mode, "dtype": settings.dtype,
             "kv_cache": settings.kv_cache, "moe_calibration": settings.moe_calibration,
             "unquantized": job.unquantized, "batch_size": settings.batch_size, "calibration_tokens_sha256": tokens,
+            "batches_sha256": batches,
             "checkpoint_every": offload.checkpoint_every}
 
 
 def committed_layer(layerwise_dir: Path) -> int | None:
-    """The last layer ModelOpt committed to its checkpoint while calibration was unfinished, or None."""
-    manifest = layerwise_dir / "manifest.json"
-    if not manifest.is_file():
+    """The last layer whose resume point was committed, or None (nothing, or not this version's format)."""
+    progress = read_progress(layerwise_dir)
+    return None if progress is None else progress["last_completed_layer"]
+
+
+def read_progress(layerwise_dir: Path) -> dict | None:
+    path = layerwise_dir / PROGRESS_FILE
+    if not path.is_file():
         return None
     try:
-        progress = json.loads(manifest.read_text())
-        done, total = progress["last_completed_layer"], progress["num_layers"]
-    except (json.JSONDecodeError, KeyError):
+        progress = json.loads(path.read_text())
+    except json.JSONDecodeError:
         return None
-    return done if done + 1 < total else None  # a finished calibration is not resumed: ModelOpt redoes it
+    return progress if isinstance(progress, dict) and progress.get("format") == RESUME_FORMAT else None
 
 
 def check_resume(settings: q.Settings, offload: OffloadSettings, fingerprint: dict) -> int | None:
@@ -152,25 +172,122 @@ def check_resume(settings: q.Settings, offload: OffloadSettings, fingerprint: di
     return done
 
 
-def between_layers(layerwise_dir: Path):
-    """Called before each of ModelOpt's forward passes: prune stale activation caches, honour the test hook.
+def layer_dir(layerwise_dir: Path, index: int) -> Path:
+    return layerwise_dir / f"layer_{index:04d}"
 
-    ModelOpt writes a next_inputs.pt (every batch's activations) for every layer and keeps them all;
-    resuming needs only the newest committed one, so older ones are deleted as calibration moves on.
+
+def commit_file(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a temp name, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def write_tensors(base: Path, tensors: list) -> None:
+    """Tensors as raw bytes, one after another, at disk speed (no pickling), plus a JSON index of them."""
+    import torch
+
+    index, offset = [], 0
+    for tensor in tensors:
+        index.append({"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "offset": offset})
+        offset += tensor.numel() * tensor.element_size()
+
+    def write_bytes(handle) -> None:
+        for tensor in tensors:
+            handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    commit_file(base.with_suffix(".bin"), write_bytes)
+    commit_file(base.with_suffix(".json"), lambda handle: handle.write(json.dumps(index).encode()))
+
+
+def read_tensors(base: Path, device: str) -> list:
+    import numpy as np
+    import torch
+
+    tensors = []
+    for entry in json.loads(base.with_suffix(".json").read_text()):
+        dtype = getattr(torch, entry["dtype"])
+        count = dtype.itemsize * int(np.prod(entry["shape"], dtype=np.int64))
+        raw = np.fromfile(base.with_suffix(".bin"), dtype=np.uint8, count=count, offset=entry["offset"])
+        tensors.append(torch.from_numpy(raw).view(dtype).reshape(entry["shape"]).to(device))
+    return tensors
+
+
+def to_cpu(value):
+    """A copy of nested dicts/lists/tuples with every tensor on the CPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+class ResumeWriter:
+    """Commits resume points on a background thread while the next layers compute; one write at a time.
+
+    A resume point is the quantizer state of the layers calibrated since the last one, and the next
+    layer's inputs (every batch's hidden states). Its files are committed first; the progress file
+    last, so it never names a resume point that is not complete. Then older activation caches go.
     """
-    fail_after = os.environ.get(FAIL_AFTER_ENV)
 
-    def callback() -> None:
-        done = committed_layer(layerwise_dir)
-        if done is None:
-            return
-        for stale in layerwise_dir.glob("layer_*/next_inputs.pt"):
-            if int(stale.parent.name.split("_")[1]) < done:
-                stale.unlink()
-        if fail_after is not None and done >= int(fail_after):
-            raise RuntimeError(f"simulated failure after layer {done} ({FAIL_AFTER_ENV}={fail_after})")
+    def __init__(self, layerwise_dir: Path, progress: dict):
+        self.layerwise_dir, self.progress = layerwise_dir, progress
+        self.thread: threading.Thread | None = None
+        self.failure: Exception | None = None
 
-    return callback
+    def submit(self, layer: int, quantizers: dict, next_inputs: list) -> None:
+        import torch
+
+        self.wait()
+        next_inputs = list(next_inputs)  # the thread's own list: it empties it once copied, freeing GPU memory early
+        ready = None
+        if next_inputs and next_inputs[0].is_cuda:  # the copy waits for the layer's kernels, not for later ones
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(next_inputs[0].device))
+        self.thread = threading.Thread(target=self._commit, args=(layer, quantizers, next_inputs, ready),
+                                       name="resume-writer")
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight is committed; re-raise its failure here, on the main thread."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise RuntimeError(f"writing a resume point to {self.layerwise_dir} failed: {failure}") from failure
+
+    def _commit(self, layer: int, quantizers: dict, next_inputs: list, ready) -> None:
+        import torch
+
+        try:
+            if ready is not None:  # a side stream: the copy to RAM overlaps the next layer's compute
+                stream = torch.cuda.Stream(device=next_inputs[0].device)
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    host = [t.to("cpu") for t in next_inputs]
+            else:
+                host = list(next_inputs)
+            next_inputs.clear()
+            for index, state in quantizers.items():
+                folder = layer_dir(self.layerwise_dir, index)
+                folder.mkdir(parents=True, exist_ok=True)
+                commit_file(folder / QUANTIZERS_FILE, lambda handle, state=state: torch.save(state, handle))
+            write_tensors(layer_dir(self.layerwise_dir, layer) / INPUTS_FILE, host)
+            progress = {**self.progress, "last_completed_layer": layer}
+            commit_file(self.layerwise_dir / PROGRESS_FILE, lambda handle: handle.write(json.dumps(progress).encode()))
+            for stale in self.layerwise_dir.glob(f"layer_*/{INPUTS_FILE}.*"):
+                if int(stale.parent.name.split("_")[1]) < layer:
+                    stale.unlink()
+        except Exception as exc:  # noqa: BLE001 (handed to the main thread by wait())
+            self.failure = exc
 
 
 # --------------------------------------------------------------------------- placement
@@ -199,7 +316,7 @@ def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
     import torch
 
     lengths = [len(s) for s in job.samples]
-    batches = q.group_batches(lengths, settings.batch_size, q.DEFAULT_BATCH_TOKENS)
+    batches = layer_batches(job.samples, settings)
     config = job.config.get_text_config() if hasattr(job.config, "get_text_config") else job.config
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
@@ -235,14 +352,19 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
 
 
 def decoder_layer_names(model) -> list[str]:
-    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
-
-    layers = LayerActivationCollector.get_decoder_layers(model)
+    layers = decoder_layers(model)
     if not layers:
         raise q.UsageError(f"{type(model).__name__}: ModelOpt finds no decoder layers to calibrate one by one; "
                            "use quantize_nvfp4.py (or quantize_nvfp4.py with a device map across GPUs)")
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(layer)] for layer in layers]
+
+
+def decoder_layers(model):
+    """The model's decoder layers, found as ModelOpt finds them (its registry of model families)."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    return LayerActivationCollector.get_decoder_layers(model)
 
 
 def lookup_device(device_map: dict, name: str):
@@ -308,7 +430,235 @@ def clean_offload_folder(offload: OffloadSettings) -> None:
     q.log(f"--clean_offload: removed this run's files from {offload.offload_folder}")
 
 
+# --------------------------------------------------------------------------- layer-by-layer calibration
+class StopForward(Exception):
+    """Raised by the last decoder layer's stand-in: nothing after it is needed."""
+
+
+def output_form(output) -> int:
+    """0 for a decoder layer returning its hidden states, n for an n-tuple of them and n-1 Nones."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) \
+            and all(item is None for item in output[1:]):
+        return len(output)
+    raise q.UsageError(f"a decoder layer returned {type(output).__name__}, which the layer-by-layer loop cannot "
+                       "pass on to the next layer: use quantize_nvfp4.py for this model")
+
+
+def shaped_like(form: int, hidden):
+    return hidden if form == 0 else (hidden,) + (None,) * (form - 1)
+
+
+def split_hidden(args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+    """(hidden states, everything else the model passed a decoder layer)."""
+    if args:
+        return args[0], (args[1:], kwargs)
+    rest = dict(kwargs)
+    return rest.pop("hidden_states"), ((), rest)
+
+
+@contextlib.contextmanager
+def replaced_forwards(layers, forwards: dict[int, Callable]):
+    """Layers' forward swapped for stand-ins; their accelerate hooks, and so their weight loads, bypassed."""
+    saved = {i: layers[i].__dict__.get("forward") for i in forwards}
+    for i, forward in forwards.items():
+        layers[i].forward = forward
+    try:
+        yield
+    finally:
+        for i, forward in saved.items():
+            if forward is None:
+                del layers[i].forward
+            else:
+                layers[i].forward = forward
+
+
+def capture_layer_calls(model, layers, samples, batches, device: str, holder: dict, form: dict, record_from: int,
+                        run_first: bool) -> tuple[dict[int, list], list]:
+    """Each batch through the model's own forward with decoder layers replaced by recorders.
+
+    Records, per batch, what the model hands each layer from `record_from` on besides the hidden
+    states (masks, position embeddings: they differ by layer type in some models). With `run_first`,
+    layer 0 runs for real (this is its calibration pass) and the hidden states reaching layer 1 are
+    its outputs. The last layer's recorder stops the forward, so nothing after the layers runs.
+    """
+    forward, last = q.calibration_forward(model), len(layers) - 1
+    calls: dict[int, list] = {i: [] for i in range(record_from, len(layers))}
+    reached: list = []
+
+    def recorder(index: int) -> Callable:
+        def stand_in(*args, **kwargs):
+            hidden, rest = split_hidden(args, kwargs)
+            if index in calls:
+                calls[index].append(rest)
+            if run_first and index == 1:
+                reached.append(hidden)
+            if index == last:
+                raise StopForward
+            return shaped_like(form["form"], hidden)
+        return stand_in
+
+    def note_form(module, args, output) -> None:
+        form["form"] = output_form(output)
+
+    hook = layers[0].register_forward_hook(note_form) if run_first else None
+    try:
+        with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
+            for batch in batches:
+                with contextlib.suppress(StopForward):
+                    q.run_batch(forward, samples, batch, device, holder)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return calls, reached
+
+
+def layer_pass(layer, inputs: list, calls: list, masks: list, holder: dict, keep_outputs: bool) -> list:
+    """Every batch through one decoder layer; its hidden-state outputs are the next layer's inputs."""
+    import torch
+
+    outputs = []
+    for hidden, (args, kwargs), mask in zip(inputs, calls, masks):
+        holder["mask"] = mask  # the layer's pre-hook refines it from its own attention mask
+        output = layer(hidden, *args, **kwargs)
+        if keep_outputs:
+            outputs.append(output if isinstance(output, torch.Tensor) else output[0])
+    return outputs
+
+
+def max_calibrate_kwargs(config: dict) -> dict:
+    """What ModelOpt's "max" algorithm passes max_calibrate for this config (its defaults included)."""
+    from modelopt.torch.quantization.config import MaxCalibConfig
+
+    algorithm = config["algorithm"] if isinstance(config["algorithm"], dict) else {"method": config["algorithm"]}
+    kwargs = MaxCalibConfig(**algorithm).model_dump()
+    for key in ("method", "layerwise", "moe_calib_experts_ratio"):
+        kwargs.pop(key)
+    return kwargs
+
+
+def insert_quantizers(model, config: dict) -> None:
+    """mtq.quantize without calibration: quantizers in place (MoE settings applied), none calibrated yet."""
+    import modelopt.torch.quantization as mtq
+
+    algorithm = config["algorithm"] if isinstance(config["algorithm"], dict) else {"method": config["algorithm"]}
+    mtq.quantize(model, {**config, "algorithm": {**algorithm, "method": None}})
+
+
+def layer_snapshot(layer, name: str, holder: dict) -> dict:
+    """What a resume point keeps of a calibrated layer: its quantizers' state and its MoE routing counts."""
+    from modelopt.torch.quantization.conversion import quantizer_state
+    from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict
+
+    coverage = {block: entry["counts"] for block, entry in (holder.get("coverage") or {}).items()
+                if block.startswith(name + ".") and entry["counts"] is not None}
+    return to_cpu({"quantizer_state": quantizer_state(layer), "buffers": get_quantizer_state_dict(layer),
+                   "coverage": coverage})
+
+
+def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, holder: dict) -> None:
+    """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once)."""
+    from tqdm import tqdm
+
+    for index in tqdm(range(count), desc="restore calibrated layers", unit="layer", file=sys.stderr):
+        restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
+
+
+def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None:
+    """One layer's quantizers as they were saved, restored as ModelOpt restores its own layer checkpoints."""
+    import torch
+    from modelopt.torch.quantization.config import QuantizeConfig
+    from modelopt.torch.quantization.conversion import restore_quantizer_state
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback, set_quantizer_state_dict
+
+    with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
+        device = next(layer.parameters()).device
+        state = torch.load(path, map_location=device, weights_only=False)  # written by this script, not user input
+        restore_quantizer_state(layer, QuantizeConfig(), {"quantizer_state": state["quantizer_state"]})
+        set_quantizer_state_dict(layer, state["buffers"])
+    for block, counts in state["coverage"].items():
+        holder["coverage"][block].update({"counts": counts, "pass": holder["pass"]})
+
+
+def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.Settings, device: str,
+                       offload: OffloadSettings, resume_after: int | None) -> None:
+    """ModelOpt's max calibration, one decoder layer at a time, one pass per layer.
+
+    Each layer's weights come onto the GPU once; every batch runs through it once while its
+    quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
+    as they are), then ModelOpt finishes that layer's scales. What runs before the first layer runs
+    once, in layer 0's pass, which also records what the model hands every layer besides the hidden
+    states. Every --checkpoint_every layers a resume point is written in the background.
+    """
+    import torch
+    from modelopt.torch.quantization.model_calib import max_calibrate
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+    from tqdm import tqdm
+
+    insert_quantizers(model, config)
+    q.install_calibration_hooks(model, holder)
+    layers, modules, names = decoder_layers(model), dict(model.named_modules()), decoder_layer_names(model)
+    batches = layer_batches(samples, settings)
+    masks = [q.padded_batch(samples, batch, holder["pad_id"])[1].to(device) for batch in batches]
+    holder.update(batches_run=batches, cap=q.DEFAULT_BATCH_TOKENS)
+    holder["pass"] = 1  # one pass: MoE routing counts accumulate over every batch
+    calibrate_kwargs, fail_after = max_calibrate_kwargs(config), os.environ.get(FAIL_AFTER_ENV)
+    start, form, run = (0 if resume_after is None else resume_after + 1), {"form": None}, {}
+    loop_start = time.perf_counter()
+    if start:
+        form["form"] = read_progress(offload.layerwise_dir)["output_form"]
+        restore_layers(model, layers, modules, offload.layerwise_dir, start, holder)
+        run["outputs"] = read_tensors(layer_dir(offload.layerwise_dir, resume_after) / INPUTS_FILE, device)
+        run["calls"], _ = capture_layer_calls(model, layers, samples, batches, device, holder, form, start, False)
+
+    def first_layer(_layer) -> None:  # the model's own forward up to layer 1, layer 0 running for real
+        run["calls"], run["outputs"] = capture_layer_calls(model, layers, samples, batches, device, holder, form, 1,
+                                                           True)
+
+    def later_layer(index: int) -> Callable:
+        inputs, calls = run.pop("outputs"), run["calls"].pop(index)
+        return lambda layer: run.update(outputs=layer_pass(layer, inputs, calls, masks, holder,
+                                                           keep_outputs=index + 1 < len(layers)))
+
+    writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
+    pending: dict = {}
+    try:
+        for index in tqdm(range(start, len(layers)), desc="calibrate layers", unit="layer", file=sys.stderr):
+            layer = layers[index]
+            with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
+                try:
+                    max_calibrate(layer, first_layer if index == 0 else later_layer(index), **calibrate_kwargs)
+                except torch.OutOfMemoryError:
+                    raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
+                                       "leave room for activations, or pass a smaller --batch_size") from None
+                pending[index] = layer_snapshot(layer, names[index], holder)
+            if index + 1 < len(layers) and (index + 1) % offload.checkpoint_every == 0:
+                writer.progress["output_form"] = form["form"]
+                writer.submit(index, pending, run["outputs"])
+                pending = {}
+                if fail_after is not None and index >= int(fail_after):
+                    writer.wait()
+                    raise RuntimeError(f"simulated failure after layer {index} ({FAIL_AFTER_ENV}={fail_after})")
+    finally:
+        writer.wait()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    holder["forward_seconds"] = time.perf_counter() - loop_start
+
+
 # --------------------------------------------------------------------------- main
+def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, offload: OffloadSettings,
+                        resume_after: int | None) -> dict:
+    """quantize_nvfp4.py's calibration (hooks, statistics, checks) with the layer loop in place of its forward loop."""
+    def calibrate(model, config: dict, holder: dict) -> None:
+        calibrate_by_layer(model, config, holder, job.samples, settings, device, offload, resume_after)
+
+    return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate)
+
+
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     job = q.prepare_job(settings)
     if job is None:
@@ -326,16 +676,14 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     model = load_offloaded_model(settings, job, placement, offload)
     timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
     device = execution_device(placement)
-    calibration_run = q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id,
-                                       layerwise_dir=offload.layerwise_dir,
-                                       before_each_pass=between_layers(offload.layerwise_dir),
-                                       save_every=offload.checkpoint_every)
+    calibration_run = calibrate_offloaded(model, settings, job, device, offload, resume_after)
     calibration_run["resumed_after_layer"] = resume_after
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,
                          "activation_cache_bytes": placement.activation_cache_bytes}}
     status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra)
-    shutil.rmtree(offload.layerwise_dir)  # exported: the per-layer checkpoints have served their purpose
+    if offload.layerwise_dir.exists():  # exported: the resume points have served their purpose
+        shutil.rmtree(offload.layerwise_dir)
     if offload.clean_offload:
         clean_offload_folder(offload)
     return status

@@ -4,8 +4,12 @@
 Random weights (Llama-3-8B shape, bf16, built on the GPU) and random token ids: no hub access.
 Each variant gets a fresh model, because mtq.quantize mutates the one it calibrates.
 
+Cold variants (the first calibration, or the first plain forward, in a process) each run in a fresh
+subprocess of this script; the warm ones run in this process after one untimed run of the same batches.
+
     python benchmarks/bench_calibration.py                  # H100 80GB: a few minutes; writes bench_calibration.json
-    python benchmarks/bench_calibration.py --tiny           # tiny model, runs on CPU in ~20 s
+    python benchmarks/bench_calibration.py --tiny           # tiny model on CPU
+    python benchmarks/bench_calibration.py --plan_only      # batch plans on the synthetic lengths: no model, CPU
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import json
 import math
 import random
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -43,10 +49,15 @@ MIN_LEN = 32
 WARMUP_TOKENS = 64
 INIT_STD = 0.02
 PAD_ID = 0                 # token ids are drawn from [1, vocab): padding never looks like data
-# Run order. "ours_cold" is first in the process and pays the one-time costs (cuBLAS/cuDNN plans for each new
-# batch shape, ModelOpt's first calls); it is reported, and the targets compare warm runs on identical shapes.
-VARIANTS = ("ours_cold", "ours", "ceiling", "original", "ours_budget")
+# Run order. The *_cold variants each run first in a fresh process and pay the one-time costs (cuBLAS/cuDNN
+# plans for each new batch shape, ModelOpt's first calls), as a user's single run does. "ours_cold_previous_plan"
+# is ours cold with the batch plan of the previous version (no shape set-up cost in the search). The warm
+# variants run in this process after one untimed run of the same batches.
+COLD_VARIANTS = {"ours_cold": ("ours", []), "ceiling_cold": ("ceiling", []),
+                 "ours_cold_previous_plan": ("ours", ["--shape_setup_tokens", "0"])}
+VARIANTS = (*COLD_VARIANTS, "ours", "ceiling", "original", "ours_budget")
 TARGET_CEILING_FRACTION = 0.9   # ours tok/s >= this x bf16 forward tok/s
+TARGET_COLD_FRACTION = 0.7      # ours cold tok/s >= this x a cold bf16 forward's, on the same batches
 TARGET_SPEEDUP = 3.0            # ours tok/s >= this x original loop tok/s
 TARGET_PEAK_OVER_WEIGHTS = 1.25  # budgeted run: peak GPU memory <= this x weight bytes
 
@@ -118,8 +129,13 @@ def ceiling_loop(model, samples, cap: int, device: str) -> dict:
     with torch.no_grad():
         for batch in tqdm(batches, desc="ceiling", unit="batch", file=sys.stderr):
             q.run_batch(forward, samples, batch, device, {"pad_id": PAD_ID})
-    return {"batches": len(batches), "max_batch_tokens": cap,
+    return {"batches": len(batches), "max_batch_tokens": cap, "shapes": batch_shapes(lengths, batches),
             "padding_fraction": round(q.padding_fraction(lengths, batches), 4)}
+
+
+def batch_shapes(lengths: list[int], batches: list[list[int]]) -> int:
+    """Distinct (rows, width) shapes: what a cold process sets up cuBLAS/cuDNN plans for."""
+    return len({(len(b), max(lengths[i] for i in b)) for b in batches})
 
 
 def original_loop(model, samples, device: str) -> dict:
@@ -153,6 +169,7 @@ def run_variant(name: str, args, shape: dict, samples, device: str, cap: int | N
         settings = bench_settings(samples, args.max_len, budget)
         extra = q.quantize_model(model, settings, q.always_unquantized(model), samples, device, PAD_ID)
         extra = {f"quantize_model_{k}" if k in ("seconds", "tokens_per_s") else k: v for k, v in extra.items()}
+        extra["shape_setup_tokens"] = q.SHAPE_SETUP_TOKENS
         extra["gpu_memory_budget_gib"] = budget
     sync(device)
     seconds = time.perf_counter() - start
@@ -183,6 +200,38 @@ def profile_variant(name: str, args, shape: dict, samples, device: str, cap: int
     return table
 
 
+def run_cold(name: str, args, cap: int | None) -> dict:
+    """One variant first in a fresh process of this script, as a user's single run is."""
+    base, extra = COLD_VARIANTS[name]
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "cold.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--cold", "--variants", base, "--json", str(out),
+                   "--samples", str(args.samples), "--max_len", str(args.max_len), "--median_len",
+                   str(args.median_len), "--device", args.device, "--seed", str(args.seed), *extra]
+        command += ["--tiny"] if args.tiny else []
+        command += ["--gpu_memory_budget", str(args.gpu_memory_budget)] if args.gpu_memory_budget else []
+        command += ["--ceiling_batch_tokens", str(cap)] if base == "ceiling" and cap else []
+        if "--shape_setup_tokens" not in extra and args.shape_setup_tokens is not None:
+            command += ["--shape_setup_tokens", str(args.shape_setup_tokens)]
+        subprocess.run(command, check=True)
+        return json.loads(out.read_text())["results"][base]
+
+
+def plan_report(args) -> list[dict]:
+    """Batches, distinct shapes and padding of the plans on the synthetic lengths, with and without shape set-up."""
+    vocab = (TINY if args.tiny else LLAMA3_8B)["vocab_size"]  # the draws of token ids move the random lengths
+    lengths = [len(s) for s in make_samples(args.samples, args.median_len, args.max_len, vocab, args.seed)]
+    rows, setup = [], q.SHAPE_SETUP_TOKENS
+    for cap in (q.DEFAULT_BATCH_TOKENS, q.MAX_BATCH_TOKENS):
+        for q.SHAPE_SETUP_TOKENS in (0, setup):
+            batches = q.group_batches(lengths, None, cap)
+            rows.append({"max_batch_tokens": cap, "shape_setup_tokens": q.SHAPE_SETUP_TOKENS, "batches": len(batches),
+                         "shapes": batch_shapes(lengths, batches),
+                         "padding_fraction": round(q.padding_fraction(lengths, batches), 4)})
+    q.SHAPE_SETUP_TOKENS = setup
+    return rows
+
+
 def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
@@ -195,11 +244,14 @@ def check_targets(results: dict) -> list[dict]:
         return (results.get(variant) or {}).get(key)
 
     ours, ceiling = value("ours", "tokens_per_s"), value("ceiling", "tokens_per_s")
+    ours_cold, ceiling_cold = value("ours_cold", "tokens_per_s"), value("ceiling_cold", "tokens_per_s")
     original = value("original", "tokens_per_s")
     peak_ratio, peak_gib = value("ours_budget", "peak_over_weights"), value("ours_budget", "peak_gpu_memory_gib")
     budgeted, budget_gib = value("ours_budget", "tokens_per_s"), value("ours_budget", "gpu_memory_budget_gib")
     rows = [
         ("ours tok/s >= 0.9x ceiling", ours / ceiling if ours and ceiling else None, TARGET_CEILING_FRACTION),
+        ("ours cold tok/s >= 0.7x ceiling cold", ours_cold / ceiling_cold if ours_cold and ceiling_cold else None,
+         TARGET_COLD_FRACTION),
         ("ours tok/s >= 3x original", ours / original if ours and original else None, TARGET_SPEEDUP),
         ("budgeted tok/s >= 0.9x ceiling", budgeted / ceiling if budgeted and ceiling else None,
          TARGET_CEILING_FRACTION),
@@ -238,38 +290,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile_rows", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_calibration.json", help="where to write all numbers")
+    p.add_argument("--shape_setup_tokens", type=int, help="override quantize_nvfp4.SHAPE_SETUP_TOKENS in the batch search")
+    p.add_argument("--plan_only", action="store_true", help="print the batch plans' batches, shapes and padding; no model")
+    p.add_argument("--cold", action="store_true", help="no untimed warm run first (what the cold subprocesses pass)")
     args = p.parse_args(argv)
     for key, default in (TINY_RUN if args.tiny else FULL_RUN).items():
         setattr(args, key, getattr(args, key) or default)
-    if "ceiling" in args.variants and "ours" not in args.variants and not args.ceiling_batch_tokens:
+    warm = [v for v in args.variants if v not in COLD_VARIANTS]
+    if "ceiling" in warm and "ours" not in warm and not args.ceiling_batch_tokens:
         p.error("'ceiling' reuses the batch budget of 'ours': run 'ours' too or pass --ceiling_batch_tokens")
+    if "ceiling_cold" in args.variants and "ours_cold" not in args.variants and not args.ceiling_batch_tokens:
+        p.error("'ceiling_cold' reuses the batch budget of 'ours_cold': run it too or pass --ceiling_batch_tokens")
     return args
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.shape_setup_tokens is not None:
+        q.SHAPE_SETUP_TOKENS = args.shape_setup_tokens
+    if args.plan_only:
+        rows = plan_report(args)
+        print_table(tuple(rows[0]), [tuple(r.values()) for r in rows])
+        return 0
     device, shape = args.device, TINY if args.tiny else LLAMA3_8B
     samples = make_samples(args.samples, args.median_len, args.max_len, shape["vocab_size"], args.seed)
     lengths = sorted(len(s) for s in samples)
     q.log(f"{len(samples)} samples, {sum(lengths)} tokens (min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
           f"max {lengths[-1]}) on {device}")
     results: dict[str, dict] = {}
+    warmed = args.cold
     # 'ours' before the ceiling: the ceiling reuses the token budget it measured, so both run identical batches.
     for name in (v for v in VARIANTS if v in args.variants):
-        measured = results.get("ours") or results.get("ours_cold") or {}
+        measured = results.get("ours_cold" if name in COLD_VARIANTS else "ours") or {}
         cap = args.ceiling_batch_tokens or measured.get("max_batch_tokens")
         q.log(f"\n== {name}")
+        if name in COLD_VARIANTS:
+            results[name] = run_cold(name, args, cap)
+            continue
+        if not warmed:  # one untimed run: every batch shape set up once, as the cold variants pay it
+            q.log("(untimed warm run)")
+            run_variant("ours", args, shape, samples, device, None)
+            free_memory(device)
+            warmed = True
         results[name] = run_variant(name, args, shape, samples, device, cap)
         free_memory(device)
     ceiling = (results.get("ceiling") or {}).get("tokens_per_s")
     labels = {"ceiling": "bf16 forward (ceiling)", "original": "original loop", "ours": "ours (auto)",
-              "ours_cold": "ours (auto), cold: first in process",
+              "ours_cold": "ours (auto), cold: fresh process", "ceiling_cold": "bf16 forward, cold: fresh process",
+              "ours_cold_previous_plan": "ours cold, previous batch plan",
               "ours_budget": "ours, budget 1.25x weights" if not args.budget_gib else f"ours, {args.budget_gib:g} GiB"}
     rows = []
     for name in (v for v in VARIANTS if v in results):
         r = results[name]
-        r["label"], r["vs_ceiling"] = labels[name], round(r["tokens_per_s"] / ceiling, 3) if ceiling else None
+        reference = (results.get("ceiling_cold") or {}).get("tokens_per_s") if name in COLD_VARIANTS else ceiling
+        r["label"] = labels[name]
+        r["vs_ceiling"] = round(r["tokens_per_s"] / reference, 3) if reference else None  # cold against cold
         rows.append((r["label"], r["tokens"], r["seconds"], r.get("forward_seconds"), r.get("batches"),
                      r.get("padding_fraction"), r["tokens_per_s"], r["peak_gpu_memory_gib"], r["peak_over_weights"],
                      r["vs_ceiling"]))
@@ -277,6 +353,12 @@ def main(argv=None) -> int:
     print_table(("variant", "tokens", "seconds", "loop s", "batches", "padding", "tokens/s", "peak GiB",
                  "peak/weights", "vs ceiling"), rows)
     targets = check_targets(results)
+    cold, warm = results.get("ceiling_cold"), results.get("ceiling")
+    if cold and warm:
+        per_shape = (cold["seconds"] - warm["seconds"]) / cold["shapes"]
+        print(f"\ncold set-up per batch shape (bf16 forward, cold - warm over {cold['shapes']} shapes): "
+              f"{per_shape:.3f} s = {per_shape * warm['tokens_per_s']:.0f} tokens at the warm rate "
+              f"(SHAPE_SETUP_TOKENS is {q.SHAPE_SETUP_TOKENS})")
     print()
     for t in targets:
         verdict = "SKIP" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
@@ -286,7 +368,7 @@ def main(argv=None) -> int:
         "versions": q.library_versions(), "command": shlex.join(["python"] + sys.argv),
         "model_shape": shape, "samples": len(samples), "tokens": sum(lengths),
         "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
-        "results": results, "targets": targets,
+        "results": results, "targets": targets, "batch_plans": plan_report(args),
     }
     if args.profile:
         measured = results.get("ours") or results.get("ours_cold") or {}

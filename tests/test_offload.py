@@ -9,6 +9,7 @@ import torch
 import quantize_nvfp4 as q
 import quantize_nvfp4_offload as offload
 from conftest import ROOT, assert_usage_error, run_cli
+from test_calibration import SAMPLES, amax_by_quantizer, settings, tiny_fp32_model
 
 OFFLOAD_SCRIPT = ROOT / "quantize_nvfp4_offload.py"
 # --batch_size 4: several padded batches, so the layer-by-layer replay has to exclude padding too
@@ -63,7 +64,7 @@ def test_killed_run_resumes_from_its_checkpoints(four_layer_model, in_memory_che
     assert killed.returncode != 0 and "simulated failure after layer 1" in killed.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["offload"]  # nothing half-written
     assert offload.committed_layer(folder / offload.LAYERWISE_DIR) == 1  # and --clean_offload kept the progress
-    caches = sorted(p.parent.name for p in folder.rglob("next_inputs.pt"))
+    caches = sorted(p.parent.name for p in folder.rglob(f"{offload.INPUTS_FILE}.bin"))
     assert caches == ["layer_0001"]  # older layers' activation caches were pruned as calibration moved on
 
     assert_usage_error(offload_cli(four_layer_model, out, folder), "pass --resume")
@@ -113,3 +114,79 @@ def test_disk_check_refuses_to_start(tmp_path):
     with pytest.raises(q.UsageError, match="not enough free disk for --offload_folder"):
         offload.check_offload_disk(placement, job, settings, folder)
     offload.check_offload_disk(offload.Placement({}, {"disk": 1}, {"disk": 4}, 0), job, settings, folder)
+
+
+# --------------------------------------------------------------------------- the layer loop, in process
+def tiny_moe_model():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                            num_experts_per_tok=2, architectures=["Qwen3MoeForCausalLM"])
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def by_layer(model, run_settings, folder, every=1, resume_after=None):
+    opts = offload.OffloadSettings(folder, None, None, False, resume_after is not None, every)
+    return q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0,
+                            calibrate=lambda m, config, holder: offload.calibrate_by_layer(
+                                m, config, holder, SAMPLES, run_settings, "cpu", opts, resume_after))
+
+
+@pytest.mark.parametrize("build, mode, kv_cache", [(tiny_fp32_model, "nvfp4", "fp8"), (tiny_fp32_model, "w4a8", "none"),
+                                                   (tiny_moe_model, "nvfp4", "none")])
+def test_layer_loop_runs_each_layer_once_with_the_scales_of_a_whole_model_forward(build, mode, kv_cache, tmp_path):
+    """One pass per layer; every quantizer's amax (weights, inputs, KV cache) bit for bit the in-memory one."""
+    run_settings = settings(batch_size=4, mode=mode)
+    run_settings.kv_cache = kv_cache
+    reference, looped = build(), build()
+    expected_stats = q.quantize_model(reference, run_settings, q.always_unquantized(reference), SAMPLES, "cpu", 0)
+    calls = {}
+    for name in offload.decoder_layer_names(looped):
+        attention = looped.get_submodule(name).self_attn  # a stand-in never reaches the layer's own modules
+        attention.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    stats = by_layer(looped, run_settings, tmp_path / "offload")
+    assert set(calls.values()) == {stats["batches"]} and stats["batches"] == expected_stats["batches"] == 3
+    expected, got = amax_by_quantizer(reference), amax_by_quantizer(looped)
+    assert expected.keys() == got.keys() and any("bmm_quantizer" in n for n in got) == (kv_cache != "none")
+    assert not [n for n in expected if not torch.equal(expected[n], got[n])]
+    assert stats.get("moe_expert_coverage") == expected_stats.get("moe_expert_coverage")
+
+
+def test_layer_loop_resumes_from_its_background_resume_point(tmp_path):
+    """Killed after layer 1 of 3: layer 1's inputs were written in the background; resuming gives the same scales."""
+    run_settings, folder = settings(batch_size=4), tmp_path / "offload"
+    reference = tiny_moe_model()
+    expected_stats = by_layer(reference, run_settings, tmp_path / "uninterrupted", every=2)
+    killed = tiny_moe_model()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(offload.FAIL_AFTER_ENV, "1")
+        with pytest.raises(RuntimeError, match="simulated failure after layer 1"):
+            by_layer(killed, run_settings, folder, every=2)
+    layerwise = folder / offload.LAYERWISE_DIR
+    assert offload.committed_layer(layerwise) == 1
+    assert sorted(p.name for p in (layerwise / "layer_0001").iterdir()) == [
+        "next_inputs.bin", "next_inputs.json", offload.QUANTIZERS_FILE]
+    resumed = tiny_moe_model()
+    stats = by_layer(resumed, run_settings, folder, every=2, resume_after=1)
+    expected, got = amax_by_quantizer(reference), amax_by_quantizer(resumed)
+    assert not [n for n in expected if not torch.equal(expected[n], got[n])]
+    assert stats["moe_expert_coverage"] == expected_stats["moe_expert_coverage"]
+
+
+def test_resume_tensors_round_trip_as_raw_bytes(tmp_path):
+    tensors = [torch.randn(2, 3, 5).to(torch.bfloat16), torch.randn(4, 7), torch.arange(6).reshape(2, 3)]
+    offload.write_tensors(tmp_path / "cache", tensors)
+    assert (tmp_path / "cache.bin").stat().st_size == sum(t.numel() * t.element_size() for t in tensors)
+    back = offload.read_tensors(tmp_path / "cache", "cpu")
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(tensors, back)) and len(back) == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_background_write_stops_the_run(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    writer = offload.ResumeWriter(tmp_path / "not-a-folder", {"format": offload.RESUME_FORMAT})
+    writer.submit(0, {0: {"quantizer_state": {}}}, [torch.ones(2)])
+    with pytest.raises(RuntimeError, match="writing a resume point"):
+        writer.wait()
