@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -106,6 +107,25 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError(f"--checkpoint_every must be >= 1, got {args.checkpoint_every}")
     return OffloadSettings(folder, args.max_gpu_memory, args.max_cpu_memory, args.clean_offload, args.resume,
                            args.checkpoint_every)
+
+
+def check_offload_folder(settings: q.Settings, offload: OffloadSettings) -> None:
+    """The offload folder is deleted from and written into: it must not be, hold or lie inside the output or the model."""
+    protected = {"output dir": settings.output_model} if settings.output_model else {}
+    protected.update({k: v for k, v in q.protected_paths(settings).items() if k == "input model"})
+    q.check_no_overlap(offload.offload_folder, "--offload_folder", protected, inside_too=tuple(protected))
+
+
+def holding_offload_lock(run_job):
+    """Runs `run_job(settings, offload)` with the offload folder checked and locked: two runs sharing one refuse."""
+    @functools.wraps(run_job)
+    def locked(settings: q.Settings, offload: OffloadSettings):
+        check_offload_folder(settings, offload)
+        if settings.dry_run:
+            return run_job(settings, offload)
+        with q.exclusive_lock(offload.offload_folder, "--offload_folder"):
+            return run_job(settings, offload)
+    return locked
 
 
 # --------------------------------------------------------------------------- resume bookkeeping
@@ -275,6 +295,28 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
                            f"{', the output' if same_disk else ''}); point it at a larger disk or raise --max_cpu_memory")
 
 
+def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settings) -> None:
+    """Without a GPU, modules outside the decoder layers (embeddings, final norm, lm_head) must sit in RAM: the
+    layer-by-layer calibration and the export cannot use them from disk."""
+    import torch
+
+    if torch.cuda.device_count() or not placement.bytes_per_device.get("disk"):
+        return
+    layers = decoder_layer_names(job.skeleton)
+    on_disk = sorted({name.rpartition(".")[0] for name, _ in job.skeleton.named_parameters()
+                      if lookup_device(placement.device_map, name) == "disk"
+                      and not any(name.startswith(layer + ".") for layer in layers)})
+    if not on_disk:
+        return
+    dtype = q.resolve_dtype(settings.dtype, job.config)
+    in_layers = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
+    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers), default=0)
+    needed = q.parameter_bytes(job.skeleton, dtype) - in_layers + largest
+    raise q.UsageError(f"--max_cpu_memory puts {', '.join(on_disk[:3])} on disk, which a CPU-only run cannot "
+                       f"calibrate or export from: raise --max_cpu_memory to at least {needed} bytes "
+                       f"({q.human_bytes(needed)}: everything but the decoder layers, plus the largest layer)")
+
+
 def print_placement(placement: Placement, offload: OffloadSettings) -> None:
     free = shutil.disk_usage(offload.offload_folder).free
     q.log("offload plan (weights):")
@@ -317,6 +359,8 @@ def clean_offload_folder(offload: OffloadSettings) -> None:
 
 
 # --------------------------------------------------------------------------- main
+@q.holding_output_lock
+@holding_offload_lock
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     job = q.prepare_job(settings)
     if job is None:
@@ -326,18 +370,21 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     offload.offload_folder.mkdir(parents=True, exist_ok=True)
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)
+    check_cpu_run_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:
         q.log(f"--resume: layers 0-{resume_after} are already calibrated; continuing from layer {resume_after + 1}")
     load_start = time.perf_counter()
-    model = load_offloaded_model(settings, job, placement, offload)
-    timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
-    device = execution_device(placement)
-    calibration_run = q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id,
-                                       layerwise_dir=offload.layerwise_dir,
-                                       before_each_pass=between_layers(offload.layerwise_dir),
-                                       save_every=offload.checkpoint_every)
+    needed = placement.bytes_per_device.get("disk", 0) + 2 * placement.activation_cache_bytes
+    with q.disk_full_is_usage_error(offload.offload_folder, needed, "offloaded weights and calibration checkpoints"):
+        model = load_offloaded_model(settings, job, placement, offload)
+        timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
+        device = execution_device(placement)
+        calibration_run = q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id,
+                                           layerwise_dir=offload.layerwise_dir,
+                                           before_each_pass=between_layers(offload.layerwise_dir),
+                                           save_every=offload.checkpoint_every)
     calibration_run["resumed_after_layer"] = resume_after
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,
