@@ -296,25 +296,20 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
 
 
 def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settings) -> None:
-    """Without a GPU, modules outside the decoder layers (embeddings, final norm, lm_head) must sit in RAM: the
-    layer-by-layer calibration and the export cannot use them from disk."""
+    """Without a GPU the input embeddings must sit in RAM: from disk, the whole layer-by-layer calibration runs
+    and then the export fails on a meta tensor. accelerate fills RAM in module order, keeping room for a layer."""
     import torch
 
-    if torch.cuda.device_count() or not placement.bytes_per_device.get("disk"):
-        return
-    layers = decoder_layer_names(job.skeleton)
-    on_disk = sorted({name.rpartition(".")[0] for name, _ in job.skeleton.named_parameters()
-                      if lookup_device(placement.device_map, name) == "disk"
-                      and not any(name.startswith(layer + ".") for layer in layers)})
-    if not on_disk:
+    embeddings = next(n for n, m in job.skeleton.named_modules() if m is job.skeleton.get_input_embeddings())
+    if torch.cuda.device_count() or lookup_device(placement.device_map, f"{embeddings}.weight") != "disk":
         return
     dtype = q.resolve_dtype(settings.dtype, job.config)
-    in_layers = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
-    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers), default=0)
-    needed = q.parameter_bytes(job.skeleton, dtype) - in_layers + largest
-    raise q.UsageError(f"--max_cpu_memory puts {', '.join(on_disk[:3])} on disk, which a CPU-only run cannot "
-                       f"calibrate or export from: raise --max_cpu_memory to at least {needed} bytes "
-                       f"({q.human_bytes(needed)}: everything but the decoder layers, plus the largest layer)")
+    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
+                   for name in decoder_layer_names(job.skeleton)), default=0)
+    needed = q.parameter_bytes(job.skeleton.get_submodule(embeddings), dtype) + largest
+    raise q.UsageError(f"--max_cpu_memory puts the input embeddings ({embeddings}) on disk, which a CPU-only run "
+                       f"cannot export from: raise --max_cpu_memory to at least {needed} bytes "
+                       f"({q.human_bytes(needed)}: the embeddings plus the largest decoder layer)")
 
 
 def print_placement(placement: Placement, offload: OffloadSettings) -> None:
