@@ -503,7 +503,8 @@ TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 
 
 def check_data_file(path: Path, spec: DatasetSpec) -> None:
-    """A local data file must be readable, hold something, and (text formats) be UTF-8: one pass, 1 MiB at a time."""
+    """A local data file must be readable and hold something; a text format (JSON, CSV, text) must be UTF-8 all
+    through, which takes one pass over it, 1 MiB at a time. Binary formats are read by their own libraries."""
     import codecs
 
     where = f"dataset '{spec.name}': {path}"
@@ -513,8 +514,9 @@ def check_data_file(path: Path, spec: DatasetSpec) -> None:
         with path.open("rb") as handle:
             while chunk := handle.read(2**20):
                 content = content or bool(chunk.strip())
-                if decoder:
-                    decoder.decode(chunk)
+                if decoder is None:
+                    break  # a binary format: readable and not empty is all we can tell
+                decoder.decode(chunk)
                 offset += len(chunk)
             if decoder:
                 decoder.decode(b"", final=True)
@@ -800,9 +802,9 @@ def safetensors_problems(path: Path) -> list[str]:
 
 def check_source_files(folder: Path) -> list[str]:
     """Problems with a checkpoint's weight files, from their headers, sizes and index: no tensor is read."""
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
     if not weights:
-        return [f"{folder}: no weight files (*.safetensors or *.bin) beside config.json"]
+        return [f"{folder}: no weight files (*.safetensors or pytorch_model*.bin) beside config.json"]
     problems = []
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
@@ -1845,8 +1847,9 @@ def run_verify(folder: Path) -> int:
     """--verify: 0 when the checkpoint is clean, 1 when not (each problem on a line), 2 when there is none."""
     if not (folder / "config.json").is_file():
         raise UsageError(f"--verify: {folder} is not a checkpoint dir (no config.json)")
-    problems = [f"{p} [files: whole]" for p in check_source_files(folder)]
-    summary, problems = ({}, problems) if problems else verify_checkpoint(folder)
+    summary, problems = {}, [f"{p} [files: whole]" for p in check_source_files(folder)]
+    if not problems:  # the tensors can be read
+        summary, problems = verify_checkpoint(folder)
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
@@ -2212,9 +2215,9 @@ def exclusive_lock(target: Path, flag: str):
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not lock_path.exists() or os.stat(lock_path).st_ino != os.fstat(handle.fileno()).st_ino:
+            if os.stat(lock_path).st_ino != os.fstat(handle.fileno()).st_ino:
                 raise BlockingIOError  # the run that held it removed it meanwhile, and another may have a new one
-        except BlockingIOError:
+        except (BlockingIOError, FileNotFoundError):
             raise UsageError(f"{flag} {target} is in use by another run (it holds {lock_path}); wait for it to "
                              "finish or choose another dir") from None
         try:
