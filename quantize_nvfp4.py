@@ -2170,8 +2170,8 @@ def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
 def check_free_disk(folder: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise UsageError(f"not enough free disk in {folder}: {free / 2**30:.1f} GiB free, about "
-                         f"{needed_bytes / 2**30:.1f} GiB needed for the checkpoint; free space or choose "
+        raise UsageError(f"not enough free disk in {folder}: {human_bytes(free)} free, about "
+                         f"{human_bytes(needed_bytes)} needed for the checkpoint; free space or choose "
                          "another --output_model")
 
 
@@ -2182,13 +2182,23 @@ def disk_full_error(folder: Path, needed_bytes: int, what: str) -> UsageError:
                       "free space or choose another disk")
 
 
+def disk_filled_up(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC however the writer reports it: an OSError, safetensors' "os error 28", or torch.save's bare
+    RuntimeError (judged then by the disk: no room left on it)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    if f"(os error {errno.ENOSPC})" in str(exc):
+        return True
+    return isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < 2**20
+
+
 @contextlib.contextmanager
 def disk_full_is_usage_error(folder: Path, needed_bytes: int, what: str):
-    """disk_full_error for an OSError ENOSPC raised in the block."""
+    """disk_full_error for a write in the block that found the disk full."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except Exception as exc:
+        if not disk_filled_up(exc, folder):
             raise
         raise disk_full_error(folder, needed_bytes, what) from None
 
@@ -2443,8 +2453,9 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         staging.chmod(0o755)
         move_into_place(staging, output)
     except BaseException as exc:
+        disk_full = disk_filled_up(exc, output.parent)  # before the temp dir's removal frees the disk
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if disk_full:
             raise disk_full_error(output.parent, needed, "the checkpoint") from None
         raise
     return manifest

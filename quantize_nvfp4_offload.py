@@ -290,8 +290,8 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
         q.check_free_disk(output_dir, job.checkpoint_bytes)
     free = shutil.disk_usage(probe_dir).free
     if free < needed:
-        raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {free / 2**30:.1f} GiB "
-                           f"free, {needed / 2**30:.1f} GiB needed (offloaded weights, two layers' activation caches"
+        raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
+                           f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
                            f"{', the output' if same_disk else ''}); point it at a larger disk or raise --max_cpu_memory")
 
 

@@ -362,9 +362,11 @@ def test_cpu_memory_too_small_for_the_embeddings(capsys, tiny_model, tmp_path):
 def test_disk_full_during_export_is_one_error_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     import modelopt.torch.export as export
 
-    def full_disk(model, export_dir):
+    def full_disk(model, export_dir):  # what export_hf_checkpoint raised on a full 480 KiB tmpfs
+        from safetensors import SafetensorError
+
         (Path(export_dir) / "model.safetensors").write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(export, "export_hf_checkpoint", full_disk)
     settings = q.build_settings(q.build_parser().parse_args(args(tiny_model, tmp_path / "out")), {})
@@ -373,10 +375,26 @@ def test_disk_full_during_export_is_one_error_and_leaves_nothing(tiny_model, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_guard_passes_other_errors(tmp_path):
-    with pytest.raises(q.UsageError, match="disk full writing offloaded weights"):
+def test_disk_full_as_each_writer_reports_it(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from safetensors import SafetensorError
+
+    full = [OSError(errno.ENOSPC, "No space left on device"),  # json, accelerate's numpy memmaps
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
+    for exc in full:
+        with pytest.raises(q.UsageError, match="disk full writing offloaded weights to .* about 1.00 GiB needed"):
+            with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
+                raise exc
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # a disk with room: not a full disk
         with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise torch_save
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(q.shutil, "disk_usage", lambda folder: usage(2**30, 2**30, 0))
+    with pytest.raises(q.UsageError, match="disk full"):  # torch.save says nothing more on a full disk
+        with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
+            raise torch_save
     with pytest.raises(PermissionError):
         with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
             raise PermissionError(errno.EACCES, "denied")
