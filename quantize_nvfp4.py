@@ -2121,8 +2121,9 @@ def leftover_pattern(output: Path, kind: str) -> re.Pattern:
 
 
 def recover_leftovers(output: Path) -> None:
-    """What a killed run left beside `output`, found under the output's lock: unfinished exports are removed, and
-    a checkpoint --overwrite had moved aside comes back when nothing replaced it (else it is removed)."""
+    """What a killed run left beside `output`, found under the output's lock: unfinished exports are removed; a
+    checkpoint --overwrite had moved aside comes back when the output is missing or empty, and is removed once a
+    finished checkpoint has replaced it."""
     if not output.parent.is_dir() or not on_main_rank():
         return
     siblings = [p for p in output.parent.iterdir() if p.is_dir() and not p.is_symlink()]
@@ -2132,11 +2133,13 @@ def recover_leftovers(output: Path) -> None:
     olds = sorted((p for p in siblings if leftover_pattern(output, "old").fullmatch(p.name)),
                   key=lambda p: p.stat().st_mtime, reverse=True)
     restorable = [p for p in olds if (p / MANIFEST_NAME).is_file()]
-    if restorable and not output.exists():
+    if restorable and (not output.exists() or output.is_dir() and not any(output.iterdir())):
+        if output.exists():
+            output.rmdir()
         restorable[0].rename(output)
         olds.remove(restorable[0])
         warn(f"restored {output} from {restorable[0].name}: a run with --overwrite was killed while replacing it")
-    for path in olds if output.exists() else ():
+    for path in olds if (output / MANIFEST_NAME).is_file() else ():
         shutil.rmtree(path)
         log(f"removed {path}: the checkpoint a killed --overwrite run had already replaced")
 

@@ -130,9 +130,23 @@ def test_old_dir_without_manifest_is_not_restored_and_superseded_ones_go(tmp_pat
     q.check_output_dir(out, overwrite=False)
     assert stranger.exists() and not out.exists()  # no manifest: never restored
     out.mkdir()
+    (out / "user.txt").write_text("not a checkpoint")
+    with pytest.raises(q.UsageError, match="not empty"):
+        q.check_output_dir(out, overwrite=False)
+    assert stranger.exists()  # the output is not ours: nothing beside it is touched
+    (out / "user.txt").unlink()
     (out / q.MANIFEST_NAME).write_text("{}")
-    q.check_output_dir(out, overwrite=True)  # the output is back: an old copy of it is superseded
+    q.check_output_dir(out, overwrite=True)  # a finished checkpoint replaced it: the old copy is superseded
     assert not stranger.exists() and (out / q.MANIFEST_NAME).exists()
+
+
+def test_old_checkpoint_comes_back_into_an_empty_output_dir(tmp_path):
+    out, old = tmp_path / "out", tmp_path / ".out.old-5"
+    old.mkdir()
+    (old / q.MANIFEST_NAME).write_text("{}")
+    out.mkdir()  # the user made the missing dir again before rerunning
+    q.check_output_dir(out, overwrite=True)
+    assert (out / q.MANIFEST_NAME).exists() and not old.exists()
 
 
 # ---------------------------------------------------------------- --eval / --max_ppl_increase
