@@ -181,7 +181,8 @@ def read_env_files(*folders: Path) -> dict[str, str]:
             try:
                 values = dotenv_values(env_file, encoding="utf-8")
             except UnicodeDecodeError as exc:
-                raise UsageError(f"{env_file}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+                raise UsageError(f"{env_file}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                 "save it as UTF-8") from None
             merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ)
     return merged
@@ -320,7 +321,8 @@ def check_eval_plan(args: argparse.Namespace, calibration: dict) -> None:
                                   calibration["oversample_ratio"]).values())
     if requested <= calibration["max_samples"]:
         raise UsageError(f"--eval: no held-out samples possible: the mix loads {requested} samples and calibration "
-                         f"takes {calibration['max_samples']}; raise --oversample_ratio (e.g. 1.5) or lower --max_samples")
+                         f"takes {calibration['max_samples']}; raise --oversample_ratio (e.g. 1.5) or lower "
+                         "--max_samples")
 
 
 def parse_batch_size(text: str) -> int | None:
@@ -2152,8 +2154,8 @@ def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] |
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UsageError(f"output dir exists and is not empty: {output} (pass --overwrite to replace it)")
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
-        raise UsageError(f"--overwrite replaces only an empty dir or a checkpoint this tool wrote (with {MANIFEST_NAME}); "
-                         f"{output} is neither: choose another output dir")
+        raise UsageError(f"--overwrite replaces only an empty dir or a checkpoint this tool wrote (with "
+                         f"{MANIFEST_NAME}); {output} is neither: choose another output dir")
     parent = output.parent
     if not parent.is_dir():
         raise UsageError(f"output's parent folder does not exist: {parent}")

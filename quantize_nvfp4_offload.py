@@ -110,7 +110,7 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
 
 
 def check_offload_folder(settings: q.Settings, offload: OffloadSettings) -> None:
-    """The offload folder is deleted from and written into: it must not be, hold or lie inside the output or the model."""
+    """The offload folder is written into and deleted from: it must not be, hold or lie inside the output or model."""
     protected = {"output dir": settings.output_model} if settings.output_model else {}
     protected.update({k: v for k, v in q.protected_paths(settings).items() if k == "input model"})
     q.check_no_overlap(offload.offload_folder, "--offload_folder", protected, inside_too=tuple(protected))
