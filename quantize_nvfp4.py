@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import fnmatch
 import functools
 import inspect
@@ -106,6 +107,10 @@ AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budg
 DISK_MARGIN = 1.10               # export writes temp files beside the output
 FAIL_RANK_ENV = "NVFP4_TEST_FAIL_RANK"  # tests only: this rank raises during calibration
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
+# copied byte for byte from the source into the output (the tokenizer as calibration left it would carry its truncation)
+SOURCE_FILES = TOKENIZER_FILES + (
+    "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "generation_config.json")
 
 
 class UsageError(Exception):
@@ -176,7 +181,12 @@ def read_env_files(*folders: Path) -> dict[str, str]:
     for folder in folders:
         env_file = folder / ".env"
         if env_file.is_file():
-            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+            try:
+                values = dotenv_values(env_file, encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{env_file}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                 "save it as UTF-8") from None
+            merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ)
     return merged
 
@@ -187,6 +197,8 @@ def _check_type(value, expected, where: str):
     if not isinstance(value, expected):
         names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
         raise UsageError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{where}: expected a finite number, got {value}")
 
 
 def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
@@ -203,6 +215,7 @@ def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
     values = {k: v for k, v in entry.items() if v is not None}
     for key, value in values.items():
         _check_type(value, DATASET_KEYS[key], f"{where}: '{key}'")
+    check_entry_strings(values, where)
     spec = DatasetSpec(**values)
     spec.weight = float(spec.weight)
     if not spec.weight > 0:
@@ -218,12 +231,23 @@ def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
     return spec
 
 
+def check_entry_strings(values: dict, where: str) -> None:
+    """An empty path would read every file beside the YAML; a column name must be one string."""
+    if not values["path"].strip():
+        raise UsageError(f"{where}: 'path' is empty; give a hub ID, a data file or a folder")
+    for key, column in (values.get("columns") or {}).items():
+        if not isinstance(column, str) or not column.strip():
+            raise UsageError(f"{where}: columns.{key} must be one column name (a string), got {column!r}")
+
+
 def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
     """Read and validate a dataset-mix YAML; local paths are resolved against its folder."""
     if not yaml_path.is_file():
         raise UsageError(f"dataset YAML not found: {yaml_path} (pass --dataset_yaml with an existing file)")
     try:
         doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{yaml_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -265,8 +289,10 @@ def validate_calibration_numbers(values: dict) -> None:
     for key in ("max_samples", "max_seq_len", "min_token_length"):
         if values[key] < 1:
             raise UsageError(f"{key} must be >= 1, got {values[key]}")
-    if values["oversample_ratio"] < 1:
-        raise UsageError(f"oversample_ratio must be >= 1, got {values['oversample_ratio']}")
+    if not 1 <= values["oversample_ratio"] < math.inf:  # also refuses NaN
+        raise UsageError(f"oversample_ratio must be >= 1 and finite, got {values['oversample_ratio']}")
+    if values["seed"] < 0:
+        raise UsageError(f"seed must be >= 0, got {values['seed']}")
     if values["min_token_length"] > values["max_seq_len"]:
         raise UsageError(f"min_token_length ({values['min_token_length']}) exceeds max_seq_len "
                          f"({values['max_seq_len']}): every sample would be dropped")
@@ -284,6 +310,22 @@ def check_algorithm(algorithm: str, mode: str) -> None:
     if not torch.cuda.is_available():
         raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
                          "CUDA kernels); on this machine use --algorithm max")
+
+
+def check_eval_plan(args: argparse.Namespace, calibration: dict) -> None:
+    """--eval's held-out samples come from what the oversampled mix leaves after the trim: refuse when none can."""
+    if args.max_ppl_increase is not None and not 0 <= args.max_ppl_increase < math.inf:
+        raise UsageError(f"--max_ppl_increase must be a finite number >= 0 (percent), got {args.max_ppl_increase}")
+    if args.eval_samples < 1:
+        raise UsageError(f"--eval_samples must be >= 1, got {args.eval_samples}")
+    if not (args.eval or args.max_ppl_increase is not None):
+        return
+    requested = sum(plan_requests([DatasetSpec("mix", "")], calibration["max_samples"],
+                                  calibration["oversample_ratio"]).values())
+    if requested <= calibration["max_samples"]:
+        raise UsageError(f"--eval: no held-out samples possible: the mix loads {requested} samples and calibration "
+                         f"takes {calibration['max_samples']}; raise --oversample_ratio (e.g. 1.5) or lower "
+                         "--max_samples")
 
 
 def parse_batch_size(text: str) -> int | None:
@@ -308,8 +350,9 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     calibration = {**CALIBRATION_DEFAULTS, **yaml_calibration}
     calibration.update({k: getattr(args, k) for k in CALIBRATION_DEFAULTS if getattr(args, k, None) is not None})
     validate_calibration_numbers(calibration)
-    if args.gpu_memory_budget is not None and args.gpu_memory_budget <= 0:
-        raise UsageError(f"--gpu_memory_budget must be > 0 GiB, got {args.gpu_memory_budget}")
+    if args.gpu_memory_budget is not None and not 0 < args.gpu_memory_budget < math.inf:
+        raise UsageError(f"--gpu_memory_budget must be a finite number > 0 (GiB), got {args.gpu_memory_budget}")
+    check_eval_plan(args, calibration)
     mode = "w4a8" if args.w4a8 else "weight_only" if args.weight_only else "nvfp4"
     check_algorithm(args.algorithm, mode)
     return Settings(
@@ -406,15 +449,17 @@ FORMATTERS: dict[str, Callable[[dict, dict], str | list[dict] | None]] = {
 }
 
 
+class ChatTemplateFailed(Exception):
+    """The model's chat template raised on a conversation: the sample is skipped, counted and reported."""
+
+
 def render_conversation(messages: list[dict], tokenizer=None) -> tuple[str, bool] | None:
     """Text for a conversation and whether it came from the chat template (which adds its own BOS)."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        from jinja2.exceptions import TemplateError
-
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False), True
-        except TemplateError:  # e.g. templates that reject a system turn: skip, counted by caller
-            return None
+        except Exception as exc:  # the template is the model's code: a rejected system turn, 1/0, a syntax error
+            raise ChatTemplateFailed(f"{type(exc).__name__}: {exc}") from exc
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages), False
 
 
@@ -459,6 +504,65 @@ def _local_data_files(path: Path, spec: DatasetSpec) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
+
+
+def check_data_file(path: Path, spec: DatasetSpec) -> None:
+    """A local data file must be readable and hold something; a text format (JSON, CSV, text) must be UTF-8 all
+    through, which takes one pass over it, 1 MiB at a time. Binary formats are read by their own libraries."""
+    import codecs
+
+    where = f"dataset '{spec.name}': {path}"
+    decoder = codecs.getincrementaldecoder("utf-8")() if path.suffix.lower() in TEXT_DATA_SUFFIXES else None
+    content, offset = False, 0
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(2**20):
+                content = content or bool(chunk.strip())
+                if decoder is None:
+                    break  # a binary format: readable and not empty is all we can tell
+                decoder.decode(chunk)
+                offset += len(chunk)
+            if decoder:
+                decoder.decode(b"", final=True)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text ({exc.reason} near byte {offset + exc.start}); "
+                         "save it as UTF-8 or convert it to parquet") from None
+    if not content:
+        raise UsageError(f"{where}: the file is empty")
+
+
+def dataset_load_errors() -> tuple:
+    """What datasets raises for a file it cannot parse: its own errors; pyarrow's, pandas' and decoding ones are
+    ValueErrors; a missing, unreadable or unreachable file an OSError."""
+    import datasets
+
+    return datasets.exceptions.DatasetsError, ValueError, OSError
+
+
+def read_rows(spec: DatasetSpec, dataset) -> Iterable[dict]:
+    """The dataset's rows; a streaming dataset parses its files as it is read, so its errors surface here."""
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except dataset_load_errors() as exc:
+            raise dataset_error(spec, exc) from None
+        yield row
+
+
+def dataset_error(spec: DatasetSpec, exc: BaseException) -> UsageError:
+    """One line for a dataset that failed to load: the innermost cause says what (parse error, clashing schema)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return UsageError(f"dataset '{spec.name}' ({spec.path}): cannot be loaded: {text[:300]}")
+
+
 def open_dataset(spec: DatasetSpec, token: str | None):
     """A datasets.Dataset or IterableDataset for one YAML entry: hub ID, save_to_disk folder, or files."""
     import datasets
@@ -474,6 +578,8 @@ def open_dataset(spec: DatasetSpec, token: str | None):
         return loaded.to_iterable_dataset() if spec.streaming else loaded
     if path.exists():
         builder, files = _local_data_files(path, spec)
+        for file in files:
+            check_data_file(Path(file), spec)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
                                      streaming=spec.streaming)
     return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_files=spec.data_files,
@@ -500,18 +606,25 @@ def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=
         dataset = dataset.shuffle(seed=seed, buffer_size=10_000)
     else:
         dataset = dataset.shuffle(seed=seed)
-    texts, skipped = [], 0
+    texts, skipped, template_failures = [], 0, []
     with tqdm(total=wanted, desc=f"format {spec.name}", unit="sample", file=sys.stderr, leave=False,
               disable=not on_main_rank()) as bar:
-        for row in dataset:
+        for row in read_rows(spec, dataset):
             if len(texts) >= wanted:
                 break
-            sample = format_sample(spec, row, tokenizer)
+            try:
+                sample = format_sample(spec, row, tokenizer)
+            except ChatTemplateFailed as exc:
+                sample = None
+                template_failures.append(str(exc))
             if sample is None:
                 skipped += 1
                 continue
             texts.append(sample)
             bar.update(1)
+    if template_failures:
+        warn(f"dataset '{spec.name}': the model's chat template failed on {len(template_failures)} conversation(s), "
+             f"skipped (first: {template_failures[0].splitlines()[0]})")
     return texts, skipped
 
 
@@ -572,15 +685,15 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
     for spec in settings.datasets:
         try:
             dataset = open_dataset(spec, settings.hf_token)
-        except (FileNotFoundError, ValueError, ConnectionError) as exc:
-            raise UsageError(f"dataset '{spec.name}' ({spec.path}): cannot be loaded: {exc}") from None
+        except dataset_load_errors() as exc:
+            raise dataset_error(spec, exc) from None
         texts[spec.name], skipped[spec.name] = collect_texts(spec, dataset, requests[spec.name],
                                                             settings.seed, tokenizer)
         tokenized[spec.name] = tokenize_texts(texts[spec.name], tokenizer, settings.max_seq_len)
     samples, kept = select_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed)
     holdout = holdout_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed,
                               settings.eval_samples) if settings.eval else []
-    if settings.eval and len(holdout) < settings.eval_samples:
+    if settings.eval and 0 < len(holdout) < settings.eval_samples:
         warn(f"--eval: only {len(holdout)} of {settings.eval_samples} held-out samples left after calibration took "
              f"{len(samples)}; raise --oversample_ratio for more")
     loaded = {name: len(t) for name, t in texts.items()}
@@ -589,6 +702,9 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
         raise UsageError(f"no calibration samples left after filtering (min_token_length="
                          f"{settings.min_token_length}): check the datasets' columns and formatters in "
                          f"{settings.dataset_yaml}")
+    if settings.eval and not holdout:
+        raise UsageError(f"--eval: no held-out samples left: all {len(samples)} usable samples went to calibration; "
+                         "raise --oversample_ratio or lower --max_samples")
     if len(samples) < settings.max_samples:
         counts = ", ".join(f"{d['name']}: requested {d['requested']}, loaded {d['loaded']}, kept {d['kept']}"
                            for d in stats["per_dataset"])
@@ -668,6 +784,68 @@ def load_model_config(settings: Settings):
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"model not found or unreadable: {settings.input_model}: {first_line}") from None
+
+
+def safetensors_problems(path: Path) -> list[str]:
+    """A safetensors file's header parses and its data ends exactly where the file does (no truncation)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= size - 8:
+            return [f"{path.name}: not a safetensors file, or cut off in its header ({size} bytes)"]
+        try:
+            header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError):
+            return [f"{path.name}: corrupt safetensors header"]
+    data = size - 8 - length
+    if ends and max(ends) != data:
+        how = "truncated" if max(ends) > data else "has trailing bytes"
+        return [f"{path.name}: {how}: its header describes {max(ends)} bytes of tensor data, the file holds {data}"]
+    return []
+
+
+def check_source_files(folder: Path) -> list[str]:
+    """Problems with a checkpoint's weight files, from their headers, sizes and index: no tensor is read."""
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+    if not weights:
+        return [f"{folder}: no weight files (*.safetensors or pytorch_model*.bin) beside config.json"]
+    problems = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{index_name}: unreadable or without a weight_map")
+            continue
+        problems += [f"{shard}: listed in {index_name} but missing" for shard in sorted(shards)
+                     if not (folder / shard).is_file()]
+    for path in weights:
+        if path.suffix == ".safetensors":
+            problems += safetensors_problems(path)
+    return problems
+
+
+def check_source_model(settings: Settings) -> None:
+    """A local source model's weight files are whole, before anything loads (hub files are checked on download)."""
+    folder = Path(settings.input_model).expanduser()
+    if not folder.is_dir():
+        return
+    problems = check_source_files(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise UsageError(f"source model {folder}: {problems[0]}{more}; re-download or re-save the model")
+
+
+def check_tokenizer_fits(tokenizer, skeleton) -> None:
+    """Token ids past the embedding table would fail only inside the first forward, after loading."""
+    rows = skeleton.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} ids but the model's embedding table has {rows} rows: "
+                         "the tokenizer does not belong to this model")
 
 
 def load_tokenizer(settings: Settings):
@@ -762,16 +940,30 @@ def with_fused_siblings(names: list[str], all_names: set[str]) -> list[str]:
     return out
 
 
-def source_checkpoint_dir(settings: Settings) -> Path:
-    """The folder holding the source checkpoint's files: the local dir, or its snapshot in the hub cache
+def source_checkpoint_dir(settings: Settings,
+                          files: Iterable[str] = ("*.safetensors", "*.safetensors.index.json", "*.json")) -> Path:
+    """The folder holding the source model's `files`: the local dir, or its snapshot in the hub cache
     (which from_pretrained has filled by now, so nothing is downloaded twice)."""
     local = Path(settings.input_model).expanduser()
     if local.is_dir():
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(settings.input_model, token=settings.hf_token,
-                                  allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
+    return Path(snapshot_download(settings.input_model, token=settings.hf_token, allow_patterns=list(files)))
+
+
+def check_something_to_quantize(skeleton, unquantized: list[str]) -> None:
+    """--skip_layers patterns that cover every linear would leave ModelOpt nothing to do (it raises after loading)."""
+    import torch
+
+    def kept(name: str) -> bool:
+        return any(name == u or name.startswith(u + ".") for u in unquantized)
+
+    left = [n for n, m in skeleton.named_modules()
+            if (isinstance(m, torch.nn.Linear) or is_fused_experts(m)) and not kept(n)]
+    if not left:
+        raise UsageError("--skip_layers leaves no linear layer to quantize; narrow the patterns "
+                         "(e.g. 'layers.0.*' or 'down_proj')")
 
 
 def parameter_bytes(module, dtype) -> int:
@@ -1868,7 +2060,9 @@ def run_verify(folder: Path, source: Path | None = None) -> int:
     """
     if not (folder / "config.json").is_file():
         raise UsageError(f"--verify: {folder} is not a checkpoint dir (no config.json)")
-    summary, problems = verify_checkpoint(folder, source=source)
+    summary, problems = {}, [f"{p} [files: whole]" for p in check_source_files(folder)]
+    if not problems:  # the tensors can be read
+        summary, problems = verify_checkpoint(folder, source=source)
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
@@ -2169,11 +2363,70 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
 
 
 # --------------------------------------------------------------------------- export
-def check_output_dir(output: Path, overwrite: bool) -> None:
+def protected_paths(settings: Settings) -> dict[str, Path]:
+    """What an output dir must never be or contain: the source model, the working dir, this tool, its data."""
+    paths = {"working directory": Path.cwd().resolve(), "folder of this script": SCRIPT_DIR,
+             "dataset YAML": settings.dataset_yaml.expanduser().resolve()}
+    model = Path(settings.input_model).expanduser()
+    if model.is_dir():
+        paths["input model"] = model.resolve()
+    for spec in settings.datasets:
+        if Path(spec.path).expanduser().exists():
+            paths[f"dataset '{spec.name}'"] = Path(spec.path).expanduser().resolve()
+    return paths
+
+
+def check_no_overlap(target: Path, flag: str, protected: dict[str, Path], inside_too: Iterable[str]) -> None:
+    """`target` is not, and does not contain, any protected path; nor does it lie inside those named in `inside_too`."""
+    for what, path in protected.items():
+        if target == path or target in path.parents:
+            relation = "is" if target == path else "contains"
+            raise UsageError(f"{flag} {target} {relation} the {what} {path}: refused, with or without --overwrite; "
+                             "choose another dir")
+        if what in inside_too and path in target.parents:
+            raise UsageError(f"{flag} {target} lies inside the {what} {path}: refused; choose a dir outside it")
+
+
+def leftover_pattern(output: Path, kind: str) -> re.Pattern:
+    """Names export_checkpoint gives its temp dir (tmp) and move_into_place an old checkpoint (old)."""
+    suffix = r"[a-z0-9_]{8}" if kind == "tmp" else r"\d+"
+    return re.compile(rf"\.{re.escape(output.name)}\.{kind}-{suffix}")
+
+
+def recover_leftovers(output: Path) -> None:
+    """What a killed run left beside `output`, found under the output's lock: unfinished exports are removed; a
+    checkpoint --overwrite had moved aside comes back when the output is missing or empty, and is removed once a
+    finished checkpoint has replaced it."""
+    if not output.parent.is_dir() or not on_main_rank():
+        return
+    siblings = [p for p in output.parent.iterdir() if p.is_dir() and not p.is_symlink()]
+    for path in sorted(p for p in siblings if leftover_pattern(output, "tmp").fullmatch(p.name)):
+        shutil.rmtree(path)
+        log(f"removed {path}: the unfinished export of a run that was killed")
+    olds = sorted((p for p in siblings if leftover_pattern(output, "old").fullmatch(p.name)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    restorable = [p for p in olds if (p / MANIFEST_NAME).is_file()]
+    if restorable and (not output.exists() or output.is_dir() and not any(output.iterdir())):
+        if output.exists():
+            output.rmdir()
+        restorable[0].rename(output)
+        olds.remove(restorable[0])
+        warn(f"restored {output} from {restorable[0].name}: a run with --overwrite was killed while replacing it")
+    for path in olds if (output / MANIFEST_NAME).is_file() else ():
+        shutil.rmtree(path)
+        log(f"removed {path}: the checkpoint a killed --overwrite run had already replaced")
+
+
+def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] | None = None) -> None:
+    check_no_overlap(output, "--output_model", protected or {}, inside_too=("input model",))
+    recover_leftovers(output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output path exists and is not a directory: {output}")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UsageError(f"output dir exists and is not empty: {output} (pass --overwrite to replace it)")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
+        raise UsageError(f"--overwrite replaces only an empty dir or a checkpoint this tool wrote (with "
+                         f"{MANIFEST_NAME}); {output} is neither: choose another output dir")
     parent = output.parent
     if not parent.is_dir():
         raise UsageError(f"output's parent folder does not exist: {parent}")
@@ -2193,9 +2446,81 @@ def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
 def check_free_disk(folder: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise UsageError(f"not enough free disk in {folder}: {free / 2**30:.1f} GiB free, about "
-                         f"{needed_bytes / 2**30:.1f} GiB needed for the checkpoint; free space or choose "
+        raise UsageError(f"not enough free disk in {folder}: {human_bytes(free)} free, about "
+                         f"{human_bytes(needed_bytes)} needed for the checkpoint; free space or choose "
                          "another --output_model")
+
+
+def disk_full_error(folder: Path, needed_bytes: int, what: str) -> UsageError:
+    """A disk that filled up mid-run (ENOSPC), in one line: which disk, and what the run needed there."""
+    return UsageError(f"disk full writing {what} to {folder} (the disk mounted at {mount_point(folder)}): about "
+                      f"{human_bytes(needed_bytes)} needed, {human_bytes(shutil.disk_usage(folder).free)} free now; "
+                      "free space or choose another disk")
+
+
+def disk_filled_up(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC however the writer reports it: an OSError, safetensors' "os error 28", or torch.save's bare
+    RuntimeError (judged then by the disk: no room left on it)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    if f"(os error {errno.ENOSPC})" in str(exc):
+        return True
+    return isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < 2**20
+
+
+@contextlib.contextmanager
+def disk_full_is_usage_error(folder: Path, needed_bytes: int, what: str):
+    """disk_full_error for a write in the block that found the disk full."""
+    try:
+        yield
+    except Exception as exc:
+        if not disk_filled_up(exc, folder):
+            raise
+        raise disk_full_error(folder, needed_bytes, what) from None
+
+
+def mount_point(folder: Path) -> Path:
+    path = folder.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: Path, flag: str):
+    """An exclusive lock on `.{name}.lock` beside `target` while the block runs; a second run on it refuses."""
+    import fcntl
+
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag}'s parent folder does not exist: {target.parent}")
+    lock_path = target.parent / f".{target.name}.lock"
+    try:
+        handle = lock_path.open("a")
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot create the lock file {lock_path}: {exc.strerror}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock_path).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise BlockingIOError  # the run that held it removed it meanwhile, and another may have a new one
+        except (BlockingIOError, FileNotFoundError):
+            raise UsageError(f"{flag} {target} is in use by another run (it holds {lock_path}); wait for it to "
+                             "finish or choose another dir") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def holding_output_lock(run_job: Callable) -> Callable:
+    """Runs `run_job(settings, ...)` holding the output's lock; rank 0 only (the others never write)."""
+    @functools.wraps(run_job)
+    def locked(settings: Settings, *rest):
+        if settings.dry_run or settings.output_model is None or not on_main_rank():
+            return run_job(settings, *rest)
+        with exclusive_lock(settings.output_model, "--output_model"):
+            return run_job(settings, *rest)
+    return locked
 
 
 def library_versions() -> dict:
@@ -2210,8 +2535,20 @@ def library_versions() -> dict:
     return out
 
 
-def write_tokenizer_and_extras(model, tokenizer, folder: Path) -> None:
-    tokenizer.save_pretrained(str(folder))
+def source_file_paths(settings: Settings) -> list[Path]:
+    """The source's tokenizer, processor and generation files (SOURCE_FILES): a local dir's, or from the hub cache."""
+    folder = source_checkpoint_dir(settings, SOURCE_FILES)
+    return [folder / name for name in SOURCE_FILES if (folder / name).is_file()]
+
+
+def write_tokenizer_and_extras(model, tokenizer, folder: Path, settings: Settings) -> None:
+    """The source's files verbatim, over what the export wrote; the loaded tokenizer only if the source has none."""
+    copied = source_file_paths(settings)
+    for path in copied:
+        shutil.copyfile(path, folder / path.name)
+    if not any(p.name in TOKENIZER_FILES for p in copied):
+        warn(f"{settings.input_model} has none of {', '.join(TOKENIZER_FILES)}; saving the tokenizer as loaded")
+        tokenizer.save_pretrained(str(folder))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and not (folder / "generation_config.json").exists():
         generation_config.save_pretrained(str(folder))
@@ -2427,6 +2764,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
 
     output = settings.output_model
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    needed = int(estimate_checkpoint_bytes(model, set(expected)) * DISK_MARGIN)
     try:
         start = time.perf_counter()
         if settings.algorithm == "awq_lite":
@@ -2436,7 +2774,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
         manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source_checkpoint_dir(settings))
-        write_tokenizer_and_extras(model, tokenizer, staging)
+        write_tokenizer_and_extras(model, tokenizer, staging, settings)
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
         manifest["validation"] = validate_export(staging, expected, settings.mode, source_checkpoint_dir(settings))
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
@@ -2451,8 +2789,11 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
             (staging / name).chmod(0o644)
         staging.chmod(0o755)
         move_into_place(staging, output)
-    except BaseException:
+    except BaseException as exc:
+        disk_full = disk_filled_up(exc, output.parent)  # before the temp dir's removal frees the disk
         shutil.rmtree(staging, ignore_errors=True)
+        if disk_full:
+            raise disk_full_error(output.parent, needed, "the checkpoint") from None
         raise
     return manifest
 
@@ -2704,11 +3045,14 @@ def prepare_job(settings: Settings) -> Job | None:
     for spec in settings.datasets:
         check_dataset_source(spec)
     if settings.output_model and not settings.dry_run:
-        check_output_dir(settings.output_model, settings.overwrite)
+        check_output_dir(settings.output_model, settings.overwrite, protected_paths(settings))
     config = load_model_config(settings)
+    check_source_model(settings)
     tokenizer = load_tokenizer(settings)
     skeleton = empty_model(config, settings.trust_remote_code)
+    check_tokenizer_fits(tokenizer, skeleton)
     unquantized = always_unquantized(skeleton) + resolve_skip_layers(skeleton, settings.skip_layers)
+    check_something_to_quantize(skeleton, unquantized)
     if settings.algorithm == "awq_lite":
         check_awq_foldable(skeleton)
     samples, data_stats, holdout = prepare_calibration_data(settings, tokenizer)
@@ -2769,6 +3113,7 @@ def evaluation(model, settings: Settings, job: Job, device: str) -> Callable[[Pa
     return report
 
 
+@holding_output_lock
 def run(settings: Settings) -> int:
     """The whole job for validated settings: cheap checks first, the model last."""
     job = prepare_job(settings)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -115,6 +116,25 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError(f"--checkpoint_every must be >= 1, got {args.checkpoint_every}")
     return OffloadSettings(folder, args.max_gpu_memory, args.max_cpu_memory, args.clean_offload, args.resume,
                            args.checkpoint_every)
+
+
+def check_offload_folder(settings: q.Settings, offload: OffloadSettings) -> None:
+    """The offload folder is written into and deleted from: it must not be, hold or lie inside the output or model."""
+    protected = {"output dir": settings.output_model} if settings.output_model else {}
+    protected.update({k: v for k, v in q.protected_paths(settings).items() if k == "input model"})
+    q.check_no_overlap(offload.offload_folder, "--offload_folder", protected, inside_too=tuple(protected))
+
+
+def holding_offload_lock(run_job):
+    """Runs `run_job(settings, offload)` with the offload folder checked and locked: two runs sharing one refuse."""
+    @functools.wraps(run_job)
+    def locked(settings: q.Settings, offload: OffloadSettings):
+        check_offload_folder(settings, offload)
+        if settings.dry_run:
+            return run_job(settings, offload)
+        with q.exclusive_lock(offload.offload_folder, "--offload_folder"):
+            return run_job(settings, offload)
+    return locked
 
 
 # --------------------------------------------------------------------------- resume bookkeeping
@@ -392,9 +412,26 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
         q.check_free_disk(output_dir, job.checkpoint_bytes)
     free = shutil.disk_usage(probe_dir).free
     if free < needed:
-        raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {free / 2**30:.1f} GiB "
-                           f"free, {needed / 2**30:.1f} GiB needed (offloaded weights, two layers' activation caches"
+        raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
+                           f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
                            f"{', the output' if same_disk else ''}); point it at a larger disk or raise --max_cpu_memory")
+
+
+def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settings) -> None:
+    """Without a GPU the input embeddings must sit in RAM: from disk, the whole layer-by-layer calibration runs
+    and then the export fails on a meta tensor. accelerate fills RAM in module order, keeping room for a layer."""
+    import torch
+
+    embeddings = next(n for n, m in job.skeleton.named_modules() if m is job.skeleton.get_input_embeddings())
+    if torch.cuda.device_count() or lookup_device(placement.device_map, f"{embeddings}.weight") != "disk":
+        return
+    dtype = q.resolve_dtype(settings.dtype, job.config)
+    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
+                   for name in decoder_layer_names(job.skeleton)), default=0)
+    needed = q.parameter_bytes(job.skeleton.get_submodule(embeddings), dtype) + largest
+    raise q.UsageError(f"--max_cpu_memory puts the input embeddings ({embeddings}) on disk, which a CPU-only run "
+                       f"cannot export from: raise --max_cpu_memory to at least {needed} bytes "
+                       f"({q.human_bytes(needed)}: the embeddings plus the largest decoder layer)")
 
 
 def print_placement(placement: Placement, offload: OffloadSettings) -> None:
@@ -659,6 +696,8 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
     return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate)
 
 
+@q.holding_output_lock
+@holding_offload_lock
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     job = q.prepare_job(settings)
     if job is None:
@@ -668,15 +707,18 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     offload.offload_folder.mkdir(parents=True, exist_ok=True)
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)
+    check_cpu_run_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:
         q.log(f"--resume: layers 0-{resume_after} are already calibrated; continuing from layer {resume_after + 1}")
     load_start = time.perf_counter()
-    model = load_offloaded_model(settings, job, placement, offload)
-    timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
-    device = execution_device(placement)
-    calibration_run = calibrate_offloaded(model, settings, job, device, offload, resume_after)
+    needed = placement.bytes_per_device.get("disk", 0) + 2 * placement.activation_cache_bytes
+    with q.disk_full_is_usage_error(offload.offload_folder, needed, "offloaded weights and calibration checkpoints"):
+        model = load_offloaded_model(settings, job, placement, offload)
+        timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
+        device = execution_device(placement)
+        calibration_run = calibrate_offloaded(model, settings, job, device, offload, resume_after)
     calibration_run["resumed_after_layer"] = resume_after
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,

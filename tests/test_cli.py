@@ -64,14 +64,17 @@ def test_default_run_writes_a_valid_w4a4_checkpoint(default_run, tiny_model):
     assert len(quantized) == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
 
-def test_default_run_files_modes_and_no_leftovers(default_run):
+def test_default_run_files_modes_and_no_leftovers(default_run, tiny_model):
     out, _ = default_run
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "hf_quant_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", "nvfp4_manifest.json"} <= names
     for path in out.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp dir left beside it
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp dir or lock left beside it
+    for name in q.SOURCE_FILES:  # as the source has them, byte for byte: no calibration truncation
+        assert (out / name).exists() == (tiny_model / name).exists(), name
+        assert not (out / name).exists() or (out / name).read_bytes() == (tiny_model / name).read_bytes(), name
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out)("a test sentence")["input_ids"]
@@ -124,6 +127,7 @@ def test_overwrite_replaces_existing_output(tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / q.MANIFEST_NAME).write_text("{}")  # a checkpoint this tool wrote: the only kind --overwrite replaces
     assert_usage_error(run_cli("--input_model", str(tiny_model), "--output_model", str(out),
                                "--dataset_yaml", LOCAL_YAML), "not empty", "--overwrite")
     assert (out / "stale.txt").exists()

@@ -88,9 +88,10 @@ class TemplateTokenizer:
         return "|".join(m["content"] for m in messages)
 
 
-def test_render_uses_chat_template_and_skips_template_errors():
+def test_render_uses_chat_template_and_reports_template_errors():
     assert q.render_conversation([{"role": "user", "content": "a"}], TemplateTokenizer()) == ("a", True)
-    assert q.render_conversation([{"role": "user", "content": "a"}], TemplateTokenizer(fail=True)) is None
+    with pytest.raises(q.ChatTemplateFailed, match="TemplateError: roles must alternate"):
+        q.render_conversation([{"role": "user", "content": "a"}], TemplateTokenizer(fail=True))
 
 
 def test_format_sample_with_real_tokenizer_template(tiny_model):
