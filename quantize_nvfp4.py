@@ -292,13 +292,11 @@ def parse_calibration_block(block, yaml_path: Path) -> dict:
         raise UsageError(f"{yaml_path}: calibration: unknown key '{unknown[0]}'; "
                          f"allowed: {', '.join(CALIBRATION_DEFAULTS)}")
     for key, value in block.items():
-        if key == "batch_size" and value != "auto":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{yaml_path}: calibration.batch_size: expected 'auto' or a positive integer, "
-                                 f"got {value!r}")
-        elif key != "batch_size":
-            expected = (int, float) if key == "oversample_ratio" else int
-            _check_type(value, expected, f"{yaml_path}: calibration.{key}")
+        where = f"{yaml_path}: calibration.{key}"
+        if key != "batch_size":
+            _check_type(value, (int, float) if key == "oversample_ratio" else int, where)
+        elif value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{where}: expected 'auto' or a positive integer (as --batch_size), got {value!r}")
     return dict(block)
 
 
@@ -349,7 +347,7 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     calibration = {**CALIBRATION_DEFAULTS, **yaml_calibration}
     calibration.update({k: getattr(args, k) for k in CALIBRATION_DEFAULTS if getattr(args, k, None) is not None})
     validate_calibration_numbers(calibration)
-    batch_size = calibration.pop("batch_size")
+    batch_size = calibration.pop("batch_size")  # "auto" or N; Settings holds None for auto
     if args.gpu_memory_budget is not None and args.gpu_memory_budget <= 0:
         raise UsageError(f"--gpu_memory_budget must be > 0 GiB, got {args.gpu_memory_budget}")
     mode = "w4a8" if args.w4a8 else "weight_only" if args.weight_only else "nvfp4"
@@ -358,7 +356,8 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         input_model=input_model,
         output_model=Path(output_model).expanduser().resolve() if output_model else None,
         dataset_yaml=Path(args.dataset_yaml), datasets=specs, **calibration,
-        batch_size=None if batch_size == "auto" else batch_size, gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
+        batch_size=None if batch_size == "auto" else batch_size,
+        gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
         overwrite=args.overwrite, dry_run=args.dry_run, kv_cache=args.kv_cache, algorithm=args.algorithm,
         moe_calibration=args.moe_calibration, eval=args.eval or args.max_ppl_increase is not None,
