@@ -49,6 +49,7 @@ CALIBRATION_DEFAULTS = {
     "oversample_ratio": 1.5,
     "seed": 42,
     "min_token_length": 16,
+    "batch_size": "auto",   # or samples per forward; "auto" becomes Settings.batch_size None
 }
 # mode -> (ModelOpt config name, CLI flag, what it is)
 MODES = {
@@ -69,13 +70,21 @@ ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm w
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
-    "streaming": bool, "formatter": str, "columns": dict, "subset": str, "data_files": (str, list),
+    "streaming": bool, "formatter": str, "columns": (dict, list), "subset": str, "data_files": (str, list),
 }
-FORMATTER_COLUMNS = {  # formatter -> the keys its `columns:` mapping may set
+FORMATTER_COLUMNS = {  # formatter -> the keys its `columns:` mapping may set, in the order of the list form
     "raw_text": ("text",),
     "prompt_answer": ("prompt", "answer", "system", "input"),
     "sharegpt": ("conversations",),
     "chat_completion": ("messages",),
+}
+# formatter -> the list form of `columns:` (the original README's), as told in errors. raw_text's list holds
+# candidate text columns (the first non-empty one in a row is used); the others are positional.
+COLUMN_LISTS = {
+    "raw_text": "[text, ...] (candidate columns, the first non-empty one is used)",
+    "prompt_answer": "[prompt, answer] optionally followed by system, input",
+    "sharegpt": "[conversations]",
+    "chat_completion": "[messages]",
 }
 TEXT_COLUMNS = ("text", "content", "document", "body", "story", "passage", "article")
 PROMPT_ANSWER_PAIRS = (
@@ -201,43 +210,62 @@ def _check_type(value, expected, where: str):
         raise UsageError(f"{where}: expected a finite number, got {value}")
 
 
+def _column_names(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+def normalize_columns(columns: dict | list, formatter: str, where: str) -> dict:
+    """`columns:` as a mapping of the formatter's keys, from either form; formatters only see this one."""
+    keys = FORMATTER_COLUMNS[formatter]
+    forms = f"a list {COLUMN_LISTS[formatter]}; or a mapping with keys {', '.join(keys)}"
+    if isinstance(columns, list):
+        fewest = 2 if formatter == "prompt_answer" else 1
+        fits = len(columns) >= fewest and (formatter == "raw_text" or len(columns) <= len(keys))
+        if not (fits and _column_names(columns)):
+            raise UsageError(f"{where}: 'columns' {columns!r} does not fit formatter '{formatter}'; "
+                             f"expected {forms}")
+        return {"text": columns} if formatter == "raw_text" else dict(zip(keys, columns))
+    bad_keys = sorted(set(columns) - set(keys))
+    if bad_keys:
+        raise UsageError(f"{where}: 'columns' key '{bad_keys[0]}' does not apply to formatter "
+                         f"'{formatter}'; allowed: {', '.join(keys)}")
+    for key, value in columns.items():
+        if not _column_names(value if key == "text" and isinstance(value, list) else [value]):
+            raise UsageError(f"{where}: 'columns.{key}' must be a column name, got {value!r}; expected {forms}")
+    return dict(columns)
+
+
 def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
     where = f"{yaml_path}: datasets[{index}]"
     if not isinstance(entry, dict):
-        raise UsageError(f"{where}: each entry must be a mapping with at least 'name' and 'path'")
-    where += f" ({entry.get('name', '?')})"
+        raise UsageError(f"{where}: each entry must be a mapping with at least 'path'")
+    where += f" ({entry.get('name') or entry.get('path') or '?'})"
     unknown = sorted(set(entry) - set(DATASET_KEYS))
     if unknown:
         raise UsageError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(DATASET_KEYS)}")
-    for key in ("name", "path"):
-        if key not in entry:
-            raise UsageError(f"{where}: missing required key '{key}'")
+    if entry.get("path") is None:
+        raise UsageError(f"{where}: missing required key 'path'")
     values = {k: v for k, v in entry.items() if v is not None}
     for key, value in values.items():
         _check_type(value, DATASET_KEYS[key], f"{where}: '{key}'")
-    check_entry_strings(values, where)
-    spec = DatasetSpec(**values)
+    check_path_given(values["path"], where)
+    spec = DatasetSpec(**{"name": values["path"], **values})
     spec.weight = float(spec.weight)
     if not spec.weight > 0:
         raise UsageError(f"{where}: 'weight' must be > 0, got {spec.weight}")
     if spec.formatter not in FORMATTERS:
         raise UsageError(f"{where}: unknown formatter '{spec.formatter}'; allowed: {', '.join(FORMATTERS)}")
-    bad_columns = sorted(set(spec.columns or {}) - set(FORMATTER_COLUMNS[spec.formatter]))
-    if bad_columns:
-        raise UsageError(f"{where}: 'columns' key '{bad_columns[0]}' does not apply to formatter "
-                         f"'{spec.formatter}'; allowed: {', '.join(FORMATTER_COLUMNS[spec.formatter])}")
+    if spec.columns is not None:
+        spec.columns = normalize_columns(spec.columns, spec.formatter, where)
     if spec.text_column and spec.formatter != "raw_text":
         raise UsageError(f"{where}: 'text_column' applies to formatter raw_text only; use 'columns' instead")
     return spec
 
 
-def check_entry_strings(values: dict, where: str) -> None:
-    """An empty path would read every file beside the YAML; a column name must be one string."""
-    if not values["path"].strip():
+def check_path_given(path: str, where: str) -> None:
+    """An empty path would read every file beside the YAML (column names are checked by normalize_columns)."""
+    if not path.strip():
         raise UsageError(f"{where}: 'path' is empty; give a hub ID, a data file or a folder")
-    for key, column in (values.get("columns") or {}).items():
-        if not isinstance(column, str) or not column.strip():
-            raise UsageError(f"{where}: columns.{key} must be one column name (a string), got {column!r}")
 
 
 def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
@@ -261,15 +289,25 @@ def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{yaml_path}: 'datasets:' must be a non-empty list of dataset entries")
     specs = [parse_dataset_entry(entry, i, yaml_path) for i, entry in enumerate(entries)]
-    names = [s.name for s in specs]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise UsageError(f"{yaml_path}: dataset name '{duplicate}' is used twice; names must be unique")
+    check_unique_names(specs, entries, yaml_path)
     for spec in specs:
         local = yaml_path.parent / spec.path
         if not Path(spec.path).is_absolute() and local.exists():
             spec.path = str(local.resolve())
     return specs, parse_calibration_block(doc.get("calibration") or {}, yaml_path)
+
+
+def check_unique_names(specs: list[DatasetSpec], entries: list[dict], yaml_path: Path) -> None:
+    """Names key the stats and the manifest; an entry without `name:` is named after its path."""
+    names = [s.name for s in specs]
+    clash = [i for i, n in enumerate(names) if names.count(n) > 1]
+    if not clash:
+        return
+    first, second = clash[0], names.index(names[clash[0]], clash[0] + 1)
+    if all("name" in entries[i] for i in (first, second)):
+        raise UsageError(f"{yaml_path}: dataset name '{names[first]}' is used twice; names must be unique")
+    raise UsageError(f"{yaml_path}: datasets[{first}] and datasets[{second}] are both named '{names[first]}' "
+                     "(an entry without 'name:' is named after its path); give each a distinct 'name:'")
 
 
 def parse_calibration_block(block, yaml_path: Path) -> dict:
@@ -280,8 +318,11 @@ def parse_calibration_block(block, yaml_path: Path) -> dict:
         raise UsageError(f"{yaml_path}: calibration: unknown key '{unknown[0]}'; "
                          f"allowed: {', '.join(CALIBRATION_DEFAULTS)}")
     for key, value in block.items():
-        expected = (int, float) if key == "oversample_ratio" else int
-        _check_type(value, expected, f"{yaml_path}: calibration.{key}")
+        where = f"{yaml_path}: calibration.{key}"
+        if key != "batch_size":
+            _check_type(value, (int, float) if key == "oversample_ratio" else int, where)
+        elif value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{where}: expected 'auto' or a positive integer (as --batch_size), got {value!r}")
     return dict(block)
 
 
@@ -328,9 +369,9 @@ def check_eval_plan(args: argparse.Namespace, calibration: dict) -> None:
                          "--max_samples")
 
 
-def parse_batch_size(text: str) -> int | None:
+def parse_batch_size(text: str) -> int | str:
     if text == "auto":
-        return None
+        return text
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
     return int(text)
@@ -350,6 +391,7 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     calibration = {**CALIBRATION_DEFAULTS, **yaml_calibration}
     calibration.update({k: getattr(args, k) for k in CALIBRATION_DEFAULTS if getattr(args, k, None) is not None})
     validate_calibration_numbers(calibration)
+    batch_size = calibration.pop("batch_size")  # "auto" or N; Settings holds None for auto
     if args.gpu_memory_budget is not None and not 0 < args.gpu_memory_budget < math.inf:
         raise UsageError(f"--gpu_memory_budget must be a finite number > 0 (GiB), got {args.gpu_memory_budget}")
     check_eval_plan(args, calibration)
@@ -359,7 +401,8 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         input_model=input_model,
         output_model=Path(output_model).expanduser().resolve() if output_model else None,
         dataset_yaml=Path(args.dataset_yaml), datasets=specs, **calibration,
-        batch_size=args.batch_size, gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
+        batch_size=None if batch_size == "auto" else batch_size,
+        gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
         overwrite=args.overwrite, dry_run=args.dry_run, kv_cache=args.kv_cache, algorithm=args.algorithm,
         moe_calibration=args.moe_calibration, eval=args.eval or args.max_ppl_increase is not None,
@@ -380,8 +423,9 @@ def _first_present(row: dict, candidates: Iterable[str]) -> str | None:
 
 
 def format_raw_text(row: dict, columns: dict) -> str | None:
-    column = columns.get("text") or _first_present(row, TEXT_COLUMNS)
-    if column is None:  # fall back to the first non-empty string column
+    wanted = columns.get("text")  # a column name, or candidate names from the list form of `columns:`
+    column = _first_present(row, [wanted] if isinstance(wanted, str) else wanted or TEXT_COLUMNS)
+    if column is None and not wanted:  # fall back to the first non-empty string column
         column = next((k for k, v in row.items() if _text(v) is not None), None)
     return _text(row.get(column)) if column else None
 
@@ -2977,7 +3021,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_token_length", type=int,
                    help=f"drop samples shorter than this (default {CALIBRATION_DEFAULTS['min_token_length']})")
     p.add_argument("--batch_size", type=parse_batch_size, default=None, metavar="auto|N",
-                   help="samples per calibration forward; auto (default) sizes batches in tokens to the GPU budget")
+                   help="samples per calibration forward; auto (default) sizes batches in tokens to the GPU budget; "
+                        "overrides the YAML's calibration.batch_size")
     p.add_argument("--gpu_memory_budget", type=float, metavar="GiB",
                    help=f"cap for weights + calibration activations (default {AUTO_BUDGET_FRACTION * 100:.0f}%% of the GPU)")
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",

@@ -160,6 +160,58 @@ def test_list_configs():
     assert "--weight_only" in lines["W4A16_NVFP4_CFG"] and "NVFP4_AWQ_LITE_CFG" in lines
 
 
+# The seed README's example mix, as users have it: `columns:` as a list, calibration.min_token_length 32.
+SEED_README_YAML = """\
+# Dataset configuration for NVFP4 calibration
+datasets:
+  - name: ultrachat        # Human-readable name (optional)
+    path: HuggingFaceH4/ultrachat_200k
+    split: train_sft
+    weight: 0.4            # Sampling weight (normalized automatically)
+    text_column: text      # Column containing text (auto-detected if not specified)
+    streaming: false       # Set true for very large datasets
+
+  - name: writing_prompts
+    path: Gryphe/Opus-WritingPrompts
+    split: train
+    weight: 0.3
+    formatter: sharegpt    # Use ShareGPT conversation format
+    columns: [conversations]
+
+calibration:
+  max_samples: 512         # Target samples for calibration (after filtering)
+  max_seq_len: 2048        # Maximum sequence length for tokenization
+  seed: 42                 # Random seed for reproducibility
+  min_token_length: 32     # Filter samples shorter than this (default: 32)
+  oversample_ratio: 1.5    # Request 50% more samples, trim after filtering
+"""
+
+
+def sentence(i: int, topic: str) -> str:
+    return (f"Entry {i} about {topic}: the keeper of the old lighthouse wrote that {i * 7} ships passed the "
+            f"northern reef before the storm, and that the lamp burned until dawn while the sea kept its "
+            f"promise to nobody at all, not even to the gulls.")
+
+
+def test_seed_readme_yaml_runs_as_written(tiny_model, tmp_path):
+    write_jsonl(tmp_path / "ultrachat.jsonl", [{"text": sentence(i, "chat")} for i in range(500)])
+    conversations = [{"conversations": [{"from": "human", "value": sentence(i, "a prompt")},
+                                        {"from": "gpt", "value": sentence(i, "a story")}]} for i in range(400)]
+    (tmp_path / "writing_prompts.json").write_text(json.dumps(conversations), encoding="utf-8")
+    mix = SEED_README_YAML.replace("HuggingFaceH4/ultrachat_200k", "ultrachat.jsonl") \
+        .replace("Gryphe/Opus-WritingPrompts", "writing_prompts.json")
+    out = tmp_path / "out"
+    result = run_cli("--input_model", str(tiny_model), "--output_model", str(out),
+                     "--dataset_yaml", str(write_yaml(tmp_path / "mix.yaml", mix)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    calib = json.loads((out / "nvfp4_manifest.json").read_text())["calibration"]
+    # 768 requested = 512 x 1.5, split 0.4 : 0.3 by largest remainder (438.86 -> 439, 329.14 -> 329)
+    assert [(d["name"], d["requested"], d["loaded"]) for d in calib["per_dataset"]] == \
+        [("ultrachat", 439, 439), ("writing_prompts", 329, 329)]
+    assert calib["kept_samples"] == 512 == sum(d["kept"] for d in calib["per_dataset"])
+    assert all(d["kept"] > 0 for d in calib["per_dataset"])
+
+
 def test_self_test(tmp_path):
     result = run_cli("--self_test", "--output_model", str(tmp_path / "st"))
     assert result.returncode == 0, result.stderr[-3000:]

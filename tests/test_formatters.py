@@ -16,6 +16,22 @@ def test_raw_text_detects_common_columns_and_explicit_column():
     assert q.format_raw_text({"weird_name": "only string"}, {}) == "only string"
 
 
+def test_raw_text_candidate_columns_first_non_empty_wins_without_fallback():
+    columns = {"text": ["title", "body"]}
+    assert q.format_raw_text({"title": "  ", "body": "b", "text": "t"}, columns) == "b"
+    assert q.format_raw_text({"title": "a", "body": "b"}, columns) == "a"
+    assert q.format_raw_text({"title": None, "text": "t"}, columns) is None
+
+
+def test_list_columns_reach_the_formatters(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    (tmp_path / "m.yaml").write_text("datasets:\n  - path: d.jsonl\n    formatter: prompt_answer\n"
+                                     "    columns: [question, response, persona]\n")
+    spec = q.load_mix(tmp_path / "m.yaml")[0][0]
+    text, _ = q.format_sample(spec, {"question": "q", "response": "r", "persona": "terse", "prompt": "other"})
+    assert text == "System: terse\n\nUser: q\n\nAssistant: r"
+
+
 @pytest.mark.parametrize("row, expected_user, expected_answer", [
     ({"prompt": "p", "response": "r"}, "p", "r"),
     ({"instruction": "i", "input": "extra", "output": "o"}, "i\n\nextra", "o"),

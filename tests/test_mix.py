@@ -51,7 +51,7 @@ def test_unknown_formatter_lists_allowed(data_dir):
     ("- a\n- b\n", "top level must be a mapping"),
     ("datasets: []\n", "non-empty list"),
     ("dataset:\n  - name: a\n", "unknown top-level key 'dataset'"),
-    ("datasets:\n  - path: x.jsonl\n", "missing required key 'name'"),
+    ("datasets:\n  - name: a\n    path: null\n", "missing required key 'path'"),
     ("datasets:\n  - name: a\n", "missing required key 'path'"),
     ("datasets:\n  - name: a\n    path: x\n  - name: a\n    path: y\n", "'a' is used twice"),
     ("calibration:\n  max_sample: 3\ndatasets:\n  - name: a\n    path: x\n", "unknown key 'max_sample'"),
@@ -119,9 +119,79 @@ def test_modes_and_batch_size_parsing(data_dir):
     assert q.build_settings(args_for(path), {}).mode == "nvfp4"
     assert q.build_settings(args_for(path, w4a8=True), {}).modelopt_config_name == "W4A8_NVFP4_FP8_CFG"
     assert q.build_settings(args_for(path, weight_only=True), {}).modelopt_config_name == "W4A16_NVFP4_CFG"
-    assert q.parse_batch_size("auto") is None and q.parse_batch_size("4") == 4
+    assert q.parse_batch_size("auto") == "auto" and q.parse_batch_size("4") == 4
     with pytest.raises(argparse.ArgumentTypeError):
         q.parse_batch_size("0")
+
+
+@pytest.mark.parametrize("formatter, columns, expected", [
+    ("raw_text", "[body]", {"text": ["body"]}),
+    ("raw_text", "[title, body]", {"text": ["title", "body"]}),
+    ("prompt_answer", "[prompt, response]", {"prompt": "prompt", "answer": "response"}),
+    ("prompt_answer", "[instruction, output]", {"prompt": "instruction", "answer": "output"}),
+    ("prompt_answer", "[question, response]", {"prompt": "question", "answer": "response"}),
+    ("prompt_answer", "[q, a, sys, extra]", {"prompt": "q", "answer": "a", "system": "sys", "input": "extra"}),
+    ("sharegpt", "[conversations]", {"conversations": "conversations"}),
+    ("chat_completion", "[messages]", {"messages": "messages"}),
+    ("prompt_answer", "{prompt: q, answer: a}", {"prompt": "q", "answer": "a"}),
+    ("raw_text", "{text: [title, body]}", {"text": ["title", "body"]}),
+])
+def test_columns_list_is_normalized_to_the_mapping(data_dir, formatter, columns, expected):
+    specs, _ = q.load_mix(write_yaml(data_dir / "m.yaml", entry_yaml(f"    columns: {columns}\n", formatter)))
+    assert specs[0].columns == expected
+
+
+@pytest.mark.parametrize("formatter, columns, allowed", [
+    ("prompt_answer", "[a, b, c, d, e]", "[prompt, answer] optionally followed by system, input"),
+    ("prompt_answer", "[question]", "[prompt, answer] optionally followed by system, input"),
+    ("sharegpt", "[conversations, extra]", "[conversations]"),
+    ("chat_completion", "[messages, 3]", "[messages]"),
+    ("raw_text", "[]", "[text, ...]"),
+    ("raw_text", "[text, null]", "[text, ...]"),
+    ("sharegpt", "[[conversations]]", "[conversations]"),
+    ("prompt_answer", "{prompt: 5}", "[prompt, answer] optionally followed by system, input"),
+])
+def test_bad_columns_list_names_file_entry_and_allowed_form(data_dir, formatter, columns, allowed):
+    path = write_yaml(data_dir / "m.yaml", entry_yaml(f"    columns: {columns}\n", formatter))
+    with pytest.raises(q.UsageError) as err:
+        q.load_mix(path)
+    message = str(err.value)
+    assert str(path) in message and "datasets[0] (a)" in message and allowed in message, message
+    assert "\n" not in message
+
+
+def test_name_is_optional_and_defaults_to_the_path(data_dir):
+    text = "datasets:\n  - path: data.jsonl\n  - name: second\n    path: data.jsonl\n"
+    specs, _ = q.load_mix(write_yaml(data_dir / "m.yaml", text))
+    assert [s.name for s in specs] == ["data.jsonl", "second"]
+
+
+def test_clashing_default_names_ask_for_a_name(data_dir):
+    path = write_yaml(data_dir / "m.yaml", "datasets:\n  - path: data.jsonl\n  - path: data.jsonl\n    split: x\n")
+    with pytest.raises(q.UsageError, match=r"datasets\[0\] and datasets\[1\] are both named 'data.jsonl' .*"
+                                           r"give each a distinct 'name:'"):
+        q.load_mix(path)
+
+
+@pytest.mark.parametrize("yaml_value, cli_value, expected", [
+    (None, None, None), ("4", None, 4), ("auto", None, None), ("4", "auto", None), ("auto", "2", 2), ("4", "2", 2),
+])
+def test_batch_size_cli_over_yaml_over_default(data_dir, yaml_value, cli_value, expected):
+    block = f"calibration:\n  batch_size: {yaml_value}\n" if yaml_value else ""
+    path = write_yaml(data_dir / "m.yaml", block + entry_yaml())
+    flags = ["--batch_size", cli_value] if cli_value else []
+    args = q.build_parser().parse_args(["--input_model", "m", "--output_model", "o", "--dataset_yaml", str(path),
+                                        *flags])
+    settings = q.build_settings(args, {})
+    assert settings.batch_size == expected
+    assert settings.public_dict()["batch_size"] == (expected or "auto")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "big", "true", "1.5"])
+def test_bad_yaml_batch_size(data_dir, value):
+    path = write_yaml(data_dir / "m.yaml", f"calibration:\n  batch_size: {value}\n" + entry_yaml())
+    with pytest.raises(q.UsageError, match=f"{path}: calibration.batch_size: expected 'auto' or a positive integer"):
+        q.load_mix(path)
 
 
 def test_shipped_yamls_are_valid():

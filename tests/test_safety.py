@@ -228,7 +228,7 @@ def bad_data(tmp_path: Path, case: str) -> tuple[str, str]:
         return "d", ""
     elif case == "column_list":
         write_jsonl(tmp_path / "d.jsonl", [{"a": "x", "b": "y"}])
-        return "d.jsonl", "    columns: {text: [a, b]}\n"
+        return "d.jsonl", "    columns: {text: [1, 2]}\n"
     elif case == "empty_path":
         return "''", ""
     return "d.jsonl", ""
@@ -240,7 +240,7 @@ def bad_data(tmp_path: Path, case: str) -> tuple[str, str]:
     ("latin1_txt", "not UTF-8"),
     ("ragged_csv", "cannot be loaded"),
     ("clashing_schemas", "cannot be loaded"),
-    ("column_list", "columns.text must be one column name"),
+    ("column_list", "'columns.text' must be a column name"),
     ("empty_path", "'path' is empty"),
 ])
 def test_bad_data_files(capsys, tiny_model, tmp_path, case, fragment):
