@@ -1895,6 +1895,127 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
     return 1
 
 
+# --------------------------------------------------------------------------- export fidelity
+FIDELITY_SAMPLES = 8          # calibration samples in the capture forward (one padded batch; real rows kept)
+FIDELITY_TOKENS = 512         # tokens per sample at most: bounds the capture's activation memory
+FIDELITY_ROWS = 256           # input rows kept per linear, on the CPU: bounds the check's memory
+FIDELITY_CAP = 0.5            # relative output error above which a linear is broken, whatever the others do
+FIDELITY_FLOOR = 0.25         # ... below which it passes, whatever the others do
+FIDELITY_MEDIAN_FACTOR = 4.0  # between the two: broken when above this many times the checkpoint's median
+
+
+class ExportRejected(Exception):
+    """The staged export computes something else than the original model: nothing is renamed into place, exit 1."""
+
+
+def linear_for_exported(model, name: str) -> tuple[str | None, str]:
+    """(in-memory module name, source checkpoint weight key) of the exported linear `name`.
+
+    The one place where exported names are mapped back; None for a linear without a module of its
+    own in memory (transformers 5's fused MoE experts, which the export writes per expert).
+    """
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return None, f"{name}.weight"
+    return name, f"{name}.weight"
+
+
+def capture_linear_inputs(model, samples: list[list[int]], device: str, pad_id: int,
+                          rows: int = FIDELITY_ROWS) -> dict:
+    """Real (unpadded) inputs of every quantized linear, `rows` of them sampled, from one short forward.
+
+    Quantizers are off, so these are the 16-bit model's activations (pre_quant_scales still apply, as
+    ModelOpt keeps them on disabled quantizers). Taken before export, which changes the model in place.
+    """
+    import torch
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    batch = [s[:FIDELITY_TOKENS] for s in samples[:FIDELITY_SAMPLES]]
+    input_ids, mask = padded_batch(batch, list(range(len(batch))), pad_id)
+    keep = mask.reshape(-1) > 0
+    chosen = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(0))[:rows].sort().values
+    captured: dict = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if x.shape[0] == keep.numel():  # a routed expert sees other rows: not a plain linear of this batch
+                captured[name] = x[keep.to(x.device)][chosen.to(x.device)].detach().cpu()
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in quantized_linear_shapes(model)]
+    try:
+        with torch.no_grad(), set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
+            calibration_forward(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
+    """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
+    scale, the input quantized with the stored input_scale as the kernels do."""
+    weight = dequantize_nvfp4(reader.tensor(f"{name}.weight"), reader.tensor(f"{name}.weight_scale"),
+                              reader.tensor(f"{name}.weight_scale_2"), group).to(x.device)
+    if algo != "W4A16_NVFP4":
+        scale = reader.tensor(f"{name}.input_scale").float().to(x.device)
+        x = fake_quant_nvfp4_input(x, scale) if algo == "NVFP4" else fake_quant_fp8_input(x, scale)
+    return x @ weight.T
+
+
+def fidelity_limit(median: float) -> float:
+    return min(FIDELITY_CAP, max(FIDELITY_FLOOR, FIDELITY_MEDIAN_FACTOR * median))
+
+
+def check_fidelity(model, folder: Path, source: Path, captured: dict, device: str) -> dict:
+    """Per quantized linear: ||y_runtime - y_original|| / ||y_original|| on the captured inputs, one
+    linear at a time; y_original from the source checkpoint's 16-bit weight. Raises ExportRejected
+    when a linear is far outside NVFP4's normal range (see fidelity_limit)."""
+    import torch
+    from tqdm import tqdm
+
+    reader, original = CheckpointReader(folder), CheckpointReader(source)
+    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    algo, group = quant["quant_algo"], int(quant["group_size"])
+    errors, unchecked = {}, []
+    names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
+    for name in tqdm(names, desc="fidelity", unit="linear", file=sys.stderr, disable=not on_main_rank()):
+        module_name, source_key = linear_for_exported(model, name)
+        if module_name not in captured or source_key not in original:
+            unchecked.append(name)
+            continue
+        x = captured[module_name].to(device).float()
+        expected = x @ original.tensor(source_key).to(device).float().T
+        error = torch.linalg.norm(exported_linear_output(reader, name, x, algo, group) - expected)
+        errors[name] = round((error / torch.linalg.norm(expected).clamp_min(1e-30)).item(), 5)
+    values = sorted(errors.values())
+    median = values[len(values) // 2] if values else 0.0
+    limit = fidelity_limit(median)
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])
+    report = {"measure": "relative output error per quantized linear, exported tensors vs the source weights",
+              "rows_per_linear": FIDELITY_ROWS, "checked": len(errors), "unchecked": unchecked,
+              "median": median, "limit": round(limit, 5), "worst": dict(worst[:5]), "per_linear": errors}
+    broken = [(n, e) for n, e in worst if not e <= limit]
+    if broken:
+        raise ExportRejected(f"{len(broken)} quantized linear(s) of the export compute far from the original "
+                             f"(relative output error {broken[0][1]:.3g} in {broken[0][0]}; limit {limit:.3g}, "
+                             f"median {median:.3g}): the exported scales or weights are broken; nothing was written")
+    return report
+
+
+def source_checkpoint(settings: Settings) -> Path:
+    """The folder holding the source model's safetensors: the local dir, or the hub cache it loaded from."""
+    local = Path(settings.input_model).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(settings.input_model, allow_patterns=["*.safetensors", "*.json"],
+                                  token=settings.hf_token))
+
+
 # --------------------------------------------------------------------------- export
 def check_output_dir(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
@@ -2047,6 +2168,7 @@ def model_card(manifest: dict, folder_name: str) -> str:
         "## Calibration mix", "", "| dataset | requested | kept |", "|---|---|---|",
         *[f"| {d['name']} | {d['requested']} | {d['kept']} |" for d in calib["per_dataset"]], "",
     ]
+    lines += fidelity_section(manifest.get("fidelity"))
     lines += quality_section(manifest.get("quality"))
     coverage = manifest["calibration_run"].get("moe_expert_coverage")
     if coverage:
@@ -2066,6 +2188,19 @@ def model_card(manifest: dict, folder_name: str) -> str:
     return "\n".join(lines)
 
 
+def fidelity_section(fidelity: dict | None) -> list[str]:
+    if not fidelity:
+        return []
+    unchecked = f" {len(fidelity['unchecked'])} were not checked (no 16-bit linear of their own)." \
+        if fidelity["unchecked"] else ""
+    return ["## Export fidelity", "",
+            f"Each of {fidelity['checked']} quantized linears was run from the exported tensors (as the runtimes "
+            f"compute it) and from the original weights on {fidelity['rows_per_linear']} calibration tokens; relative "
+            f"output error: median {fidelity['median']}, limit {fidelity['limit']}.{unchecked} Worst:", "",
+            "| linear | relative error |", "|---|---|",
+            *[f"| `{name}` | {error} |" for name, error in fidelity["worst"].items()], ""]
+
+
 def quality_section(report: dict | None) -> list[str]:
     if not report:
         return ["## Quality", "", "Not measured (run with `--eval`, or `--verify DIR --eval --reference MODEL`).", ""]
@@ -2080,10 +2215,12 @@ def quality_section(report: dict | None) -> list[str]:
 
 
 def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict,
-                      report_fn: Callable[[Path], dict | None] | None = None) -> dict:
+                      report_fn: Callable[[Path], dict | None] | None = None, fidelity_inputs: dict | None = None,
+                      device: str = "cpu") -> dict:
     """Export into a temp dir beside the target, check it, then rename it into place.
 
     `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
+    `fidelity_inputs` (capture_linear_inputs) are the inputs on which check_fidelity runs each linear.
     """
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -2101,6 +2238,8 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
         manifest["validation"] = validate_export(staging, expected, settings.mode)
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
+        if fidelity_inputs is not None:
+            manifest["fidelity"] = check_fidelity(model, staging, source_checkpoint(settings), fidelity_inputs, device)
         report = report_fn(staging) if report_fn else None
         if report:
             manifest["quality"] = report
@@ -2174,6 +2313,10 @@ def print_summary(manifest: dict, output: Path) -> None:
         ("load / export", f"{t['load_model_s']} s / {t['export_s']} s"),
         ("total", f"{t['total_s']} s"),
     ]
+    fidelity = manifest.get("fidelity")
+    if fidelity and fidelity["worst"]:
+        name, error = next(iter(fidelity["worst"].items()))
+        rows.append(("fidelity: worst linear", f"{error} {name} (median {fidelity['median']}, limit {fidelity['limit']})"))
     coverage = calib.get("moe_expert_coverage")
     if coverage:
         rows.append(("MoE experts with no routed token", f"{coverage['unrouted_experts']} "
@@ -2392,7 +2535,9 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         "versions": library_versions(), "device": device, "calibration": job.data_stats,
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
-    export_checkpoint(model, job.tokenizer, settings, manifest, expected, evaluation(model, settings, job, device))
+    report_fn = evaluation(model, settings, job, device)  # before export, which changes the model in place
+    captured = capture_linear_inputs(model, job.samples, device, job.pad_id)
+    export_checkpoint(model, job.tokenizer, settings, manifest, expected, report_fn, captured, device)
     timings["total_s"] = round(time.perf_counter() - job.started, 2)
     (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print_summary(manifest, settings.output_model)
@@ -2488,6 +2633,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ExportRejected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except q.UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return q.EXIT_USAGE
+    except q.ExportRejected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
