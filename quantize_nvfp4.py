@@ -1783,6 +1783,18 @@ def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str) -> None:
     model.set_attn_implementation("nvfp4_kv_emulation")
 
 
+def copy_unquantized_tensors(model, reader: CheckpointReader) -> None:
+    """The export's 16-bit tensors into the model: norms, embeddings, biases. They differ from the
+    original's where a scale was folded into them (awq_lite folds its input scales into the norms)."""
+    import torch
+
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if key in reader and reader.dtype(key) in SIXTEEN_BIT + ("F32",) and \
+                    f"{key.rpartition('.')[0]}.weight_scale" not in reader:
+                tensor.copy_(reader.tensor(key).to(tensor.dtype))
+
+
 def emulate_checkpoint(model, folder: Path) -> list:
     """Make a 16-bit model compute what the runtimes compute from `folder`; returns the input hooks.
 
@@ -1797,6 +1809,7 @@ def emulate_checkpoint(model, folder: Path) -> list:
     algo, group = quant["quant_algo"], int(quant["group_size"])
     hooks = []
     use_eager_experts(model)
+    copy_unquantized_tensors(model, reader)
     for name, module in model.named_modules():
         if is_fused_experts(module) and f"{name}.0.gate_proj.weight_scale" in reader:
             hooks += emulate_fused_experts(module, name, reader, algo, group)
@@ -1921,30 +1934,29 @@ def linear_for_exported(model, name: str) -> tuple[str | None, str]:
     return name, f"{name}.weight"
 
 
-def capture_linear_inputs(model, samples: list[list[int]], device: str, pad_id: int,
-                          rows: int = FIDELITY_ROWS) -> dict:
-    """Real (unpadded) inputs of every quantized linear, `rows` of them sampled, from one short forward.
-
-    Quantizers are off, so these are the 16-bit model's activations (pre_quant_scales still apply, as
-    ModelOpt keeps them on disabled quantizers). Taken before export, which changes the model in place.
-    """
+def capture_linear_io(model, samples: list[list[int]], device: str, pad_id: int, outputs: bool = False) -> dict:
+    """name -> (inputs, outputs or None) of every quantized linear: FIDELITY_ROWS real (unpadded) rows, sampled
+    the same way on every call, from one short forward of the 16-bit model (quantizers off; ModelOpt still
+    applies pre_quant_scales on disabled quantizers, so the model computes the original function)."""
     import torch
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
 
     batch = [s[:FIDELITY_TOKENS] for s in samples[:FIDELITY_SAMPLES]]
     input_ids, mask = padded_batch(batch, list(range(len(batch))), pad_id)
     keep = mask.reshape(-1) > 0
-    chosen = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(0))[:rows].sort().values
+    chosen = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(0))[:FIDELITY_ROWS].sort().values
     captured: dict = {}
 
+    def rows(t):
+        return t.reshape(-1, t.shape[-1])[keep.to(t.device)][chosen.to(t.device)].detach().cpu()
+
     def hook(name):
-        def record(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            if x.shape[0] == keep.numel():  # a routed expert sees other rows: not a plain linear of this batch
-                captured[name] = x[keep.to(x.device)][chosen.to(x.device)].detach().cpu()
+        def record(module, args, output):
+            if args[0].reshape(-1, args[0].shape[-1]).shape[0] == keep.numel():  # routed experts see other rows
+                captured[name] = (rows(args[0]), rows(output) if outputs else None)
         return record
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in quantized_linear_shapes(model)]
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in quantized_linear_shapes(model)]
     try:
         with torch.no_grad(), set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
             calibration_forward(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device))
@@ -1952,6 +1964,11 @@ def capture_linear_inputs(model, samples: list[list[int]], device: str, pad_id: 
         for handle in handles:
             handle.remove()
     return captured
+
+
+def channel_ratio(scaled, original):
+    """Per last-dim channel, the least-squares factor c with scaled ~ original * c."""
+    return (scaled * original).sum(0) / (original * original).sum(0).clamp_min(1e-30)
 
 
 def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
@@ -1969,11 +1986,30 @@ def fidelity_limit(median: float) -> float:
     return min(FIDELITY_CAP, max(FIDELITY_FLOOR, FIDELITY_MEDIAN_FACTOR * median))
 
 
-def check_fidelity(model, folder: Path, source: Path, captured: dict, device: str) -> dict:
-    """Per quantized linear: ||y_runtime - y_original|| / ||y_original|| on the captured inputs, one
-    linear at a time; y_original from the source checkpoint's 16-bit weight. Raises ExportRejected
-    when a linear is far outside NVFP4's normal range (see fidelity_limit)."""
+def linear_error(reader: CheckpointReader, name: str, original, before: tuple, after: tuple | None, algo: str,
+                 group: int, device: str) -> float:
+    """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs.
+
+    Where the export folded scales (awq_lite: into norms, v_proj and up_proj), the runtime's input and
+    output are the original ones times per-channel factors; `after` (the folded 16-bit model's inputs and
+    outputs on the same tokens) gives them, and the runtime's output is mapped back before comparing.
+    """
     import torch
+
+    x = before[0].to(device).float()
+    expected = x @ original.to(device).float().T
+    if after is None:
+        runtime = exported_linear_output(reader, name, x, algo, group)
+    else:
+        x_folded, y_folded = after[0].to(device).float(), after[1].to(device).float()
+        runtime = exported_linear_output(reader, name, x_folded, algo, group) / channel_ratio(y_folded, expected)
+    return (torch.linalg.norm(runtime - expected) / torch.linalg.norm(expected).clamp_min(1e-30)).item()
+
+
+def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict | None, device: str) -> dict:
+    """Per quantized linear, one at a time: its output from the exported tensors against the source
+    checkpoint's 16-bit weight on the captured inputs (capture_linear_io; `after` only where the export
+    folded scales). Raises ExportRejected when a linear is far outside NVFP4's normal range (fidelity_limit)."""
     from tqdm import tqdm
 
     reader, original = CheckpointReader(folder), CheckpointReader(source)
@@ -1983,13 +2019,11 @@ def check_fidelity(model, folder: Path, source: Path, captured: dict, device: st
     names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
     for name in tqdm(names, desc="fidelity", unit="linear", file=sys.stderr, disable=not on_main_rank()):
         module_name, source_key = linear_for_exported(model, name)
-        if module_name not in captured or source_key not in original:
+        if module_name not in before or source_key not in original or (after is not None and module_name not in after):
             unchecked.append(name)
             continue
-        x = captured[module_name].to(device).float()
-        expected = x @ original.tensor(source_key).to(device).float().T
-        error = torch.linalg.norm(exported_linear_output(reader, name, x, algo, group) - expected)
-        errors[name] = round((error / torch.linalg.norm(expected).clamp_min(1e-30)).item(), 5)
+        errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
+                                          after[module_name] if after is not None else None, algo, group, device), 5)
     values = sorted(errors.values())
     median = values[len(values) // 2] if values else 0.0
     limit = fidelity_limit(median)
@@ -2099,14 +2133,18 @@ def check_awq_foldable(skeleton) -> None:
 
 def fold_awq_scales(model) -> None:
     """Fold awq_lite's per-channel input scales into the layers before, as ModelOpt's export does, and
-    into v_proj also for grouped-query attention (averaging the scale over each group of query heads).
+    into v_proj also for grouped-query attention (averaging the scale over each group of query heads);
+    then, as the export would, average them over layers sharing an input and fold them into the norms.
 
-    Export folds the rest (into layernorms); what it cannot fold stays a pre_quant_scale tensor, which
-    neither runtime's NVFP4 loader applies (see relabel_folded_awq).
+    Done here, before the export, so that the fidelity check sees the folded 16-bit model (the export
+    leaves packed weights behind). What cannot fold stays a pre_quant_scale tensor, which neither
+    runtime's NVFP4 loader applies (see relabel_folded_awq).
     """
     from modelopt.torch.export.quant_utils import fuse_prequant_to_linear
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     fuse_prequant_to_linear(model, fuse_grouped_heads=True)
+    requantize_resmooth_fused_llm_layers(model)
 
 
 def relabel_folded_awq(folder: Path, mode: str) -> None:
@@ -2215,21 +2253,24 @@ def quality_section(report: dict | None) -> list[str]:
 
 
 def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: dict,
-                      report_fn: Callable[[Path], dict | None] | None = None, fidelity_inputs: dict | None = None,
-                      device: str = "cpu") -> dict:
+                      report_fn: Callable[[Path], dict | None] | None = None,
+                      capture: Callable[[bool], dict] | None = None, device: str = "cpu") -> dict:
     """Export into a temp dir beside the target, check it, then rename it into place.
 
     `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
-    `fidelity_inputs` (capture_linear_inputs) are the inputs on which check_fidelity runs each linear.
+    `capture(outputs)` (capture_linear_io on a few calibration samples) feeds check_fidelity: before the
+    export changes the model, and after awq_lite's scales are folded into other layers.
     """
     from modelopt.torch.export import export_hf_checkpoint
 
     output = settings.output_model
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        before, after = (capture(False) if capture else None), None
         start = time.perf_counter()
         if settings.algorithm == "awq_lite":
             fold_awq_scales(model)
+            after = capture(True) if capture else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
@@ -2238,8 +2279,8 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
         manifest["validation"] = validate_export(staging, expected, settings.mode)
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
-        if fidelity_inputs is not None:
-            manifest["fidelity"] = check_fidelity(model, staging, source_checkpoint(settings), fidelity_inputs, device)
+        if capture:
+            manifest["fidelity"] = check_fidelity(model, staging, source_checkpoint(settings), before, after, device)
         report = report_fn(staging) if report_fn else None
         if report:
             manifest["quality"] = report
@@ -2535,9 +2576,8 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         "versions": library_versions(), "device": device, "calibration": job.data_stats,
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
-    report_fn = evaluation(model, settings, job, device)  # before export, which changes the model in place
-    captured = capture_linear_inputs(model, job.samples, device, job.pad_id)
-    export_checkpoint(model, job.tokenizer, settings, manifest, expected, report_fn, captured, device)
+    export_checkpoint(model, job.tokenizer, settings, manifest, expected, evaluation(model, settings, job, device),
+                      lambda outputs: capture_linear_io(model, job.samples, device, job.pad_id, outputs), device)
     timings["total_s"] = round(time.perf_counter() - job.started, 2)
     (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print_summary(manifest, settings.output_model)

@@ -101,3 +101,85 @@ def test_offload_script_exits_1_on_a_broken_export(tiny_model, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "o_proj" in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# --------------------------------------------------------------------------- awq_lite's folded scales
+def fake_awq_lite(model, captured, sigma=0.7):
+    """awq_lite's end state without its CUDA-only search: random per-channel smoothing scales, one per input
+    shared by the layers reading it (as the export needs), applied the way awq_lite applies its best scales."""
+    from modelopt.torch.quantization.model_calib import apply_pre_quant_scale_and_smooth
+
+    generator, shared = torch.Generator().manual_seed(1), {}
+    for name, (x, _) in captured.items():
+        module = model.get_submodule(name)
+        parent, leaf = name.rsplit(".", 1)
+        key = parent + (".qkv" if leaf in ("q_proj", "k_proj", "v_proj") else ".gate_up" if leaf in
+                        ("gate_proj", "up_proj") else "." + leaf)
+        scale = shared.setdefault(key, torch.exp(sigma * torch.randn(module.in_features, generator=generator)))
+        module.input_quantizer._amax_for_smoothing = x.float().abs().amax(0).to(module.weight.dtype)
+        apply_pre_quant_scale_and_smooth(module, scale)
+
+
+def in_process_logits(model, names):
+    """ModelOpt's fake-quantized forward, emulated on the CPU: each quantized linear's input times its
+    pre_quant_scale, quantized with its input amax; its weight quantized with its weight amax."""
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    def quantized(module, args, output):
+        iq, wq = module.input_quantizer, module.weight_quantizer
+        x = args[0] * iq.pre_quant_scale if iq.pre_quant_scale is not None else args[0]
+        x = q.fake_quant_nvfp4_input(x.float(), iq.amax.float() / (6 * 448))
+        w = q.fake_quant_nvfp4_input(module.weight.float(), wq.amax.float() / (6 * 448))
+        return torch.nn.functional.linear(x, w).to(output.dtype)
+
+    def forward(ids):
+        handles = [model.get_submodule(n).register_forward_hook(quantized) for n in names]
+        with set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
+            logits = model(input_ids=ids, use_cache=False).logits
+        for handle in handles:
+            handle.remove()
+        return logits
+    return forward
+
+
+def awq_export(tiny_model, out):
+    """A calibrated tiny Llama (GQA) in awq_lite's state; returns what export needs and the in-process quality."""
+    settings, job, model = quantized_job(tiny_model, out)
+    calibration_run = q.quantize_model(model, settings, job.unquantized, job.samples, "cpu", job.pad_id)
+    fake_awq_lite(model, q.capture_linear_io(model, job.samples, "cpu", job.pad_id))
+    settings.algorithm = "awq_lite"  # the search itself needs CUDA: its result is faked above
+    reference = q.load_model(settings, job.config, "cpu")
+    in_process = q.quality_report(lambda ids: reference(input_ids=ids, use_cache=False).logits,
+                                  in_process_logits(model, list(q.quantized_linear_shapes(model))),
+                                  job.samples[:8], "cpu", "in process")
+    return settings, job, model, calibration_run, in_process
+
+
+def test_awq_lite_export_computes_what_was_calibrated(tiny_model, tmp_path):
+    """The exported awq_lite checkpoint (scales folded into norms, v_proj and up_proj) scores like ModelOpt's
+    in-process model. The quality report used to keep the original norms, so it saw the folded linears
+    without their scales: 5x the KL and top-1 agreement 0.05 here, the +134% of issue 14."""
+    settings, job, model, calibration_run, in_process = awq_export(tiny_model, tmp_path / "out")
+    assert q.finish_job(model, settings, job, calibration_run, {"load_model_s": 0}, "cpu", "test") == 0
+    manifest = json.loads((tmp_path / "out" / q.MANIFEST_NAME).read_text())
+    assert manifest["validation"]["quant_algo"] == "NVFP4" and manifest["fidelity"]["checked"] == 14
+    assert max(manifest["fidelity"]["per_linear"].values()) <= manifest["fidelity"]["limit"]
+    exported = q.report_with_emulator(settings, job.config, tmp_path / "out", job.samples[:8], "cpu")
+    assert exported["mean_kl"] < 1.5 * in_process["mean_kl"], (exported, in_process)
+    assert exported["top1_agreement"] > 0.8 * in_process["top1_agreement"], (exported, in_process)
+
+
+def test_awq_lite_broken_fold_is_rejected(tiny_model, tmp_path, monkeypatch):
+    """A fold that drops the input scales instead of moving them into the norms is caught by the fidelity check."""
+    import modelopt.torch.export.unified_export_hf as unified
+
+    def drop_scales(norm, modules):
+        for module in modules:
+            if hasattr(module.input_quantizer, "_pre_quant_scale"):
+                delattr(module.input_quantizer, "_pre_quant_scale")
+                module.fused_with_prequant = True
+    monkeypatch.setattr(unified, "fuse_prequant_layernorm", drop_scales)
+    settings, job, model, calibration_run, _ = awq_export(tiny_model, tmp_path / "out")
+    with pytest.raises(q.ExportRejected, match="compute far from the original"):
+        q.finish_job(model, settings, job, calibration_run, {"load_model_s": 0}, "cpu", "test")
+    assert not (tmp_path / "out").exists()
