@@ -55,14 +55,21 @@ MODES = {
 }
 # --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
-# --algorithm -> ModelOpt's calibration algorithm; all but max run a fake-quantized forward (CUDA only)
+# --algorithm -> ModelOpt's calibration algorithm, or the ModelOpt preset config / built-in recipe whose algorithm
+# and weight-quantizer block settings are merged into the mode's config. All but max run a fake-quantized
+# forward (CUDA only); those with static weight blocks also need Triton.
 ALGORITHMS = {
-    "max": "max",
-    "awq_lite": {"method": "awq_lite"},                 # per-channel smoothing scales, searched per layer
-    "awq_clip": {"method": "awq_clip"},                 # clipped per-block weight ranges, searched
-    "mse": {"method": "mse", "fp8_scale_sweep": True},  # per-block weight scales minimizing weight MSE
+    "max": {"method": "max"},
+    "awq_lite": {"method": "awq_lite"},                        # per-channel smoothing scales, searched per layer
+    "awq_clip": {"method": "awq_clip"},                        # clipped per-block weight ranges, searched
+    "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",              # FP8 block scales minimizing the weight's error
+    "local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",    # ... minimizing the output's error on the inputs
+    "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG",                # each block's largest value on 4 or 6, the better
+    "gptq": "general/ptq/nvfp4_default-kv_none-gptq",          # GPTQ's Hessian-based weight updates, layer by layer
 }
 ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
+# set scales only: ModelOpt runs these layer by layer without writing weights back (what the offload script needs)
+SCALE_ONLY_ALGORITHMS = ("max", "mse", "local_hessian", "four_over_six")
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
@@ -274,11 +281,16 @@ def check_algorithm(algorithm: str, mode: str) -> None:
     if mode not in ALGORITHM_MODES:
         raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm max, or "
                          f"the default W4A4 mode or --weight_only")
+    import importlib.util
+
     import torch
 
     if not torch.cuda.is_available():
         raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
                          "CUDA kernels); on this machine use --algorithm max")
+    if isinstance(ALGORITHMS[algorithm], str) and importlib.util.find_spec("triton") is None:
+        raise UsageError(f"--algorithm {algorithm} needs Triton (ModelOpt's static FP4 block kernels): "
+                         "pip install triton, or use --algorithm max")
 
 
 def parse_batch_size(text: str) -> int | None:
@@ -749,20 +761,40 @@ def build_quant_config(mode: str, unquantized: list[str], layerwise_dir: Path | 
         # last, so it wins over --skip_layers: the runtimes quantize every layer's KV cache, and a layer
         # without scales would get 1.0. As mtq.update_quant_cfg_with_kv_cache_quant, without its print.
         config["quant_cfg"] += copy.deepcopy(getattr(mtq, KV_CACHE_CONFIGS[kv_cache])["quant_cfg"])
-    algo = copy.deepcopy(ALGORITHMS[algorithm])
-    algo = algo if isinstance(algo, dict) else {"method": algo}
-    if algorithm == "mse":  # the sweep searches static per-block scales, as in ModelOpt's NVFP4 MSE preset
+    algo, weight_blocks = algorithm_preset(algorithm)
+    if weight_blocks:  # the preset's static block settings (type, four_over_six) on the mode's block size
         for entry in config["quant_cfg"]:
-            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
-                entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], "type": "static"}}
+            if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
+                blocks = {k: v for k, v in weight_blocks.items() if not isinstance(k, int)}
+                entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], **blocks}}
     if moe_calibration == "all":
         algo["moe_calib_experts_ratio"] = 1.0
+    if "layerwise" in algo:  # a recipe's own layer-by-layer pass: in memory, no checkpoints in the working dir
+        algo["layerwise"] = {"enable": bool(algo["layerwise"].get("enable"))}
     if layerwise_dir is not None:
         # max only reads weights: no per-layer weight copies in the checkpoints, no write-back to offloaded storage
         algo["layerwise"] = {"enable": True, "checkpoint_dir": str(layerwise_dir), "calib_mutates_weights": False,
                              "save_every": save_every}
     config["algorithm"] = algo if len(algo) > 1 or algorithm != "max" else "max"
     return config
+
+
+def algorithm_preset(algorithm: str) -> tuple[dict, dict | None]:
+    """Deep copies of --algorithm's ModelOpt algorithm and, for presets and recipes, its weight block settings."""
+    import modelopt.torch.quantization as mtq
+
+    source = ALGORITHMS[algorithm]
+    if isinstance(source, dict):
+        return copy.deepcopy(source), None
+    if "/" in source:
+        from modelopt.recipe import load_recipe
+
+        preset = load_recipe(source).quantize
+        algo, entries = preset.algorithm, [e.model_dump() for e in preset.quant_cfg]
+    else:
+        algo, entries = getattr(mtq, source)["algorithm"], getattr(mtq, source)["quant_cfg"]
+    weight = next(e for e in entries if e.get("quantizer_name") == "*weight_quantizer" and e.get("cfg"))
+    return copy.deepcopy(dict(algo)), copy.deepcopy(dict(weight["cfg"]["block_sizes"]))
 
 
 def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None):
@@ -1312,7 +1344,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
 
     config = build_quant_config(settings.mode, unquantized, layerwise_dir, save_every, settings.kv_cache,
                                 settings.algorithm, settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id, "layerwise": layerwise_dir is not None, "before_each_pass": before_each_pass}
+    layerwise = isinstance(config["algorithm"], dict) and config["algorithm"].get("layerwise", {}).get("enable", False)
+    holder: dict = {"pad_id": pad_id, "layerwise": layerwise, "before_each_pass": before_each_pass}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:

@@ -91,10 +91,10 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
-    if args.algorithm != "max":
-        raise q.UsageError(f"--algorithm {args.algorithm}: this script calibrates with max only (its layer-by-layer "
-                           "mode never writes back offloaded weights, which the other algorithms change); "
-                           "use quantize_nvfp4.py on a GPU that holds the model")
+    if args.algorithm not in q.SCALE_ONLY_ALGORITHMS:
+        raise q.UsageError(f"--algorithm {args.algorithm}: this script calibrates layer by layer without writing "
+                           f"offloaded weights back, which {args.algorithm} changes; use one of "
+                           f"{', '.join(q.SCALE_ONLY_ALGORITHMS)}, or quantize_nvfp4.py on a GPU that holds the model")
     if not args.offload_folder:
         raise q.UsageError("no offload folder: pass --offload_folder DIR (a disk with room for the offloaded weights)")
     folder = Path(args.offload_folder).expanduser().resolve()
@@ -113,6 +113,7 @@ def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) 
     """What must match for per-layer checkpoints to be reused: model, mode, exclusions, the exact tokens."""
     tokens = hashlib.sha256(json.dumps(job.samples).encode()).hexdigest()
     return {"input_model": settings.input_model, "mode": settings.mode, "dtype": settings.dtype,
+            "algorithm": settings.algorithm,
             "kv_cache": settings.kv_cache, "moe_calibration": settings.moe_calibration,
             "unquantized": job.unquantized, "batch_size": settings.batch_size, "calibration_tokens_sha256": tokens,
             "checkpoint_every": offload.checkpoint_every}
