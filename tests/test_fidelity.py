@@ -1,6 +1,9 @@
 """Issue 14: the fidelity check on every export: each quantized linear computed from the exported tensors
 against the original weights; broken scales and folds stop the run with exit 1 and nothing in place."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,3 +186,19 @@ def test_awq_lite_broken_fold_is_rejected(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(q.ExportRejected, match="compute far from the original"):
         q.finish_job(model, settings, job, calibration_run, {"load_model_s": 0}, "cpu", "test")
     assert not (tmp_path / "out").exists()
+
+
+def test_algorithm_benchmark_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/bench_algorithms.py --tiny: the built-in model, max only, the JSON summary with the fidelity
+    distribution; no default is chosen without ModelOpt's in-process numbers (GPU only)."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_algorithms.py"), "--tiny", "--work",
+                             str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    (row,) = summary["variants"]
+    assert row["variant"] == "max" and row["quant_algo"] == "NVFP4" and 0 < row["fidelity_median"] <= row["fidelity_worst"]
+    assert set(row["fidelity_distribution"]["median_by_projection"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"}
+    assert summary["default_choice"]["note"].startswith("no ModelOpt in-process") and "default choice" in result.stdout
