@@ -1705,7 +1705,7 @@ def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
     """Packed FP4 (low nibble first) x FP8 block scale x FP32 global scale -> float32 weight."""
     import torch
 
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=weight.device)
     codes = torch.stack([weight & 0x0F, weight >> 4], dim=-1).reshape(weight.shape[0], -1)
     values = lut[codes.long()]
     scales = weight_scale.float().repeat_interleave(group_size, dim=1)
@@ -2007,8 +2007,8 @@ def channel_ratio(scaled, original):
 def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
     """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
     scale, the input quantized with the stored input_scale as the kernels do."""
-    weight = dequantize_nvfp4(reader.tensor(f"{name}.weight"), reader.tensor(f"{name}.weight_scale"),
-                              reader.tensor(f"{name}.weight_scale_2"), group).to(x.device)
+    weight = dequantize_nvfp4(*(reader.tensor(f"{name}.{suffix}").to(x.device) for suffix in
+                                ("weight", "weight_scale", "weight_scale_2")), group)
     if algo != "W4A16_NVFP4":
         scale = reader.tensor(f"{name}.input_scale").float().to(x.device)
         x = fake_quant_nvfp4_input(x, scale) if algo == "NVFP4" else fake_quant_fp8_input(x, scale)
