@@ -42,6 +42,7 @@ VARIANTS = {  # name -> extra flags; W4A4 first: they decide the default
 }
 QUALITY_FACTOR = 0.8    # the default's perplexity increase <= this x ModelOpt in-process NVFP4_DEFAULT_CFG's
 TIME_FACTOR = 2.0       # ... at <= this x max's calibration time on the 8B-shaped model
+TIMING_8B_LIMIT_S = 120  # per algorithm, start-up included: far beyond 2x max's calibration, which is seconds
 SHAPE_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256}
 GPTQ_LINE = re.compile(r"\[(?P<name>[\w.]+)\] Relative MSE error: (?P<mse>\S+?)(?:, n_hessian_samples: (?P<n>\d+))?$")
@@ -284,7 +285,7 @@ def main() -> None:
         results["variants"].append(row)
         if on_gpu and args.samples_8b and name in W4A4_ALGORITHMS and is_candidate(row, results["variants"]):
             left = deadline - time.perf_counter()
-            timings[name] = run_time_8b(name, args, left) if left > 20 else \
+            timings[name] = run_time_8b(name, args, min(left, TIMING_8B_LIMIT_S)) if left > 20 else \
                 {"algorithm": name, "calibration_s": None, "error": "skipped: --budget_s spent"}
             print(json.dumps({"timing_8b": timings[name]}), flush=True)
     results["timing_8b"] = timings
