@@ -59,14 +59,20 @@ MODES = {
 }
 # --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
-# --algorithm -> ModelOpt's calibration algorithm; all but max run a fake-quantized forward (CUDA only)
+# --algorithm -> ModelOpt's calibration algorithm, or the ModelOpt preset config / built-in recipe whose algorithm
+# and weight-quantizer block settings are merged into the mode's config. All but max run a fake-quantized
+# forward (CUDA only); those with static weight blocks also need Triton.
 ALGORITHMS = {
-    "max": "max",
-    "awq_lite": {"method": "awq_lite"},                 # per-channel smoothing scales, searched per layer
-    "awq_clip": {"method": "awq_clip"},                 # clipped per-block weight ranges, searched
-    "mse": {"method": "mse", "fp8_scale_sweep": True},  # per-block weight scales minimizing weight MSE
+    "max": {"method": "max"},
+    "awq_lite": {"method": "awq_lite"},                        # per-channel smoothing scales, searched per layer
+    "awq_clip": {"method": "awq_clip"},                        # clipped per-block weight ranges, searched
+    "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",              # FP8 block scales minimizing the weight's error
+    "local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",    # ... minimizing the output's error on the inputs
+    "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG",                # each block's largest value on 4 or 6, the better
+    "gptq": "general/ptq/nvfp4_default-kv_none-gptq",          # GPTQ's Hessian-based weight updates, layer by layer
 }
 ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
+# set scales only: ModelOpt runs these layer by layer without writing weights back (what the offload script needs)
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
@@ -346,11 +352,16 @@ def check_algorithm(algorithm: str, mode: str) -> None:
     if mode not in ALGORITHM_MODES:
         raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm max, or "
                          f"the default W4A4 mode or --weight_only")
+    import importlib.util
+
     import torch
 
     if not torch.cuda.is_available():
         raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
                          "CUDA kernels); on this machine use --algorithm max")
+    if isinstance(ALGORITHMS[algorithm], str) and importlib.util.find_spec("triton") is None:
+        raise UsageError(f"--algorithm {algorithm} needs Triton (ModelOpt's static FP4 block kernels): "
+                         "pip install triton, or use --algorithm max")
 
 
 def check_eval_plan(args: argparse.Namespace, calibration: dict) -> None:
@@ -1073,16 +1084,36 @@ def build_quant_config(mode: str, unquantized: list[str], kv_cache: str = "none"
         # last, so it wins over --skip_layers: the runtimes quantize every layer's KV cache, and a layer
         # without scales would get 1.0. As mtq.update_quant_cfg_with_kv_cache_quant, without its print.
         config["quant_cfg"] += copy.deepcopy(getattr(mtq, KV_CACHE_CONFIGS[kv_cache])["quant_cfg"])
-    algo = copy.deepcopy(ALGORITHMS[algorithm])
-    algo = algo if isinstance(algo, dict) else {"method": algo}
-    if algorithm == "mse":  # the sweep searches static per-block scales, as in ModelOpt's NVFP4 MSE preset
+    algo, weight_blocks = algorithm_preset(algorithm)
+    if weight_blocks:  # the preset's static block settings (type, four_over_six) on the mode's block size
         for entry in config["quant_cfg"]:
-            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
-                entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], "type": "static"}}
+            if entry.get("quantizer_name") == "*weight_quantizer" and isinstance(entry.get("cfg"), dict):
+                blocks = {k: v for k, v in weight_blocks.items() if not isinstance(k, int)}
+                entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], **blocks}}
     if moe_calibration == "all":
         algo["moe_calib_experts_ratio"] = 1.0
+    if "layerwise" in algo:  # a recipe's own layer-by-layer pass: in memory, no checkpoints in the working dir
+        algo["layerwise"] = {"enable": bool(algo["layerwise"].get("enable"))}
     config["algorithm"] = algo if len(algo) > 1 or algorithm != "max" else "max"
     return config
+
+
+def algorithm_preset(algorithm: str) -> tuple[dict, dict | None]:
+    """Deep copies of --algorithm's ModelOpt algorithm and, for presets and recipes, its weight block settings."""
+    import modelopt.torch.quantization as mtq
+
+    source = ALGORITHMS[algorithm]
+    if isinstance(source, dict):
+        return copy.deepcopy(source), None
+    if "/" in source:
+        from modelopt.recipe import load_recipe
+
+        preset = load_recipe(source).quantize
+        algo, entries = preset.algorithm, [e.model_dump() for e in preset.quant_cfg]
+    else:
+        algo, entries = getattr(mtq, source)["algorithm"], getattr(mtq, source)["quant_cfg"]
+    weight = next(e for e in entries if e.get("quantizer_name") == "*weight_quantizer" and e.get("cfg"))
+    return copy.deepcopy(dict(algo)), copy.deepcopy(dict(weight["cfg"]["block_sizes"]))
 
 
 def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None, **kwargs):
@@ -1681,7 +1712,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
 
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id}
+    layerwise = isinstance(config["algorithm"], dict) and config["algorithm"].get("layerwise", {}).get("enable", False)
+    holder: dict = {"pad_id": pad_id, "layerwise": layerwise}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -2124,7 +2156,7 @@ def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
     """Packed FP4 (low nibble first) x FP8 block scale x FP32 global scale -> float32 weight."""
     import torch
 
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=weight.device)
     codes = torch.stack([weight & 0x0F, weight >> 4], dim=-1).reshape(weight.shape[0], -1)
     values = lut[codes.long()]
     scales = weight_scale.float().repeat_interleave(group_size, dim=1)
@@ -2273,6 +2305,18 @@ def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str, to_disk: Cal
     model.set_attn_implementation("nvfp4_kv_emulation")
 
 
+def copy_unquantized_tensors(model, reader: CheckpointReader) -> None:
+    """The export's 16-bit tensors into the model: norms, embeddings, biases. They differ from the
+    original's where a scale was folded into them (awq_lite folds its input scales into the norms)."""
+    import torch
+
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if key in reader and reader.dtype(key) in SIXTEEN_BIT + ("F32",) and \
+                    f"{key.rpartition('.')[0]}.weight_scale" not in reader:
+                tensor.copy_(reader.tensor(key).to(tensor.dtype))
+
+
 def emulate_checkpoint(model, folder: Path) -> list:
     """Make a 16-bit model compute what the runtimes compute from `folder`; returns the input hooks.
 
@@ -2287,6 +2331,7 @@ def emulate_checkpoint(model, folder: Path) -> list:
     algo, group = quant["quant_algo"], int(quant["group_size"])
     to_disk, hooks, applied = export_names(model), [], set()
     use_eager_experts(model)
+    copy_unquantized_tensors(model, reader)
     for name, module in model.named_modules():
         prefix = to_disk(name)
         if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
@@ -2404,6 +2449,135 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
     print(f"error: perplexity rose {report['perplexity_increase_pct']}%, more than --max_ppl_increase {max_increase}%",
           file=sys.stderr)
     return 1
+
+
+# --------------------------------------------------------------------------- export fidelity
+FIDELITY_SAMPLES = 8          # calibration samples in the capture forward (one padded batch; real rows kept)
+FIDELITY_TOKENS = 512         # tokens per sample at most: bounds the capture's activation memory
+FIDELITY_ROWS = 256           # input rows kept per linear, on the CPU: bounds the check's memory
+FIDELITY_CAP = 0.5            # relative output error above which a linear is broken, whatever the others do
+FIDELITY_FLOOR = 0.25         # ... below which it passes, whatever the others do
+FIDELITY_MEDIAN_FACTOR = 4.0  # between the two: broken when above this many times the checkpoint's median
+
+
+class ExportRejected(Exception):
+    """The staged export computes something else than the original model: nothing is renamed into place, exit 1."""
+
+
+def modules_by_exported_name(model) -> dict[str, str]:
+    """Exported (on-disk) linear name -> in-memory module name, through the export's own renaming.
+
+    The source checkpoint holds each exported linear's 16-bit weight under `{exported name}.weight`.
+    Linears without a module of their own in memory (transformers 5's fused MoE experts, which the
+    export writes per expert) are absent.
+    """
+    to_disk = export_names(model)
+    return {to_disk(name): name for name, module in model.named_modules() if hasattr(module, "weight_quantizer")}
+
+
+def capture_linear_io(model, samples: list[list[int]], device: str, pad_id: int, outputs: bool = False) -> dict:
+    """name -> (inputs, outputs or None) of every quantized linear: FIDELITY_ROWS real (unpadded) rows, sampled
+    the same way on every call, from one short forward of the 16-bit model (quantizers off; ModelOpt still
+    applies pre_quant_scales on disabled quantizers, so the model computes the original function)."""
+    import torch
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    batch = [s[:FIDELITY_TOKENS] for s in samples[:FIDELITY_SAMPLES]]
+    input_ids, mask = padded_batch(batch, list(range(len(batch))), pad_id)
+    keep = mask.reshape(-1) > 0
+    chosen = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(0))[:FIDELITY_ROWS].sort().values
+    captured: dict = {}
+
+    def rows(t):
+        return t.reshape(-1, t.shape[-1])[keep.to(t.device)][chosen.to(t.device)].detach().cpu()
+
+    def hook(name):
+        def record(module, args, output):
+            if args[0].reshape(-1, args[0].shape[-1]).shape[0] == keep.numel():  # routed experts see other rows
+                captured[name] = (rows(args[0]), rows(output) if outputs else None)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in quantized_linear_shapes(model)]
+    try:
+        with torch.no_grad(), set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
+            calibration_forward(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def channel_ratio(scaled, original):
+    """Per last-dim channel, the least-squares factor c with scaled ~ original * c."""
+    return (scaled * original).sum(0) / (original * original).sum(0).clamp_min(1e-30)
+
+
+def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
+    """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
+    scale, the input quantized with the stored input_scale as the kernels do."""
+    weight = dequantize_nvfp4(*(reader.tensor(f"{name}.{suffix}").to(x.device) for suffix in
+                                ("weight", "weight_scale", "weight_scale_2")), group)
+    if algo != "W4A16_NVFP4":
+        scale = reader.tensor(f"{name}.input_scale").float().to(x.device)
+        x = fake_quant_nvfp4_input(x, scale) if algo == "NVFP4" else fake_quant_fp8_input(x, scale)
+    return x @ weight.T
+
+
+def fidelity_limit(median: float) -> float:
+    return min(FIDELITY_CAP, max(FIDELITY_FLOOR, FIDELITY_MEDIAN_FACTOR * median))
+
+
+def linear_error(reader: CheckpointReader, name: str, original, before: tuple, after: tuple | None, algo: str,
+                 group: int, device: str) -> float:
+    """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs.
+
+    Where the export folded scales (awq_lite: into norms, v_proj and up_proj), the runtime's input and
+    output are the original ones times per-channel factors; `after` (the folded 16-bit model's inputs and
+    outputs on the same tokens) gives them, and the runtime's output is mapped back before comparing.
+    """
+    import torch
+
+    x = before[0].to(device).float()
+    expected = x @ original.to(device).float().T
+    if after is None:
+        runtime = exported_linear_output(reader, name, x, algo, group)
+    else:
+        x_folded, y_folded = after[0].to(device).float(), after[1].to(device).float()
+        runtime = exported_linear_output(reader, name, x_folded, algo, group) / channel_ratio(y_folded, expected)
+    return (torch.linalg.norm(runtime - expected) / torch.linalg.norm(expected).clamp_min(1e-30)).item()
+
+
+def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict | None, device: str) -> dict:
+    """Per quantized linear, one at a time: its output from the exported tensors against the source
+    checkpoint's 16-bit weight on the captured inputs (capture_linear_io; `after` only where the export
+    folded scales). Raises ExportRejected when a linear is far outside NVFP4's normal range (fidelity_limit)."""
+    from tqdm import tqdm
+
+    reader, original = CheckpointReader(folder), CheckpointReader(source)
+    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    algo, group = quant["quant_algo"], int(quant["group_size"])
+    errors, unchecked, modules = {}, [], modules_by_exported_name(model)
+    names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
+    for name in tqdm(names, desc="fidelity", unit="linear", file=sys.stderr, disable=not on_main_rank()):
+        module_name, source_key = modules.get(name), f"{name}.weight"
+        if module_name not in before or source_key not in original or (after is not None and module_name not in after):
+            unchecked.append(name)
+            continue
+        errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
+                                          after[module_name] if after is not None else None, algo, group, device), 5)
+    values = sorted(errors.values())
+    median = values[len(values) // 2] if values else 0.0
+    limit = fidelity_limit(median)
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])
+    report = {"measure": "relative output error per quantized linear, exported tensors vs the source weights",
+              "rows_per_linear": FIDELITY_ROWS, "checked": len(errors), "unchecked": unchecked,
+              "median": median, "limit": round(limit, 5), "worst": dict(worst[:5]), "per_linear": errors}
+    broken = [(n, e) for n, e in worst if not e <= limit]
+    if broken:
+        raise ExportRejected(f"{len(broken)} quantized linear(s) of the export compute far from the original "
+                             f"(relative output error {broken[0][1]:.3g} in {broken[0][0]}; limit {limit:.3g}, "
+                             f"median {median:.3g}): the exported scales or weights are broken; nothing was written")
+    return report
 
 
 # --------------------------------------------------------------------------- export
@@ -2632,14 +2806,18 @@ def check_awq_foldable(skeleton) -> None:
 
 def fold_awq_scales(model) -> None:
     """Fold awq_lite's per-channel input scales into the layers before, as ModelOpt's export does, and
-    into v_proj also for grouped-query attention (averaging the scale over each group of query heads).
+    into v_proj also for grouped-query attention (averaging the scale over each group of query heads);
+    then, as the export would, average them over layers sharing an input and fold them into the norms.
 
-    Export folds the rest (into layernorms); what it cannot fold stays a pre_quant_scale tensor, which
-    neither runtime's NVFP4 loader applies (see relabel_folded_awq).
+    Done here, before the export, so that the fidelity check sees the folded 16-bit model (the export
+    leaves packed weights behind). What cannot fold stays a pre_quant_scale tensor, which neither
+    runtime's NVFP4 loader applies (see relabel_folded_awq).
     """
     from modelopt.torch.export.quant_utils import fuse_prequant_to_linear
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     fuse_prequant_to_linear(model, fuse_grouped_heads=True)
+    requantize_resmooth_fused_llm_layers(model)
 
 
 def relabel_folded_awq(folder: Path, mode: str) -> None:
@@ -2738,6 +2916,7 @@ def model_card(manifest: dict, folder_name: str) -> str:
         "## Calibration mix", "", "| dataset | requested | kept |", "|---|---|---|",
         *[f"| {d['name']} | {d['requested']} | {d['kept']} |" for d in calib["per_dataset"]], "",
     ]
+    lines += fidelity_section(manifest.get("fidelity"))
     lines += quality_section(manifest.get("quality"))
     coverage = manifest["calibration_run"].get("moe_expert_coverage")
     if coverage:
@@ -2771,6 +2950,19 @@ def special_16_bit_rows(manifest: dict) -> list[str]:
     return rows
 
 
+def fidelity_section(fidelity: dict | None) -> list[str]:
+    if not fidelity:
+        return []
+    unchecked = f" {len(fidelity['unchecked'])} were not checked (no 16-bit linear of their own)." \
+        if fidelity["unchecked"] else ""
+    return ["## Export fidelity", "",
+            f"Each of {fidelity['checked']} quantized linears was run from the exported tensors (as the runtimes "
+            f"compute it) and from the original weights on {fidelity['rows_per_linear']} calibration tokens; relative "
+            f"output error: median {fidelity['median']}, limit {fidelity['limit']}.{unchecked} Worst:", "",
+            "| linear | relative error |", "|---|---|",
+            *[f"| `{name}` | {error} |" for name, error in fidelity["worst"].items()], ""]
+
+
 def quality_section(report: dict | None) -> list[str]:
     if not report:
         return ["## Quality", "", "Not measured (run with `--eval`, or `--verify DIR --eval --reference MODEL`).", ""]
@@ -2799,10 +2991,13 @@ def text_forward(model):
 
 
 def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: list[str],
-                      report_fn: Callable[[Path], dict | None] | None = None) -> dict:
+                      report_fn: Callable[[Path], dict | None] | None = None,
+                      capture: Callable[[bool], dict] | None = None, device: str = "cpu") -> dict:
     """Export into a temp dir beside the target, check it, then rename it into place.
 
     `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
+    `capture(outputs)` (capture_linear_io on a few calibration samples) feeds check_fidelity: before the
+    export changes the model, and after awq_lite's scales are folded into other layers.
     """
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -2810,9 +3005,11 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     needed = int(estimate_checkpoint_bytes(model, set(expected)) * DISK_MARGIN)
     try:
+        before, after = (capture(False) if capture else None), None
         start = time.perf_counter()
         if settings.algorithm == "awq_lite":
             fold_awq_scales(model)
+            after = capture(True) if capture else None
         with warnings.catch_warnings(), text_forward(model):
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
@@ -2822,6 +3019,8 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
         manifest["validation"] = validate_export(staging, expected, settings.mode, source_checkpoint_dir(settings))
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
+        if capture:
+            manifest["fidelity"] = check_fidelity(model, staging, source_checkpoint_dir(settings), before, after, device)
         report = report_fn(staging) if report_fn else None
         if report:
             manifest["quality"] = report
@@ -2902,6 +3101,10 @@ def print_summary(manifest: dict, output: Path) -> None:
         rows.append(("16-bit: never reached by calibration", len(calib["kept_16_bit_unreached"])))
     if manifest.get("carried_unloaded"):
         rows.append(("copied, not loaded by transformers", f"{manifest['carried_unloaded']['tensors']} tensors"))
+    fidelity = manifest.get("fidelity")
+    if fidelity and fidelity["worst"]:
+        name, error = next(iter(fidelity["worst"].items()))
+        rows.append(("fidelity: worst linear", f"{error} {name} (median {fidelity['median']}, limit {fidelity['limit']})"))
     coverage = calib.get("moe_expert_coverage")
     if coverage:
         rows.append(("MoE experts with no routed token", f"{coverage['unrouted_experts']} "
@@ -3126,7 +3329,8 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         "versions": library_versions(), "device": device, "calibration": job.data_stats,
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
-    export_checkpoint(model, job.tokenizer, settings, manifest, expected, evaluation(model, settings, job, device))
+    export_checkpoint(model, job.tokenizer, settings, manifest, expected, evaluation(model, settings, job, device),
+                      lambda outputs: capture_linear_io(model, job.samples, device, job.pad_id, outputs), device)
     timings["total_s"] = round(time.perf_counter() - job.started, 2)
     (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print_summary(manifest, settings.output_model)
@@ -3224,6 +3428,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ExportRejected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -102,9 +102,9 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
     if args.algorithm != "max":
-        raise q.UsageError(f"--algorithm {args.algorithm}: this script calibrates with max only (its layer-by-layer "
-                           "mode never writes back offloaded weights, which the other algorithms change); "
-                           "use quantize_nvfp4.py on a GPU that holds the model")
+        raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max "
+                           "(every other algorithm searches with quantized forwards or changes weights, which the "
+                           "loop does not run or write back); use quantize_nvfp4.py on a GPU that holds the model")
     if not args.offload_folder:
         raise q.UsageError("no offload folder: pass --offload_folder DIR (a disk with room for the offloaded weights)")
     folder = Path(args.offload_folder).expanduser().resolve()
@@ -148,6 +148,7 @@ def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) 
     tokens = hashlib.sha256(json.dumps(job.samples).encode()).hexdigest()
     batches = hashlib.sha256(json.dumps(layer_batches(job.samples, settings)).encode()).hexdigest()
     return {"input_model": settings.input_model, "mode": settings.mode, "dtype": settings.dtype,
+            "algorithm": settings.algorithm,
             "kv_cache": settings.kv_cache, "moe_calibration": settings.moe_calibration,
             "unquantized": job.unquantized, "batch_size": settings.batch_size, "calibration_tokens_sha256": tokens,
             "batches_sha256": batches,
@@ -755,6 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     except q.UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return q.EXIT_USAGE
+    except q.ExportRejected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

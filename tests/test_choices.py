@@ -149,8 +149,36 @@ def test_algorithm_configs_never_mutate_modelopt_globals():
     assert json.dumps(mtq.NVFP4_DEFAULT_CFG, default=str) == before
 
 
+@pytest.mark.parametrize("algorithm, preset", [("local_hessian", "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG"),
+                                               ("four_over_six", "NVFP4_FOUR_OVER_SIX_CFG")])
+@pytest.mark.parametrize("mode", ["nvfp4", "weight_only"])
+def test_preset_algorithms_take_modelopts_algorithm_and_weight_blocks(algorithm, preset, mode):
+    """ModelOpt's own preset, merged into the mode's config: its algorithm and static weight blocks; the
+    mode's inputs (none for weight-only), --skip_layers and the KV cache stay."""
+    import modelopt.torch.quantization as mtq
+
+    before = json.dumps(getattr(mtq, preset), default=str)
+    config = q.build_quant_config(mode, ["model.layers.0.mlp"], kv_cache="fp8", algorithm=algorithm)
+    assert config["algorithm"] == getattr(mtq, preset)["algorithm"]
+    weight = next(e for e in config["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+    preset_weight = next(e for e in getattr(mtq, preset)["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+    assert weight["cfg"]["block_sizes"] == preset_weight["cfg"]["block_sizes"]
+    names = [e["quantizer_name"] for e in config["quant_cfg"]]
+    assert "model.layers.0.mlp.*" in names and "*[kv]_bmm_quantizer" in names
+    assert ("*input_quantizer" in names) == (mode == "nvfp4")
+    assert json.dumps(getattr(mtq, preset), default=str) == before
+
+
+def test_gptq_takes_modelopts_recipe_in_memory():
+    """The recipe's GPTQ, layer by layer, without its checkpoint folder in the working dir."""
+    config = q.build_quant_config("nvfp4", [], algorithm="gptq")
+    assert config["algorithm"] == {"method": "gptq", "layerwise": {"enable": True}}
+    weight = next(e for e in config["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+    assert weight["cfg"]["block_sizes"] == {-1: 16, "type": "static", "scale_bits": (4, 3)}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse"])
+@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "local_hessian", "four_over_six", "gptq"])
 def test_gpu_only_algorithms_fail_early_on_cpu(tiny_model, tmp_path, algorithm):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--algorithm", algorithm)
@@ -162,10 +190,11 @@ def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--w4a8", "--algorithm", "awq_clip")
     assert_usage_error(result, "--algorithm awq_clip is not available with --w4a8")
-    result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
-                     LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", "mse",
-                     script=ROOT / "quantize_nvfp4_offload.py")
-    assert_usage_error(result, "this script calibrates with max only")
+    for algorithm in ("gptq", "mse"):  # the offload script's one-pass layer loop runs max calibration only
+        result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
+                         LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
+                         script=ROOT / "quantize_nvfp4_offload.py")
+        assert_usage_error(result, f"--algorithm {algorithm}: this script's one-pass layer loop calibrates with max")
 
 
 def test_awq_lite_refused_where_scales_cannot_fold(moe_model):

@@ -83,7 +83,7 @@ def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):
     job = q.prepare_job(settings)
     model = q.load_model(settings, job.config, "cuda:0")
     original = q.load_model(settings, job.config, "cuda:0")
-    q.quantize_model(model, settings, job.unquantized, job.samples, "cuda:0", job.pad_id)
+    calibration_run = q.quantize_model(model, settings, job.unquantized, job.samples, "cuda:0", job.pad_id)
     inputs, outputs = {}, {}
     names = list(q.quantized_linear_shapes(model))
     def record(name):
@@ -97,7 +97,7 @@ def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):
         model(input_ids=torch.tensor([job.samples[0]], device="cuda:0"), use_cache=False)
     for h in hooks:
         h.remove()
-    q.export_checkpoint(model, job.tokenizer, settings, {"timings": {}}, q.quantized_linear_shapes(model))
+    q.finish_job(model, settings, job, calibration_run, {"load_model_s": 0}, "cuda:0", "test")
     emulated = q.load_model(settings, job.config, "cuda:0")
     q.emulate_checkpoint(emulated, tmp_path / "out")
     ratios = []
