@@ -50,11 +50,9 @@ WARMUP_TOKENS = 64
 INIT_STD = 0.02
 PAD_ID = 0                 # token ids are drawn from [1, vocab): padding never looks like data
 # Run order. The *_cold variants each run first in a fresh process and pay the one-time costs (cuBLAS/cuDNN
-# plans for each new batch shape, ModelOpt's first calls), as a user's single run does. "ours_cold_previous_plan"
-# is ours cold with the batch plan of the previous version (no shape set-up cost in the search). The warm
+# plans for each new batch shape, ModelOpt's first calls), as a user's single run does. The warm
 # variants run in this process after one untimed run of the same batches.
-COLD_VARIANTS = {"ours_cold": ("ours", []), "ceiling_cold": ("ceiling", []),
-                 "ours_cold_previous_plan": ("ours", ["--shape_setup_tokens", "0"])}
+COLD_VARIANTS = {"ours_cold": ("ours", []), "ceiling_cold": ("ceiling", [])}
 VARIANTS = (*COLD_VARIANTS, "ours", "ceiling", "original", "ours_budget")
 TARGET_CEILING_FRACTION = 0.9   # ours tok/s >= this x bf16 forward tok/s
 TARGET_COLD_FRACTION = 0.7      # ours cold tok/s >= this x a cold bf16 forward's, on the same batches
@@ -169,7 +167,6 @@ def run_variant(name: str, args, shape: dict, samples, device: str, cap: int | N
         settings = bench_settings(samples, args.max_len, budget)
         extra = q.quantize_model(model, settings, q.always_unquantized(model), samples, device, PAD_ID)
         extra = {f"quantize_model_{k}" if k in ("seconds", "tokens_per_s") else k: v for k, v in extra.items()}
-        extra["shape_setup_tokens"] = q.SHAPE_SETUP_TOKENS
         extra["gpu_memory_budget_gib"] = budget
     sync(device)
     seconds = time.perf_counter() - start
@@ -211,24 +208,19 @@ def run_cold(name: str, args, cap: int | None) -> dict:
         command += ["--tiny"] if args.tiny else []
         command += ["--gpu_memory_budget", str(args.gpu_memory_budget)] if args.gpu_memory_budget else []
         command += ["--ceiling_batch_tokens", str(cap)] if base == "ceiling" and cap else []
-        if "--shape_setup_tokens" not in extra and args.shape_setup_tokens is not None:
-            command += ["--shape_setup_tokens", str(args.shape_setup_tokens)]
         subprocess.run(command, check=True)
         return json.loads(out.read_text())["results"][base]
 
 
 def plan_report(args) -> list[dict]:
-    """Batches, distinct shapes and padding of the plans on the synthetic lengths, with and without shape set-up."""
+    """Batches, distinct shapes and padding of the plans on the synthetic lengths, per batch budget."""
     vocab = (TINY if args.tiny else LLAMA3_8B)["vocab_size"]  # the draws of token ids move the random lengths
     lengths = [len(s) for s in make_samples(args.samples, args.median_len, args.max_len, vocab, args.seed)]
-    rows, setup = [], q.SHAPE_SETUP_TOKENS
+    rows = []
     for cap in (q.DEFAULT_BATCH_TOKENS, q.MAX_BATCH_TOKENS):
-        for q.SHAPE_SETUP_TOKENS in (0, setup):
-            batches = q.group_batches(lengths, None, cap)
-            rows.append({"max_batch_tokens": cap, "shape_setup_tokens": q.SHAPE_SETUP_TOKENS, "batches": len(batches),
-                         "shapes": batch_shapes(lengths, batches),
-                         "padding_fraction": round(q.padding_fraction(lengths, batches), 4)})
-    q.SHAPE_SETUP_TOKENS = setup
+        batches = q.group_batches(lengths, None, cap)
+        rows.append({"max_batch_tokens": cap, "batches": len(batches), "shapes": batch_shapes(lengths, batches),
+                     "padding_fraction": round(q.padding_fraction(lengths, batches), 4)})
     return rows
 
 
@@ -290,7 +282,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile_rows", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_calibration.json", help="where to write all numbers")
-    p.add_argument("--shape_setup_tokens", type=int, help="override quantize_nvfp4.SHAPE_SETUP_TOKENS in the batch search")
     p.add_argument("--plan_only", action="store_true", help="print the batch plans' batches, shapes and padding; no model")
     p.add_argument("--cold", action="store_true", help="no untimed warm run first (what the cold subprocesses pass)")
     args = p.parse_args(argv)
@@ -307,8 +298,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.shape_setup_tokens is not None:
-        q.SHAPE_SETUP_TOKENS = args.shape_setup_tokens
     if args.plan_only:
         rows = plan_report(args)
         print_table(tuple(rows[0]), [tuple(r.values()) for r in rows])
@@ -338,7 +327,6 @@ def main(argv=None) -> int:
     ceiling = (results.get("ceiling") or {}).get("tokens_per_s")
     labels = {"ceiling": "bf16 forward (ceiling)", "original": "original loop", "ours": "ours (auto)",
               "ours_cold": "ours (auto), cold: fresh process", "ceiling_cold": "bf16 forward, cold: fresh process",
-              "ours_cold_previous_plan": "ours cold, previous batch plan",
               "ours_budget": "ours, budget 1.25x weights" if not args.budget_gib else f"ours, {args.budget_gib:g} GiB"}
     rows = []
     for name in (v for v in VARIANTS if v in results):
@@ -358,7 +346,7 @@ def main(argv=None) -> int:
         per_shape = (cold["seconds"] - warm["seconds"]) / cold["shapes"]
         print(f"\ncold set-up per batch shape (bf16 forward, cold - warm over {cold['shapes']} shapes): "
               f"{per_shape:.3f} s = {per_shape * warm['tokens_per_s']:.0f} tokens at the warm rate "
-              f"(SHAPE_SETUP_TOKENS is {q.SHAPE_SETUP_TOKENS})")
+              f"(BATCH_OVERHEAD_TOKENS is {q.BATCH_OVERHEAD_TOKENS})")
     print()
     for t in targets:
         verdict = "SKIP" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"

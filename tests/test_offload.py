@@ -182,6 +182,11 @@ def test_resume_tensors_round_trip_as_raw_bytes(tmp_path):
     back = offload.read_tensors(tmp_path / "cache", "cpu")
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(tensors, back)) and len(back) == 3
     assert not list(tmp_path.glob("*.tmp"))
+    with open(tmp_path / "cache.bin", "r+b") as handle:  # what a power loss can leave: the file, not its bytes
+        handle.seek(20)
+        handle.write(b"\0\0\0\0")
+    with pytest.raises(q.UsageError, match="is damaged"):
+        offload.read_tensors(tmp_path / "cache", "cpu")
 
 
 def test_a_failed_background_write_stops_the_run(tmp_path):

@@ -64,16 +64,6 @@ def test_group_batches_minimises_padding_plus_overhead():
     assert total_cost < sum(many) + q.BATCH_OVERHEAD_TOKENS * len(single)
 
 
-def test_group_batches_pads_to_save_a_shape(monkeypatch):
-    """A run sets up every batch shape once: merging two batches is worth more padding than one forward's overhead."""
-    lengths = [1000] * 4 + [600] * 4  # together: 1600 tokens of padding, more than BATCH_OVERHEAD_TOKENS
-    monkeypatch.setattr(q, "SHAPE_SETUP_TOKENS", 0)
-    assert [len(b) for b in q.group_batches(lengths, None, 65536)] == [4, 4]
-    monkeypatch.undo()
-    assert q.group_batches(lengths, None, 65536) == [list(range(8))]
-    assert [len(b) for b in q.group_batches(lengths, None, 4000)] == [4, 4]  # the budget still binds
-
-
 def test_padded_batch_right_pads_with_mask():
     ids, mask = q.padded_batch([[5, 6, 7], [8]], [0, 1], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
