@@ -3292,6 +3292,7 @@ def prepare_job(settings: Settings) -> Job | None:
     if settings.output_model and not settings.dry_run:
         check_output_dir(settings.output_model, settings.overwrite, protected_paths(settings))
     config = load_model_config(settings)
+    model_class(config, settings.trust_remote_code)  # an unsupported architecture is the first thing to say
     check_source_model(settings)
     tokenizer = load_tokenizer(settings)
     skeleton = empty_model(config, settings.trust_remote_code)
