@@ -41,6 +41,7 @@ QUANTIZERS_FILE = "quantizers.pt"            # one layer's quantizer state (a fe
 INPUTS_FILE = "next_inputs"                  # .bin: the next layer's inputs as raw bytes; .json: their index
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
 FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this layer's resume point is committed
+RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
 
 
@@ -51,7 +52,7 @@ class OffloadSettings:
     max_cpu_memory: int | None     # bytes, for weights
     clean_offload: bool
     resume: bool
-    checkpoint_every: int = 8      # layers between resume points (each writes one layer's activation cache)
+    checkpoint_every: int | None = None  # layers between resume points; None: by time (RESUME_INTERVAL_S)
 
     @property
     def layerwise_dir(self) -> Path:
@@ -79,6 +80,14 @@ def parse_memory(text: str) -> int:
     return value
 
 
+def parse_checkpoint_every(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number of layers, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = q.build_parser()
     parser.description = "Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 (offloaded, layer by layer)."
@@ -91,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clean_offload", action="store_true",
                        help="delete what this script put in --offload_folder after a successful run (never after a failed one)")
     group.add_argument("--resume", action="store_true", help="continue a killed run from its per-layer checkpoints")
-    group.add_argument("--checkpoint_every", type=int, default=8, metavar="N",
-                       help="write a resume point every N layers (default 8); each writes one layer's activation "
-                            "cache to disk in the background while the next layers compute")
+    group.add_argument("--checkpoint_every", type=parse_checkpoint_every, default=None, metavar="auto|N",
+                       help=f"a resume point every N layers, or (auto, the default) after the first layer that ends "
+                            f"{RESUME_INTERVAL_S // 60} minutes or more after the last one; each writes one layer's "
+                            "activation cache to disk in the background while the next layers compute")
     return parser
 
 
@@ -112,8 +122,6 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError(f"--offload_folder exists and is not a directory: {folder}")
     if not folder.parent.is_dir():
         raise q.UsageError(f"--offload_folder's parent folder does not exist: {folder.parent}")
-    if args.checkpoint_every < 1:
-        raise q.UsageError(f"--checkpoint_every must be >= 1, got {args.checkpoint_every}")
     return OffloadSettings(folder, args.max_gpu_memory, args.max_cpu_memory, args.clean_offload, args.resume,
                            args.checkpoint_every)
 
@@ -195,6 +203,15 @@ def check_resume(settings: q.Settings, offload: OffloadSettings, fingerprint: di
 
 def layer_dir(layerwise_dir: Path, index: int) -> Path:
     return layerwise_dir / f"layer_{index:04d}"
+
+
+def resume_point_due(every: int | None, index: int, last: float) -> bool:
+    """After layer `index`: every `every` layers, or by default once RESUME_INTERVAL_S have passed since the last
+    resume point (or the start). A resume point costs one layer's activation cache on disk: spaced in time, a
+    short run writes none and a long one loses at most that much work when it is killed."""
+    if every is not None:
+        return (index + 1) % every == 0
+    return time.perf_counter() - last >= RESUME_INTERVAL_S
 
 
 def commit_file(path: Path, write: Callable[[Any], None], durable: bool = True) -> None:
@@ -644,7 +661,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
     as they are), then ModelOpt finishes that layer's scales. What runs before the first layer runs
     once, in layer 0's pass, which also records what the model hands every layer besides the hidden
-    states. Every --checkpoint_every layers a resume point is written in the background.
+    states. At each resume point (--checkpoint_every) its files are written in the background.
     """
     import torch
     from modelopt.torch.quantization.model_calib import max_calibrate
@@ -678,6 +695,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
 
     writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
     pending: dict = {}
+    last_resume_point = time.perf_counter()
     try:
         for index in tqdm(range(start, len(layers)), desc="calibrate layers", unit="layer", file=sys.stderr):
             layer = layers[index]
@@ -688,10 +706,10 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
                 pending[index] = layer_snapshot(layer, names[index], holder)
-            if index + 1 < len(layers) and (index + 1) % offload.checkpoint_every == 0:
+            if index + 1 < len(layers) and resume_point_due(offload.checkpoint_every, index, last_resume_point):
                 writer.progress["output_form"] = form["form"]
                 writer.submit(index, pending, run["outputs"])
-                pending = {}
+                pending, last_resume_point = {}, time.perf_counter()
                 if fail_after is not None and index >= int(fail_after):
                     writer.wait()
                     raise RuntimeError(f"simulated failure after layer {index} ({FAIL_AFTER_ENV}={fail_after})")

@@ -4,7 +4,7 @@
 A random Llama-3-8B-shaped model (14.96 GiB bf16) is saved to disk, then calibrated on the same samples:
   (a) quantize_nvfp4.py's path, the model fully on the GPU: first in this process (cold), then again (warm);
   (c) quantize_nvfp4_offload.py's path, under a GPU cap of --gpu_cap for weights (6 GiB: the model is 2.5x
-      the cap), once per --checkpoint_every value (default 8, the script's default, and 32);
+      the cap), once per --checkpoint_every value (default: auto, the script's default, and 8);
   (b) optionally (--original_samples N), the original offload script's approach: one sample per forward
       (full logits, KV cache) inside mtq.quantize, timed on N samples and scaled by sample count.
 The warm (a) and the first (c) are exported with ModelOpt's export_hf_checkpoint and compared tensor for tensor.
@@ -100,10 +100,10 @@ def in_gpu(folder: Path, samples, args, export_to: Path | None = None) -> dict:
             "batches": stats["batches"], "padding_fraction": stats["padding_fraction"]}
 
 
-def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int, export_to: Path | None = None) -> dict:
+def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | None, export_to: Path | None = None) -> dict:
     settings = settings_for(folder, samples, args.max_len)
     job = job_for(settings, samples)
-    opts = offload.OffloadSettings(work / f"offload-{checkpoint_every}", args.gpu_cap,
+    opts = offload.OffloadSettings(work / f"offload-{checkpoint_every or 'auto'}", args.gpu_cap,
                                    TINY_CPU_CAP if args.tiny else None, False, False, checkpoint_every)
     opts.offload_folder.mkdir(parents=True)
     placement = offload.plan_placement(job, settings, opts)
@@ -179,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--median_len", type=int, help=f"median sample length (default {FULL_RUN['median_len']})")
     p.add_argument("--gpu_cap", type=offload.parse_memory, default="6GiB", help="GPU memory for weights (default 6GiB)")
     p.add_argument("--original_samples", type=int, default=0, help="time (b) on this many samples, then scale (0: skip)")
-    p.add_argument("--checkpoint_every", type=int, nargs="+", default=[8, 32], help="(c) once per value; the first "
+    p.add_argument("--checkpoint_every", type=offload.parse_checkpoint_every, nargs="+", default=[None, 8],
+                   metavar="auto|N", help="(c) once per value (default: auto, the script's default, and 8); the first "
                    "is exported and compared with (a)")
     p.add_argument("--no_export", action="store_true", help="skip the exports and the checkpoint comparison")
     p.add_argument("--device", default=q.pick_device(), help="default: cuda:0 if available, else cpu")
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     results["a_in_gpu"] = in_gpu(folder, samples, args, exports and exports["a"])
     free_memory(device)
     for n, every in enumerate(args.checkpoint_every):
-        results[f"c_offloaded_every_{every}"] = offloaded(folder, samples, args, work, every,
+        results[f"c_offloaded_every_{every or 'auto'}"] = offloaded(folder, samples, args, work, every,
                                                           exports["c"] if exports and n == 0 else None)
         free_memory(device)
     if args.original_samples:
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
               f"{str(r.get('peak_gpu_gib') or '-'):>14}{r['calibration_s'] / a:>9.2f}{speedup:>12}")
     comparison = compare_checkpoints(exports["a"], exports["c"]) if exports else None
     if comparison:
-        print(f"\ncheckpoint of c_offloaded_every_{args.checkpoint_every[0]} vs a_in_gpu: "
+        print(f"\ncheckpoint of c_offloaded_every_{args.checkpoint_every[0] or 'auto'} vs a_in_gpu: "
               f"{'IDENTICAL' if comparison['identical'] else 'DIFFERENT'} ({comparison['tensors']} tensors, "
               f"{comparison['different']} differ, largest relative scale difference "
               f"{comparison['max_relative_scalar_difference']:.3g})")
