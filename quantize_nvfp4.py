@@ -59,8 +59,8 @@ MODES = {
 }
 # --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
-# --algorithm -> ModelOpt's calibration algorithm, or the ModelOpt preset config / built-in recipe whose algorithm
-# and weight-quantizer block settings are merged into the mode's config. All but max run a fake-quantized
+# --algorithm -> ModelOpt's calibration algorithm, or the ModelOpt preset config whose algorithm and
+# weight-quantizer block settings are merged into the mode's config. All but max run a fake-quantized
 # forward (CUDA only); those with static weight blocks also need Triton.
 ALGORITHMS = {
     "max": {"method": "max"},
@@ -69,10 +69,8 @@ ALGORITHMS = {
     "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",              # FP8 block scales minimizing the weight's error
     "local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",    # ... minimizing the output's error on the inputs
     "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG",                # each block's largest value on 4 or 6, the better
-    "gptq": "general/ptq/nvfp4_default-kv_none-gptq",          # GPTQ's Hessian-based weight updates, layer by layer
 }
 ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
-# set scales only: ModelOpt runs these layer by layer without writing weights back (what the offload script needs)
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
@@ -1089,26 +1087,18 @@ def build_quant_config(mode: str, unquantized: list[str], kv_cache: str = "none"
                 entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], **blocks}}
     if moe_calibration == "all":
         algo["moe_calib_experts_ratio"] = 1.0
-    if "layerwise" in algo:  # a recipe's own layer-by-layer pass: in memory, no checkpoints in the working dir
-        algo["layerwise"] = {"enable": bool(algo["layerwise"].get("enable"))}
     config["algorithm"] = algo if len(algo) > 1 or algorithm != "max" else "max"
     return config
 
 
 def algorithm_preset(algorithm: str) -> tuple[dict, dict | None]:
-    """Deep copies of --algorithm's ModelOpt algorithm and, for presets and recipes, its weight block settings."""
+    """Deep copies of --algorithm's ModelOpt algorithm and, for presets, its weight block settings."""
     import modelopt.torch.quantization as mtq
 
     source = ALGORITHMS[algorithm]
     if isinstance(source, dict):
         return copy.deepcopy(source), None
-    if "/" in source:
-        from modelopt.recipe import load_recipe
-
-        preset = load_recipe(source).quantize
-        algo, entries = preset.algorithm, [e.model_dump() for e in preset.quant_cfg]
-    else:
-        algo, entries = getattr(mtq, source)["algorithm"], getattr(mtq, source)["quant_cfg"]
+    algo, entries = getattr(mtq, source)["algorithm"], getattr(mtq, source)["quant_cfg"]
     weight = next(e for e in entries if e.get("quantizer_name") == "*weight_quantizer" and e.get("cfg"))
     return copy.deepcopy(dict(algo)), copy.deepcopy(dict(weight["cfg"]["block_sizes"]))
 
@@ -1709,8 +1699,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
 
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
-    layerwise = isinstance(config["algorithm"], dict) and config["algorithm"].get("layerwise", {}).get("enable", False)
-    holder: dict = {"pad_id": pad_id, "layerwise": layerwise}
+    holder: dict = {"pad_id": pad_id}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:

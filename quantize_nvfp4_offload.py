@@ -5,8 +5,8 @@ The original offload script ran one sample per forward, so every sample dragged 
 weight across PCIe or off the disk again. Here calibration goes layer by layer: each decoder layer's
 weights come onto the GPU once, every batch runs through it once (collecting its scales with
 ModelOpt's max calibration), and its outputs are the next layer's inputs. A run costs one pass over
-the weights plus one forward of compute. Resume points are written in the background every
---checkpoint_every layers, and --resume continues a killed run.
+the weights plus one forward of compute. Resume points (--checkpoint_every: by default spaced 5 minutes apart)
+are written in the background, and --resume continues a killed run.
 
     python quantize_nvfp4_offload.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml \
         --offload_folder /scratch/offload --max_gpu_memory 60GiB

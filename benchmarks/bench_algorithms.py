@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import quantize_nvfp4 as q  # noqa: E402
 
-W4A4_ALGORITHMS = ("max", "mse", "local_hessian", "four_over_six", "gptq", "awq_clip", "awq_lite")
-WEIGHT_ONLY_ALGORITHMS = ("max", "mse", "local_hessian", "gptq")
+W4A4_ALGORITHMS = ("max", "mse", "local_hessian", "four_over_six", "awq_clip", "awq_lite")
+WEIGHT_ONLY_ALGORITHMS = ("max", "mse", "local_hessian")
 VARIANTS = {  # name -> extra flags; W4A4 first: they decide the default
     **{a: ["--algorithm", a] for a in W4A4_ALGORITHMS},
     **{f"weight_only {a}": ["--weight_only", "--algorithm", a] for a in WEIGHT_ONLY_ALGORITHMS},
@@ -45,7 +44,6 @@ TIME_FACTOR = 2.0       # ... at <= this x max's calibration time on the 8B-shap
 TIMING_8B_LIMIT_S = 120  # per algorithm, start-up included: far beyond 2x max's calibration, which is seconds
 SHAPE_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256}
-GPTQ_LINE = re.compile(r"\[(?P<name>[\w.]+)\] Relative MSE error: (?P<mse>\S+?)(?:, n_hessian_samples: (?P<n>\d+))?$")
 
 
 def stdlib_files() -> list[Path]:
@@ -112,16 +110,6 @@ def fidelity_distribution(per_linear: dict) -> dict:
             "median_by_projection": {k: round(statistics.median(v), 5) for k, v in sorted(by_kind.items())}}
 
 
-def gptq_diagnostics(stdout: str) -> dict:
-    """ModelOpt's per-linear GPTQ report: o_proj's Hessian-weighted error and how many tokens its Hessian saw."""
-    lines = [m.groupdict() for m in map(GPTQ_LINE.search, stdout.splitlines()) if m]
-    o_proj = [d for d in lines if d["name"].endswith("o_proj")]
-    return {"linears_reported": len(lines), "o_proj_relative_mse": [float(d["mse"]) for d in o_proj],
-            "o_proj_hessian_samples": [int(d["n"]) if d["n"] else 0 for d in o_proj],
-            "others_relative_mse_median": statistics.median([float(d["mse"]) for d in lines if d not in o_proj])
-            if len(lines) > len(o_proj) else None}
-
-
 def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work: Path, args, timeout: float) -> dict:
     out = work / ("out-" + "".join(c if c.isalnum() else "_" for c in name))
     command = [sys.executable, str(ROOT / "quantize_nvfp4.py"), "--input_model", str(model), "--output_model",
@@ -146,8 +134,6 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
     if in_process:
         row["modelopt_in_process"] = {k: in_process[k] for k in
                                       ("perplexity_increase_pct", "mean_kl", "top1_agreement")}
-    if "gptq" in flags:
-        row["gptq"] = gptq_diagnostics(result.stdout)
     return row
 
 

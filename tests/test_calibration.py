@@ -1,5 +1,4 @@
 """Calibration on CPU: amax independent of batching, skip patterns, configs never mutated."""
-import contextlib
 import copy
 
 import pytest

@@ -169,16 +169,8 @@ def test_preset_algorithms_take_modelopts_algorithm_and_weight_blocks(algorithm,
     assert json.dumps(getattr(mtq, preset), default=str) == before
 
 
-def test_gptq_takes_modelopts_recipe_in_memory():
-    """The recipe's GPTQ, layer by layer, without its checkpoint folder in the working dir."""
-    config = q.build_quant_config("nvfp4", [], algorithm="gptq")
-    assert config["algorithm"] == {"method": "gptq", "layerwise": {"enable": True}}
-    weight = next(e for e in config["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
-    assert weight["cfg"]["block_sizes"] == {-1: 16, "type": "static", "scale_bits": (4, 3)}
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "local_hessian", "four_over_six", "gptq"])
+@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "local_hessian", "four_over_six"])
 def test_gpu_only_algorithms_fail_early_on_cpu(tiny_model, tmp_path, algorithm):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--algorithm", algorithm)
@@ -190,7 +182,7 @@ def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--w4a8", "--algorithm", "awq_clip")
     assert_usage_error(result, "--algorithm awq_clip is not available with --w4a8")
-    for algorithm in ("gptq", "mse"):  # the offload script's one-pass layer loop runs max calibration only
+    for algorithm in ("awq_lite", "mse"):  # the offload script's one-pass layer loop runs max calibration only
         result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                          LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
                          script=ROOT / "quantize_nvfp4_offload.py")
