@@ -375,7 +375,8 @@ def check_eval_plan(args: argparse.Namespace, calibration: dict) -> None:
                          "--max_samples")
 
 
-def parse_batch_size(text: str) -> int | str:
+def parse_auto_or_count(text: str) -> int | str:
+    """An argparse type for 'auto' or a positive integer (--batch_size; the offload script's --checkpoint_every)."""
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
@@ -3209,7 +3210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"sample selection seed (default {CALIBRATION_DEFAULTS['seed']})")
     p.add_argument("--min_token_length", type=int,
                    help=f"drop samples shorter than this (default {CALIBRATION_DEFAULTS['min_token_length']})")
-    p.add_argument("--batch_size", type=parse_batch_size, default=None, metavar="auto|N",
+    p.add_argument("--batch_size", type=parse_auto_or_count, default=None, metavar="auto|N",
                    help="samples per calibration forward; auto (default) sizes batches in tokens to the GPU budget; "
                         "overrides the YAML's calibration.batch_size")
     p.add_argument("--gpu_memory_budget", type=float, metavar="GiB",

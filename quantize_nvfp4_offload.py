@@ -81,11 +81,9 @@ def parse_memory(text: str) -> int:
 
 
 def parse_checkpoint_every(text: str) -> int | None:
-    if text == "auto":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number of layers, got {text!r}")
-    return int(text)
+    """'auto' (None: resume points spaced in time) or a number of layers."""
+    value = q.parse_auto_or_count(text)
+    return None if value == "auto" else value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,9 +119,9 @@ def test_modes_and_batch_size_parsing(data_dir):
     assert q.build_settings(args_for(path), {}).mode == "nvfp4"
     assert q.build_settings(args_for(path, w4a8=True), {}).modelopt_config_name == "W4A8_NVFP4_FP8_CFG"
     assert q.build_settings(args_for(path, weight_only=True), {}).modelopt_config_name == "W4A16_NVFP4_CFG"
-    assert q.parse_batch_size("auto") == "auto" and q.parse_batch_size("4") == 4
+    assert q.parse_auto_or_count("auto") == "auto" and q.parse_auto_or_count("4") == 4
     with pytest.raises(argparse.ArgumentTypeError):
-        q.parse_batch_size("0")
+        q.parse_auto_or_count("0")
 
 
 @pytest.mark.parametrize("formatter, columns, expected", [
