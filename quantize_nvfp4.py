@@ -1936,20 +1936,22 @@ def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: s
     return problems
 
 
-def original_tensors(skeleton, source: Path | None) -> dict[str, list[int]]:
+def original_tensors(skeleton, source: Path | None) -> tuple[dict[str, list[int]], str]:
     """The tensors the model had before quantization, by the names and shapes they have on disk.
 
     With the source checkpoint at hand they come from its safetensors headers. Without it (`--verify
     DIR` alone), from what save_pretrained would write for this config: transformers' load-time
     renames and fusions reversed on the meta skeleton. Never from the calibrated model in memory.
+    Returns the tensors and which of the two they came from.
     """
     if source is not None:
         reader = CheckpointReader(source)
         if reader.handles:
-            return {key: reader.shape(key) for key in reader.location}
+            return {key: reader.shape(key) for key in reader.location}, "source checkpoint"
     from transformers.core_model_loading import revert_weight_conversion
 
-    return {key: list(t.shape) for key, t in revert_weight_conversion(skeleton, skeleton.state_dict()).items()}
+    state = revert_weight_conversion(skeleton, skeleton.state_dict())
+    return {key: list(t.shape) for key, t in state.items()}, "config"
 
 
 def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader, algo: str,
@@ -2032,12 +2034,15 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
         return {}, problems
     config = AutoConfig.from_pretrained(str(folder))
     skeleton = empty_model(config, trust_remote_code=False)
-    originals = original_tensors(skeleton, source)
+    originals, checked_against = original_tensors(skeleton, source)
     tie = any(getattr(c, "tie_word_embeddings", False) for c in (config, config.get_text_config()))  # either may say
     tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
     quantized, expected, more = check_against_originals(originals, reader, algo, tied)
-    problems += more + [f"{n}: quantized in memory but not written as NVFP4"
-                        for n in sorted(set(quantized_in_memory) - quantized)]
+    in_memory = set(quantized_in_memory)
+    problems += more + [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(in_memory - quantized)]
+    if in_memory:  # after an export: nothing written as NVFP4 that ModelOpt left in 16 bits
+        problems += [f"{n}: written as NVFP4 but not quantized in memory [tensors: exactly the quantized modules]"
+                     for n in sorted(quantized - in_memory) if not under_experts(n)]
     to_disk = export_names(skeleton)
     linears = {to_disk(n): (m.out_features, m.in_features) for n, m in skeleton.named_modules()
                if isinstance(m, torch.nn.Linear)}
@@ -2053,7 +2058,7 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     summary = {"quant_algo": algo, "group_size": quant.get("group_size"),
                "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"), "quantized_linears": len(quantized),
                "unquantized_linears": len(set(linears) - quantized), "tensors": len(reader.location),
-               "checked_against": "source checkpoint" if source else "config", "exclude_modules": patterns}
+               "checked_against": checked_against, "exclude_modules": patterns}
     return summary, problems
 
 
@@ -2292,16 +2297,18 @@ def emulate_kv_cache(model, reader: CheckpointReader, kv_algo: str, to_disk: Cal
     model.set_attn_implementation("nvfp4_kv_emulation")
 
 
-def copy_unquantized_tensors(model, reader: CheckpointReader) -> None:
+def copy_unquantized_tensors(model, reader: CheckpointReader, to_disk: Callable[[str], str]) -> None:
     """The export's 16-bit tensors into the model: norms, embeddings, biases. They differ from the
     original's where a scale was folded into them (awq_lite folds its input scales into the norms)."""
     import torch
 
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
-            if key in reader and reader.dtype(key) in SIXTEEN_BIT + ("F32",) and \
-                    f"{key.rpartition('.')[0]}.weight_scale" not in reader:
-                tensor.copy_(reader.tensor(key).to(tensor.dtype))
+            module, _, leaf = key.rpartition(".")
+            exported = f"{to_disk(module)}.{leaf}" if module else key
+            if exported in reader and reader.dtype(exported) in SIXTEEN_BIT + ("F32",) and \
+                    f"{to_disk(module)}.weight_scale" not in reader:
+                tensor.copy_(reader.tensor(exported).to(tensor.dtype))
 
 
 def emulate_checkpoint(model, folder: Path) -> list:
@@ -2318,7 +2325,7 @@ def emulate_checkpoint(model, folder: Path) -> list:
     algo, group = quant["quant_algo"], int(quant["group_size"])
     to_disk, hooks, applied = export_names(model), [], set()
     use_eager_experts(model)
-    copy_unquantized_tensors(model, reader)
+    copy_unquantized_tensors(model, reader, to_disk)
     for name, module in model.named_modules():
         prefix = to_disk(name)
         if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
@@ -2552,6 +2559,9 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
             continue
         errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
                                           after[module_name] if after is not None else None, algo, group, device), 5)
+    if names and not errors:
+        raise RuntimeError(f"the fidelity check matched none of the {len(names)} quantized linears of the export to a "
+                           f"module and a source weight (first: {names[0]}); the export's names are not the source's")
     values = sorted(errors.values())
     median = values[len(values) // 2] if values else 0.0
     limit = fidelity_limit(median)
@@ -2990,7 +3000,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
 
     output = settings.output_model
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    needed = int(estimate_checkpoint_bytes(model, set(expected)) * DISK_MARGIN)
+    needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
     try:
         before, after = (capture(False) if capture else None), None
         start = time.perf_counter()
@@ -3001,13 +3011,14 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
-        manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source_checkpoint_dir(settings))
+        source = source_checkpoint_dir(settings)
+        manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
         write_tokenizer_and_extras(model, tokenizer, staging, settings)
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
-        manifest["validation"] = validate_export(staging, expected, settings.mode, source_checkpoint_dir(settings))
+        manifest["validation"] = validate_export(staging, expected, settings.mode, source)
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
         if capture:
-            manifest["fidelity"] = check_fidelity(model, staging, source_checkpoint_dir(settings), before, after, device)
+            manifest["fidelity"] = check_fidelity(model, staging, source, before, after, device)
         report = report_fn(staging) if report_fn else None
         if report:
             manifest["quality"] = report

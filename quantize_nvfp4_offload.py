@@ -113,6 +113,10 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max "
                            "(every other algorithm searches with quantized forwards or changes weights, which the "
                            "loop does not run or write back); use quantize_nvfp4.py on a GPU that holds the model")
+    if args.eval or args.max_ppl_increase is not None:
+        raise q.UsageError("--eval / --max_ppl_increase: the quality report loads two 16-bit copies of the model onto "
+                           "one device, which a model that needs offloading does not fit; this script's export is "
+                           "checked by the fidelity check instead")
     if not args.offload_folder:
         raise q.UsageError("no offload folder: pass --offload_folder DIR (a disk with room for the offloaded weights)")
     folder = Path(args.offload_folder).expanduser().resolve()
@@ -185,7 +189,11 @@ def check_resume(settings: q.Settings, offload: OffloadSettings, fingerprint: di
     if done is None:
         if offload.resume:
             q.warn(f"--resume: no unfinished calibration in {offload.layerwise_dir}; starting from the first layer")
-        shutil.rmtree(offload.layerwise_dir, ignore_errors=True)
+        if offload.layerwise_dir.exists():
+            if not (job_file.is_file() or (offload.layerwise_dir / PROGRESS_FILE).is_file()):
+                raise q.UsageError(f"{offload.layerwise_dir} exists but this script did not write it (no {JOB_FILE} "
+                                   "beside it): move it away or choose another --offload_folder")
+            shutil.rmtree(offload.layerwise_dir)
         return None
     if not offload.resume:
         raise q.UsageError(f"{offload.layerwise_dir} holds calibration progress from an earlier run (layers 0-{done} "
@@ -314,6 +322,15 @@ class ResumeWriter:
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise RuntimeError(f"writing a resume point to {self.layerwise_dir} failed: {failure}") from failure
+
+    def finish_after_failure(self) -> None:
+        """Let the write in flight end; the failure already on its way out is the one to report."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.failure is not None:
+            q.warn(f"writing a resume point to {self.layerwise_dir} failed too: {self.failure}")
+            self.failure = None
 
     def _commit(self, layer: int, quantizers: dict, next_inputs: list, ready) -> None:
         import torch
@@ -711,8 +728,10 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                 if fail_after is not None and index >= int(fail_after):
                     writer.wait()
                     raise RuntimeError(f"simulated failure after layer {index} ({FAIL_AFTER_ENV}={fail_after})")
-    finally:
-        writer.wait()
+    except BaseException:
+        writer.finish_after_failure()
+        raise
+    writer.wait()
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     holder["forward_seconds"] = time.perf_counter() - loop_start

@@ -195,3 +195,16 @@ def test_a_failed_background_write_stops_the_run(tmp_path):
     writer.submit(0, {0: {"quantizer_state": {}}}, [torch.ones(2)])
     with pytest.raises(RuntimeError, match="writing a resume point"):
         writer.wait()
+
+
+def test_refusals_before_loading(four_layer_model, tmp_path):
+    """--eval would put two 16-bit copies of an offloaded model on one device; a foreign folder in the offload
+    folder where the resume points go is not ours to delete."""
+    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval")
+    assert_usage_error(result, "--eval / --max_ppl_increase", "fidelity check")
+    foreign = tmp_path / "off" / offload.LAYERWISE_DIR
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("the user's")
+    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off")
+    assert_usage_error(result, "this script did not write it")
+    assert (foreign / "notes.txt").read_text() == "the user's" and not (tmp_path / "out").exists()

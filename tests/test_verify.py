@@ -151,3 +151,13 @@ def test_verify_against_the_source_checkpoint(clean_checkpoint, tiny_model, tmp_
     summary, problems = q.verify_checkpoint(folder, source=tiny_model)
     assert summary["checked_against"] == "source checkpoint"
     assert any("model.norm.weight: shape [4], the original has [128]" in p for p in problems), problems
+
+
+def test_export_check_wants_exactly_the_modules_modelopt_quantized(clean_checkpoint):
+    """After an export: a module written as NVFP4 that ModelOpt left in 16 bits (say a --skip_layers one) is a problem."""
+    written = sorted(k[: -len(".weight_scale")] for k in q.CheckpointReader(clean_checkpoint).location
+                     if k.endswith(".weight_scale"))
+    assert q.verify_checkpoint(clean_checkpoint, quantized_in_memory=written)[1] == []
+    problems = q.verify_checkpoint(clean_checkpoint, quantized_in_memory=written[1:])[1]
+    assert problems == [f"{written[0]}: written as NVFP4 but not quantized in memory [tensors: exactly the quantized "
+                        "modules]"]
