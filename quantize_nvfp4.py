@@ -2062,10 +2062,15 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     return summary, problems
 
 
+def unloaded_keys(cls, keys: Iterable[str]) -> list[str]:
+    """The checkpoint keys a model class declares it skips on load (its _keys_to_ignore_on_load_unexpected)."""
+    patterns = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    return [k for k in keys if any(re.search(p, k) for p in patterns)]
+
+
 def check_carried_unloaded(reader: CheckpointReader, extra: set[str], cls, patterns: list[str]) -> tuple[set, list]:
     """Tensors the model class skips on load (multi-token prediction) may ride along, in 16 bits and excluded."""
-    ignored = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
-    carried = {k for k in extra if any(re.search(p, k) for p in ignored)}
+    carried = set(unloaded_keys(cls, extra))
     problems = [f"{k}: carried over but not excluded, or not 16-bit; vLLM would load it as FP4 [exclude: consistent]"
                 for k in sorted(carried) if reader.dtype(k) not in SIXTEEN_BIT + ("F32",)
                 or not (vllm_excludes(k.rpartition(".")[0], patterns) and trtllm_excludes(k.rpartition(".")[0], patterns))]
@@ -2850,9 +2855,8 @@ def carry_unloaded_tensors(model, staging: Path, source: Path) -> dict | None:
     listed in the index, and excluded from quantization in both config files."""
     from safetensors.torch import save_file
 
-    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
     reader = CheckpointReader(source)
-    keys = sorted(k for k in reader.location if any(re.search(p, k) for p in patterns))
+    keys = sorted(unloaded_keys(type(model), reader.location))
     if not keys:
         return None
     save_file({k: reader.tensor(k).contiguous() for k in keys}, str(staging / UNLOADED_FILE), metadata={"format": "pt"})
