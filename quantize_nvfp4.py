@@ -1003,15 +1003,17 @@ def source_checkpoint_dir(settings: Settings,
     return Path(snapshot_download(settings.input_model, token=settings.hf_token, allow_patterns=list(files)))
 
 
+def kept_in_16_bits(name: str, unquantized: list[str]) -> bool:
+    """The module is one of the unquantized ones, or inside one (a vision tower, a skipped block)."""
+    return any(name == u or name.startswith(u + ".") for u in unquantized)
+
+
 def check_something_to_quantize(skeleton, unquantized: list[str]) -> None:
     """--skip_layers patterns that cover every linear would leave ModelOpt nothing to do (it raises after loading)."""
     import torch
 
-    def kept(name: str) -> bool:
-        return any(name == u or name.startswith(u + ".") for u in unquantized)
-
     left = [n for n, m in skeleton.named_modules()
-            if (isinstance(m, torch.nn.Linear) or is_fused_experts(m)) and not kept(n)]
+            if (isinstance(m, torch.nn.Linear) or is_fused_experts(m)) and not kept_in_16_bits(n, unquantized)]
     if not left:
         raise UsageError("--skip_layers leaves no linear layer to quantize; narrow the patterns "
                          "(e.g. 'layers.0.*' or 'down_proj')")
@@ -2162,7 +2164,7 @@ def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
 
 # --------------------------------------------------------------------------- quality report
 REPORT_NAME = "quality_report.json"
-E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_GRID = E2M1_VALUES[:8]  # the non-negative half
 E4M3_MAX = 448.0
 
 
@@ -2194,6 +2196,17 @@ def fake_quant_fp8_input(x, input_scale):
     return (scaled.to(torch.float8_e4m3fn).float() * input_scale).to(x.dtype)
 
 
+def input_fake_quant(algo: str):
+    """How the runtime quantizes a quantized linear's input for `algo`: NVFP4 blocks, FP8 per tensor, or not at all."""
+    return {"NVFP4": fake_quant_nvfp4_input, "W4A8_NVFP4_FP8": fake_quant_fp8_input}.get(algo)
+
+
+def exported_weight(reader: CheckpointReader, name: str, group: int, device=None):
+    """The float32 weight the runtime multiplies by: the exported FP4 weight x block scale x global scale."""
+    return dequantize_nvfp4(*(reader.tensor(f"{name}.{suffix}").to(device) for suffix in
+                              ("weight", "weight_scale", "weight_scale_2")), group)
+
+
 def use_eager_experts(model) -> None:
     """Fused MoE experts call F.linear per expert only in transformers' eager implementation (ModelOpt
     needs it too); the default grouped_mm would bypass the emulator's input quantization."""
@@ -2215,9 +2228,7 @@ def emulate_fused_experts(module, key: Callable[[int, str], str], reader: Checkp
         raise RuntimeError(f"{key(0, 'gate_proj')}: the emulator supports per-expert exports of [E, 2I, H] experts only")
 
     def weight(e: int, proj: str):
-        prefix = key(e, proj)
-        return dequantize_nvfp4(reader.tensor(f"{prefix}.weight"), reader.tensor(f"{prefix}.weight_scale"),
-                                reader.tensor(f"{prefix}.weight_scale_2"), group)
+        return exported_weight(reader, key(e, proj), group)
 
     with torch.no_grad():
         for e in range(experts):
@@ -2255,7 +2266,7 @@ def quantize_expert_inputs(module, gate_up_scale, down_scale, algo: str) -> list
     whichever op the implementation uses (F.linear per expert, matmul, @, bmm)."""
     import torch
 
-    quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
+    quantize = input_fake_quant(algo)
     scales = {module.gate_up_proj.untyped_storage().data_ptr(): gate_up_scale.reshape(()),
               module.down_proj.untyped_storage().data_ptr(): down_scale.reshape(())}
     ops = {(torch.nn.functional, "linear"): torch.nn.functional.linear, (torch, "matmul"): torch.matmul,
@@ -2360,14 +2371,12 @@ def emulate_linear(module, prefix: str, reader: CheckpointReader, algo: str, gro
     """The dequantized FP4 weight, and a hook quantizing the input with the stored input_scale."""
     import torch
 
-    weight = dequantize_nvfp4(reader.tensor(f"{prefix}.weight"), reader.tensor(f"{prefix}.weight_scale"),
-                              reader.tensor(f"{prefix}.weight_scale_2"), group)
     with torch.no_grad():
-        module.weight.copy_(weight.to(module.weight.dtype))
-    if algo == "W4A16_NVFP4":
+        module.weight.copy_(exported_weight(reader, prefix, group).to(module.weight.dtype))
+    quantize = input_fake_quant(algo)
+    if quantize is None:
         return []
     scale = reader.tensor(f"{prefix}.input_scale").float().to(module.weight.device)
-    quantize = fake_quant_nvfp4_input if algo == "NVFP4" else fake_quant_fp8_input
     return [module.register_forward_pre_hook(lambda m, args, s=scale, f=quantize: (f(args[0], s),) + args[1:])]
 
 
@@ -2514,11 +2523,9 @@ def channel_ratio(scaled, original):
 def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
     """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
     scale, the input quantized with the stored input_scale as the kernels do."""
-    weight = dequantize_nvfp4(*(reader.tensor(f"{name}.{suffix}").to(x.device) for suffix in
-                                ("weight", "weight_scale", "weight_scale_2")), group)
-    if algo != "W4A16_NVFP4":
-        scale = reader.tensor(f"{name}.input_scale").float().to(x.device)
-        x = fake_quant_nvfp4_input(x, scale) if algo == "NVFP4" else fake_quant_fp8_input(x, scale)
+    weight, quantize = exported_weight(reader, name, group, x.device), input_fake_quant(algo)
+    if quantize is not None:
+        x = quantize(x, reader.tensor(f"{name}.input_scale").float().to(x.device))
     return x @ weight.T
 
 
@@ -3285,7 +3292,8 @@ class Job:
 
     @property
     def checkpoint_bytes(self) -> int:
-        linears = {n for n, m in self.skeleton.named_modules() if type(m).__name__ == "Linear"} - set(self.unquantized)
+        linears = {n for n, m in self.skeleton.named_modules()
+                   if type(m).__name__ == "Linear" and not kept_in_16_bits(n, self.unquantized)}
         return int(estimate_checkpoint_bytes(self.skeleton, linears) * DISK_MARGIN)
 
 
@@ -3321,7 +3329,7 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
     Returns the exit status: 1 when --max_ppl_increase is exceeded (the checkpoint is still written).
     """
     quantized = quantized_linear_shapes(model)
-    skipped_but_quantized = [n for n in quantized if any(n == u or n.startswith(u + ".") for u in job.unquantized)]
+    skipped_but_quantized = [n for n in quantized if kept_in_16_bits(n, job.unquantized)]
     if skipped_but_quantized:
         raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
     to_disk = export_names(model)
