@@ -1406,7 +1406,7 @@ def expert_count(block, router) -> int:
     return len(experts) if hasattr(experts, "__len__") else router.weight.shape[0]
 
 
-def routed_indices(router, inputs, output):
+def routed_indices(router, output):
     """The [tokens, top_k] expert choices a router made: v5 routers return them, v4 ones return logits."""
     import torch
 
@@ -1428,7 +1428,7 @@ def count_routed_tokens(name: str, holder: dict):
     import torch
 
     def hook(router, inputs, output):
-        indices = routed_indices(router, inputs, output)
+        indices = routed_indices(router, output)
         entry = holder["coverage"].get(name)
         if indices is None or entry is None or indices.shape[-1] != entry["top_k"]:
             return
@@ -1580,7 +1580,7 @@ def remove_calibration_hooks(holder: dict) -> None:
     holder["mask"] = None
 
 
-def gpu_token_budget(model, forward, samples, device, budget_gib: float | None, holder: dict):
+def gpu_token_budget(forward, samples, device, budget_gib: float | None, holder: dict):
     """Run the longest sample alone, measure peak memory per token, size batches to the budget.
 
     Returns (max_batch_tokens, probe_index). The probe is real calibration work, not wasted.
@@ -1618,7 +1618,7 @@ def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
     return batch[:half], batch[half:]
 
 
-def plan_batches(model, forward, samples, settings: Settings, device: str, holder: dict) -> None:
+def plan_batches(forward, samples, settings: Settings, device: str, holder: dict) -> None:
     """Decide the batches once; an algorithm's later passes run the same ones.
 
     On a GPU in auto mode the longest sample runs first, alone, to size the batches (it is real
@@ -1628,7 +1628,7 @@ def plan_batches(model, forward, samples, settings: Settings, device: str, holde
     holder.update(done=[], cap=DEFAULT_BATCH_TOKENS if settings.batch_size is None else math.inf)
     ranks = current_ranks()
     if settings.batch_size is None and device.startswith("cuda"):
-        holder["cap"], probe = gpu_token_budget(model, forward, samples, device, settings.gpu_memory_budget, holder)
+        holder["cap"], probe = gpu_token_budget(forward, samples, device, settings.gpu_memory_budget, holder)
         holder["done"] = [[probe]]  # every rank ran it: max is idempotent, so that changes nothing
         if ranks.distributed:  # one plan for all ranks: the smallest budget
             holder["cap"] = all_reduce_min(holder["cap"], device)
@@ -1653,7 +1653,7 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
     loop_start = time.perf_counter()
     with torch.no_grad():
         if "plan" not in holder:
-            plan_batches(model, forward, samples, settings, device, holder)
+            plan_batches(forward, samples, settings, device, holder)
         batches_run = list(holder["done"])
         bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr,
                    disable=not on_main_rank(), initial=sum(lengths[i] for b in batches_run for i in b))

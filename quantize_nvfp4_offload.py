@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
+    if args.verify or args.reference:
+        raise q.UsageError("--verify / --reference check an existing checkpoint; run them with quantize_nvfp4.py "
+                           "(this script quantizes)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
@@ -182,7 +185,7 @@ def read_progress(layerwise_dir: Path) -> dict | None:
     return progress if isinstance(progress, dict) and progress.get("format") == RESUME_FORMAT else None
 
 
-def check_resume(settings: q.Settings, offload: OffloadSettings, fingerprint: dict) -> int | None:
+def check_resume(offload: OffloadSettings, fingerprint: dict) -> int | None:
     """Refuse to silently reuse or silently discard earlier progress; returns the layer to resume after."""
     done = committed_layer(offload.layerwise_dir)
     job_file = offload.offload_folder / JOB_FILE
@@ -754,7 +757,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     if job is None:
         return 0
     fingerprint = job_fingerprint(settings, job, offload)
-    resume_after = check_resume(settings, offload, fingerprint)
+    resume_after = check_resume(offload, fingerprint)
     offload.offload_folder.mkdir(parents=True, exist_ok=True)
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)

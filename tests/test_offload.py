@@ -202,6 +202,8 @@ def test_refusals_before_loading(four_layer_model, tmp_path):
     folder where the resume points go is not ours to delete."""
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval")
     assert_usage_error(result, "--eval / --max_ppl_increase", "fidelity check")
+    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--verify", str(tmp_path / "out"))
+    assert_usage_error(result, "run them with quantize_nvfp4.py")
     foreign = tmp_path / "off" / offload.LAYERWISE_DIR
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("the user's")
