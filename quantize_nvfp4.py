@@ -1543,6 +1543,13 @@ def quantizer_role(name: str) -> tuple[bool, str]:
     return True, "heads" if leaf.endswith("_bmm_quantizer") else "rows"
 
 
+def decoder_layers(model):
+    """The model's decoder layers, found as ModelOpt finds them (its registry of model families)."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    return LayerActivationCollector.get_decoder_layers(model)
+
+
 def install_calibration_hooks(model, holder: dict) -> None:
     """Once per quantize call: sync-free calibrators, and the padding mask kept current for them.
 
@@ -1553,7 +1560,6 @@ def install_calibration_hooks(model, holder: dict) -> None:
     get their padded rows zeroed, so experts see no padding and the router counts none.
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
 
     if "handles" in holder:
         return
@@ -1569,7 +1575,7 @@ def install_calibration_hooks(model, holder: dict) -> None:
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(holder)))
         handles.append(router.register_forward_hook(count_routed_tokens(name, holder)))
-    for layer in LayerActivationCollector.get_decoder_layers(model) or []:
+    for layer in decoder_layers(model) or []:
         handles.append(layer.register_forward_pre_hook(mask_from_attention(holder), with_kwargs=True))
     holder["handles"] = handles
 

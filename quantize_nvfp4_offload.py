@@ -423,19 +423,12 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
 
 
 def decoder_layer_names(model) -> list[str]:
-    layers = decoder_layers(model)
+    layers = q.decoder_layers(model)
     if not layers:
         raise q.UsageError(f"{type(model).__name__}: ModelOpt finds no decoder layers to calibrate one by one; "
                            "use quantize_nvfp4.py (or quantize_nvfp4.py with a device map across GPUs)")
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(layer)] for layer in layers]
-
-
-def decoder_layers(model):
-    """The model's decoder layers, found as ModelOpt finds them (its registry of model families)."""
-    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
-
-    return LayerActivationCollector.get_decoder_layers(model)
 
 
 def lookup_device(device_map: dict, name: str):
@@ -688,7 +681,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
 
     insert_quantizers(model, config)
     q.install_calibration_hooks(model, holder)
-    layers, modules, names = decoder_layers(model), dict(model.named_modules()), decoder_layer_names(model)
+    layers, modules, names = q.decoder_layers(model), dict(model.named_modules()), decoder_layer_names(model)
     batches = layer_batches(samples, settings)
     masks = [q.padded_batch(samples, batch, holder["pad_id"])[1].to(device) for batch in batches]
     holder.update(batches_run=batches, cap=q.DEFAULT_BATCH_TOKENS)
