@@ -20,6 +20,7 @@ import errno
 import fnmatch
 import functools
 import inspect
+import io
 import json
 import math
 import os
@@ -59,9 +60,10 @@ MODES = {
 }
 # --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
-# --algorithm -> ModelOpt's calibration algorithm, or the ModelOpt preset config whose algorithm and
-# weight-quantizer block settings are merged into the mode's config. All but max run a fake-quantized
-# forward (CUDA only); those with static weight blocks also need Triton.
+# --algorithm -> ModelOpt's calibration algorithm; or the ModelOpt preset config whose algorithm and
+# weight-quantizer block settings are merged into the mode's config; or (preset, algorithm): that preset's
+# static weight blocks under another algorithm. All but max run a fake-quantized forward (CUDA only);
+# those with static weight blocks also need Triton.
 ALGORITHMS = {
     "max": {"method": "max"},
     "awq_lite": {"method": "awq_lite"},                        # per-channel smoothing scales, searched per layer
@@ -69,6 +71,9 @@ ALGORITHMS = {
     "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",              # FP8 block scales minimizing the weight's error
     "local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",    # ... minimizing the output's error on the inputs
     "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG",                # each block's largest value on 4 or 6, the better
+    # GPTQ's Hessian-guided rounding with error feedback, on static max block scales, all layers at once
+    # (ModelOpt's layer-by-layer mode replays each layer's inputs; measured no better here, and 10x slower)
+    "gptq": ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", {"method": "gptq", "fused": True, "layerwise": {"enable": False}}),
 }
 ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
@@ -354,7 +359,7 @@ def check_algorithm(algorithm: str, mode: str) -> None:
     if not torch.cuda.is_available():
         raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
                          "CUDA kernels); on this machine use --algorithm max")
-    if isinstance(ALGORITHMS[algorithm], str) and importlib.util.find_spec("triton") is None:
+    if not isinstance(ALGORITHMS[algorithm], dict) and importlib.util.find_spec("triton") is None:
         raise UsageError(f"--algorithm {algorithm} needs Triton (ModelOpt's static FP4 block kernels): "
                          "pip install triton, or use --algorithm max")
 
@@ -1101,7 +1106,8 @@ def algorithm_preset(algorithm: str) -> tuple[dict, dict | None]:
     source = ALGORITHMS[algorithm]
     if isinstance(source, dict):
         return copy.deepcopy(source), None
-    algo, entries = getattr(mtq, source)["algorithm"], getattr(mtq, source)["quant_cfg"]
+    preset, algo = source if isinstance(source, tuple) else (source, getattr(mtq, source)["algorithm"])
+    entries = getattr(mtq, preset)["quant_cfg"]
     weight = next(e for e in entries if e.get("quantizer_name") == "*weight_quantizer" and e.get("cfg"))
     return copy.deepcopy(dict(algo)), copy.deepcopy(dict(weight["cfg"]["block_sizes"]))
 
@@ -1572,6 +1578,10 @@ def install_calibration_hooks(model, holder: dict) -> None:
         input_quantizer = getattr(module, "input_quantizer", None)
         if getattr(input_quantizer, "is_enabled", False) and not isinstance(input_quantizer._calibrator, calibrator_class):
             handles.append(module.register_forward_pre_hook(zero_padding(holder)))
+    if holder.get("zero_linear_padding"):  # GPTQ's Hessians sum every input row: padding would count
+        for module in list(model.modules()):
+            if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False):
+                handles.append(module.register_forward_pre_hook(zero_padding(holder)))
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(holder)))
         handles.append(router.register_forward_hook(count_routed_tokens(name, holder)))
@@ -1696,6 +1706,28 @@ def handle_out_of_memory(batch: list[int], lengths: list[int], holder: dict) -> 
     torch.cuda.empty_cache()
 
 
+GPTQ_LINE = re.compile(r"^\[(?P<name>[^\]]+)\] Relative MSE error: (?P<error>\S+?),? ")
+
+
+@contextlib.contextmanager
+def modelopt_report(holder: dict):
+    """ModelOpt's GPTQ prints one line per linear (Hessian-weighted relative error of its update): those go
+    to holder["gptq_relative_mse"] for the manifest instead of the console; every other line is printed."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        errors = {}
+        for line in captured.getvalue().splitlines():
+            match = GPTQ_LINE.match(line)
+            if match:
+                errors[match["name"]] = float(match["error"])
+            else:
+                print(line)
+        holder["gptq_relative_mse"] = errors
+
+
 def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
                    calibrate: Callable[[Any, dict, dict], None] | None = None) -> dict:
     """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
@@ -1708,7 +1740,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
 
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id}
+    holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq"}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -1716,10 +1748,11 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        if calibrate is None:
-            mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
-        else:
-            calibrate(model, config, holder)
+        with modelopt_report(holder) if settings.algorithm == "gptq" else contextlib.nullcontext():
+            if calibrate is None:
+                mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
+            else:
+                calibrate(model, config, holder)
     finally:
         remove_calibration_hooks(holder)
     if current_ranks().distributed:
@@ -1736,6 +1769,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
              "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
              "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world,
              "kept_16_bit_unreached": unreached}
+    if holder.get("gptq_relative_mse"):
+        stats["gptq_relative_mse"] = holder["gptq_relative_mse"]
     if on_gpu:
         peak = max(torch.cuda.max_memory_allocated(device), holder.get("peak_before_probe", 0))
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
@@ -2800,6 +2835,15 @@ def move_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
+def check_algorithm_fits(skeleton, algorithm: str) -> None:
+    """Refuse, before loading, a model the chosen algorithm cannot produce a loadable, calibrated checkpoint for."""
+    if algorithm == "awq_lite":
+        check_awq_foldable(skeleton)
+    if algorithm == "gptq" and moe_blocks(skeleton):
+        raise UsageError("--algorithm gptq: mixture-of-experts models are not supported (ModelOpt 0.47 updates "
+                         "linear layers only and calls GPTQ on experts open research); use --algorithm mse or max")
+
+
 def check_awq_foldable(skeleton) -> None:
     """awq_lite's checkpoint loads only when every input scale folds into the layer before it: ModelOpt
     folds o_proj's and down_proj's only in the attention and MLP classes it lists. Refuse others before loading.
@@ -3318,8 +3362,7 @@ def prepare_job(settings: Settings) -> Job | None:
     check_tokenizer_fits(tokenizer, skeleton)
     unquantized = always_unquantized(skeleton) + resolve_skip_layers(skeleton, settings.skip_layers)
     check_something_to_quantize(skeleton, unquantized)
-    if settings.algorithm == "awq_lite":
-        check_awq_foldable(skeleton)
+    check_algorithm_fits(skeleton, settings.algorithm)
     samples, data_stats, holdout = prepare_calibration_data(settings, tokenizer)
     print_plan(settings, data_stats)
     if settings.dry_run:
@@ -3362,12 +3405,13 @@ def evaluation(model, settings: Settings, job: Job, device: str) -> Callable[[Pa
     ModelOpt's in-process fake quantization is not what the runtimes compute from the export: the
     export gives fused layers (q/k/v, gate/up) one shared global scale, and for W4A8 ModelOpt 0.47 fake
     quantizes weights in 16-element blocks where the export has 32 (measured per linear on an H100).
-    On a GPU its numbers are still recorded beside the emulator's, under "modelopt_in_process".
+    On a GPU its numbers are still recorded beside the emulator's, under "modelopt_in_process", except
+    after GPTQ: it rewrote the weights in memory, so switching the quantizers off no longer gives the original.
     """
     if not settings.eval or not job.holdout:
         return None
     in_process = None
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and settings.algorithm != "gptq":
         in_process = report_with_modelopt(model, job.holdout, device)  # before export touches the model
 
     def report(staging: Path) -> dict:

@@ -43,6 +43,7 @@ JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong 
 FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this layer's resume point is committed
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
+PREFETCH_NEXT_LAYER = True                   # load the next offloaded layer while this one computes (bench A/B)
 
 
 @dataclasses.dataclass
@@ -291,7 +292,32 @@ def to_cpu(value):
     return value
 
 
-class ResumeWriter:
+class BackgroundTask:
+    """One task at a time on a background thread; its failure is handed to the main thread by join()."""
+
+    thread: threading.Thread | None = None
+    failure: BaseException | None = None
+
+    def launch(self, target: Callable, *args, name: str) -> None:
+        self.thread = threading.Thread(target=self._guarded, args=(target, *args), name=name)
+        self.thread.start()
+
+    def _guarded(self, target: Callable, *args) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the main thread by join())
+            self.failure = exc
+
+    def join(self) -> BaseException | None:
+        """Wait for the task in flight; its failure, if it failed (then forgotten here)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        failure, self.failure = self.failure, None
+        return failure
+
+
+class ResumeWriter(BackgroundTask):
     """Commits resume points on a background thread while the next layers compute; one write at a time.
 
     A resume point is the quantizer state of the layers calibrated since the last one, and the next
@@ -301,8 +327,6 @@ class ResumeWriter:
 
     def __init__(self, layerwise_dir: Path, progress: dict):
         self.layerwise_dir, self.progress = layerwise_dir, progress
-        self.thread: threading.Thread | None = None
-        self.failure: Exception | None = None
 
     def submit(self, layer: int, quantizers: dict, next_inputs: list) -> None:
         import torch
@@ -313,52 +337,111 @@ class ResumeWriter:
         if next_inputs and next_inputs[0].is_cuda:  # the copy waits for the layer's kernels, not for later ones
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(next_inputs[0].device))
-        self.thread = threading.Thread(target=self._commit, args=(layer, quantizers, next_inputs, ready),
-                                       name="resume-writer")
-        self.thread.start()
+        self.launch(self._commit, layer, quantizers, next_inputs, ready, name="resume-writer")
 
     def wait(self) -> None:
         """Block until the write in flight is committed; re-raise its failure here, on the main thread."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.failure is not None:
-            failure, self.failure = self.failure, None
+        failure = self.join()
+        if failure is not None:
             raise RuntimeError(f"writing a resume point to {self.layerwise_dir} failed: {failure}") from failure
 
     def finish_after_failure(self) -> None:
         """Let the write in flight end; the failure already on its way out is the one to report."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.failure is not None:
-            q.warn(f"writing a resume point to {self.layerwise_dir} failed too: {self.failure}")
-            self.failure = None
+        failure = self.join()
+        if failure is not None:
+            q.warn(f"writing a resume point to {self.layerwise_dir} failed too: {failure}")
 
     def _commit(self, layer: int, quantizers: dict, next_inputs: list, ready) -> None:
         import torch
 
-        try:
-            if ready is not None:  # a side stream: the copy to RAM overlaps the next layer's compute
-                stream = torch.cuda.Stream(device=next_inputs[0].device)
-                with torch.cuda.stream(stream):
-                    stream.wait_event(ready)
-                    host = [t.to("cpu") for t in next_inputs]
-            else:
-                host = list(next_inputs)
-            next_inputs.clear()
-            for index, state in quantizers.items():
-                folder = layer_dir(self.layerwise_dir, index)
-                folder.mkdir(parents=True, exist_ok=True)
-                commit_file(folder / QUANTIZERS_FILE, lambda handle, state=state: torch.save(state, handle))
-            write_tensors(layer_dir(self.layerwise_dir, layer) / INPUTS_FILE, host)
-            progress = {**self.progress, "last_completed_layer": layer}
-            commit_file(self.layerwise_dir / PROGRESS_FILE, lambda handle: handle.write(json.dumps(progress).encode()))
-            for stale in self.layerwise_dir.glob(f"layer_*/{INPUTS_FILE}.*"):
-                if int(stale.parent.name.split("_")[1]) < layer:
-                    stale.unlink()
-        except Exception as exc:  # noqa: BLE001 (handed to the main thread by wait())
-            self.failure = exc
+        if ready is not None:  # a side stream: the copy to RAM overlaps the next layer's compute
+            stream = torch.cuda.Stream(device=next_inputs[0].device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                host = [t.to("cpu") for t in next_inputs]
+        else:
+            host = list(next_inputs)
+        next_inputs.clear()
+        for index, state in quantizers.items():
+            folder = layer_dir(self.layerwise_dir, index)
+            folder.mkdir(parents=True, exist_ok=True)
+            commit_file(folder / QUANTIZERS_FILE, lambda handle, state=state: torch.save(state, handle))
+        write_tensors(layer_dir(self.layerwise_dir, layer) / INPUTS_FILE, host)
+        progress = {**self.progress, "last_completed_layer": layer}
+        commit_file(self.layerwise_dir / PROGRESS_FILE, lambda handle: handle.write(json.dumps(progress).encode()))
+        for stale in self.layerwise_dir.glob(f"layer_*/{INPUTS_FILE}.*"):
+            if int(stale.parent.name.split("_")[1]) < layer:
+                stale.unlink()
+
+
+class LayerPrefetcher(BackgroundTask):
+    """The next offloaded layer's weights loaded onto the execution device by a background thread (on a
+    side CUDA stream) while the current layer computes, so the weight stream overlaps the compute.
+
+    It runs accelerate's own loading (each offload hook's pre_forward) early; ModelOpt's weight-access
+    context then finds the weights in place and leaves them, so `release` puts them back to meta.
+    """
+
+    def __init__(self, device: str, enabled: bool = True):
+        import torch
+
+        self.device, self.enabled, self.loaded = device, enabled, []
+        self.stream = torch.cuda.Stream(device=device) if device.startswith("cuda") else None
+
+    def start(self, layer) -> None:
+        """Begin loading `layer`'s offloaded weights (nothing to do for a layer held on the device)."""
+        if self.enabled:  # else ModelOpt's weight-access context loads each layer when it comes
+            self.launch(self._load, offloaded_modules(layer), name="layer-prefetch")
+
+    def take(self) -> list:
+        """Wait for the load started last; the (module, hook) pairs whose weights it put on the device."""
+        import torch
+
+        failure = self.join()
+        if failure is not None:
+            raise failure
+        loaded, self.loaded = self.loaded, []
+        if self.stream is not None and loaded:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for module, _ in loaded:  # freed later while this stream may still read them: not reused before
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    if tensor.device.type == "cuda":
+                        tensor.data.record_stream(current)
+        return loaded
+
+    @staticmethod
+    def release(loaded: list) -> None:
+        for module, hook in loaded:
+            hook.post_forward(module, None)
+
+    def close(self) -> None:
+        """After a failure: let a load in flight end, and put what it loaded back."""
+        failure = self.join()
+        if failure is not None:
+            q.warn(f"loading the next layer's weights failed too: {failure}")
+        self.release(self.loaded)
+        self.loaded = []
+
+    def _load(self, modules: list) -> None:
+        import torch
+
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            for module, hook in modules:
+                hook.pre_forward(module)
+                self.loaded.append((module, hook))
+
+
+def offloaded_modules(layer) -> list:
+    """(module, accelerate offload hook) for each module of `layer` whose weights are offloaded (on meta)."""
+    from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook
+
+    found = []
+    for module in layer.modules():
+        hook = _get_offload_hook(module._hf_hook) if hasattr(module, "_hf_hook") else None
+        if hook is not None and any(p.device.type == "meta" for p in module.parameters()):
+            found.append((module, hook))
+    return found
 
 
 # --------------------------------------------------------------------------- placement
@@ -408,7 +491,8 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     cache = activation_cache_bytes(job, settings, dtype)
     layers = decoder_layer_names(job.skeleton)
     largest_layer = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers), default=0)
-    reserve = 2 * cache + 2 * largest_layer  # current and next layer's inputs; the layer being calibrated
+    # current and next layer's inputs; the layer being calibrated (weights and temporaries), the next one prefetched
+    reserve = 2 * cache + 3 * largest_layer
     device_map = infer_auto_device_map(job.skeleton, max_memory=max_memory_map(offload, reserve),
                                        no_split_module_classes=job.skeleton._no_split_modules or [], dtype=dtype)
     bytes_per_device: dict = {}
@@ -705,11 +789,14 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                                                            keep_outputs=index + 1 < len(layers)))
 
     writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
-    pending: dict = {}
+    prefetch, pending = LayerPrefetcher(device, enabled=PREFETCH_NEXT_LAYER), {}
     last_resume_point = time.perf_counter()
     try:
+        prefetch.start(layers[start])
         for index in tqdm(range(start, len(layers)), desc="calibrate layers", unit="layer", file=sys.stderr):
-            layer = layers[index]
+            layer, loaded = layers[index], prefetch.take()
+            if index + 1 < len(layers):
+                prefetch.start(layers[index + 1])
             with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
                 try:
                     max_calibrate(layer, first_layer if index == 0 else later_layer(index), **calibrate_kwargs)
@@ -717,6 +804,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
                 pending[index] = layer_snapshot(layer, names[index], holder)
+            prefetch.release(loaded)
             if index + 1 < len(layers) and resume_point_due(offload.checkpoint_every, index, last_resume_point):
                 writer.progress["output_form"] = form["form"]
                 writer.submit(index, pending, run["outputs"])
@@ -725,6 +813,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                     writer.wait()
                     raise RuntimeError(f"simulated failure after layer {index} ({FAIL_AFTER_ENV}={fail_after})")
     except BaseException:
+        prefetch.close()
         writer.finish_after_failure()
         raise
     writer.wait()

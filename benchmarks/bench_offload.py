@@ -100,10 +100,12 @@ def in_gpu(folder: Path, samples, args, export_to: Path | None = None) -> dict:
             "batches": stats["batches"], "padding_fraction": stats["padding_fraction"]}
 
 
-def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | None, export_to: Path | None = None) -> dict:
+def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | None, export_to: Path | None = None,
+              prefetch: bool = True) -> dict:
+    offload.PREFETCH_NEXT_LAYER = prefetch
     settings = settings_for(folder, samples, args.max_len)
     job = job_for(settings, samples)
-    opts = offload.OffloadSettings(work / f"offload-{checkpoint_every or 'auto'}", args.gpu_cap,
+    opts = offload.OffloadSettings(work / f"offload-{checkpoint_every or 'auto'}-{prefetch}", args.gpu_cap,
                                    TINY_CPU_CAP if args.tiny else None, False, False, checkpoint_every)
     opts.offload_folder.mkdir(parents=True)
     placement = offload.plan_placement(job, settings, opts)
@@ -123,7 +125,8 @@ def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | N
             "peak_gpu_gib": stats.get("peak_gpu_memory_gib"), "tokens_per_s": stats["tokens_per_s"],
             "batches": stats["batches"], "layers_per_device": placement.layers_per_device,
             "weight_gib_per_device": {k: gib(v) for k, v in placement.bytes_per_device.items()},
-            "activation_cache_gib": gib(placement.activation_cache_bytes), "checkpoint_every": checkpoint_every}
+            "activation_cache_gib": gib(placement.activation_cache_bytes), "checkpoint_every": checkpoint_every,
+            "prefetch": prefetch}
 
 
 def original(folder: Path, samples, args, work: Path) -> dict:
@@ -182,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint_every", type=offload.parse_checkpoint_every, nargs="+", default=[None, 8],
                    metavar="auto|N", help="(c) once per value (default: auto, the script's default, and 8); the first "
                    "is exported and compared with (a)")
+    p.add_argument("--prefetch_ab", action="store_true", help="then (c) at the default interval again, without and "
+                                                                 "with the next layer's weights prefetched")
     p.add_argument("--no_export", action="store_true", help="skip the exports and the checkpoint comparison")
     p.add_argument("--device", default=q.pick_device(), help="default: cuda:0 if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -212,6 +217,11 @@ def main(argv=None) -> int:
         results[f"c_offloaded_every_{every or 'auto'}"] = offloaded(folder, samples, args, work, every,
                                                           exports["c"] if exports and n == 0 else None)
         free_memory(device)
+    if args.prefetch_ab:  # the default again without, then with, the next layer's weights loaded during this one's
+        for prefetch in (False, True):
+            results[f"c_offloaded_every_auto_prefetch_{'on' if prefetch else 'off'}"] = offloaded(
+                folder, samples, args, work, None, prefetch=prefetch)
+            free_memory(device)
     if args.original_samples:
         results["b_original"] = original(folder, samples, args, work)
     a, b = results["a_in_gpu"]["calibration_s"], (results.get("b_original") or {}).get("calibration_s")
@@ -231,7 +241,7 @@ def main(argv=None) -> int:
     for name, r in results.items():
         if name.startswith("c_"):
             target = {"variant": name, "vs_in_gpu": round(r["calibration_s"] / a, 2)}
-            if r["checkpoint_every"] == args.checkpoint_every[0]:
+            if name == f"c_offloaded_every_{args.checkpoint_every[0] or 'auto'}":
                 target["pass_within_1.5x"] = r["calibration_s"] <= TARGET_VS_IN_GPU * a
             if b:
                 target.update(speedup_vs_original=round(b / r["calibration_s"], 1),

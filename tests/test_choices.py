@@ -149,6 +149,62 @@ def test_algorithm_configs_never_mutate_modelopt_globals():
     assert json.dumps(mtq.NVFP4_DEFAULT_CFG, default=str) == before
 
 
+@pytest.mark.parametrize("mode", ["nvfp4", "weight_only"])
+def test_gptq_runs_on_static_max_blocks_all_layers_at_once(mode):
+    """ModelOpt's GPTQ on the MSE preset's static weight blocks (GPTQ itself sets them by max), not layer by
+    layer, with the fused Triton kernel; the mode's inputs, --skip_layers and the KV cache stay."""
+    import modelopt.torch.quantization as mtq
+
+    before = json.dumps(mtq.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG, default=str)
+    config = q.build_quant_config(mode, ["model.layers.0.mlp"], kv_cache="fp8", algorithm="gptq")
+    assert config["algorithm"] == {"method": "gptq", "fused": True, "layerwise": {"enable": False}}
+    weight = next(e for e in config["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+    assert weight["cfg"]["block_sizes"] == {-1: 16, "type": "static", "scale_bits": (4, 3)}
+    names = [e["quantizer_name"] for e in config["quant_cfg"]]
+    assert "model.layers.0.mlp.*" in names and "*[kv]_bmm_quantizer" in names
+    assert ("*input_quantizer" in names) == (mode == "nvfp4")
+    assert json.dumps(mtq.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG, default=str) == before
+
+
+def test_modelopt_gptq_report_goes_to_the_manifest(capsys):
+    holder = {}
+    with q.modelopt_report(holder):
+        print("[model.layers.0.self_attn.q_proj] Relative MSE error: 3.32e-03, n_hessian_samples: 65536")
+        print("[model.layers.0.mlp.down_proj] Relative MSE error: 1.5e-02 ")
+        print("GPTQ time: 1.87s")
+    assert holder["gptq_relative_mse"] == {"model.layers.0.self_attn.q_proj": 3.32e-03,
+                                           "model.layers.0.mlp.down_proj": 1.5e-02}
+    assert capsys.readouterr().out == "GPTQ time: 1.87s\n"
+
+
+def test_gptq_hessians_see_no_padding(tiny_model):
+    """With zero_linear_padding every quantized linear's input has its padded rows zeroed, so the Hessian
+    ModelOpt's GPTQ sums over input rows is the same whatever the batching (real rows are untouched)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    linear = model.model.layers[0].mlp.down_proj
+    linear.weight_quantizer = SimpleNamespace(is_enabled=True)  # what the hook looks for: a quantized linear
+
+    def down_proj_input(zero_linear_padding: bool):
+        seen, holder = [], {"pad_id": 3, "zero_linear_padding": zero_linear_padding}
+        q.install_calibration_hooks(model, holder)
+        hook = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))  # after ours
+        try:
+            with torch.no_grad():
+                q.run_batch(q.calibration_forward(model), [[5, 6, 7, 8], [9, 10]], [0, 1], "cpu", holder)
+        finally:
+            q.remove_calibration_hooks(holder)
+            hook.remove()
+        return seen[0]
+
+    plain, zeroed = down_proj_input(False), down_proj_input(True)
+    assert plain[1, 2:].abs().sum() > 0 and zeroed[1, 2:].abs().sum() == 0
+    assert torch.equal(plain[0], zeroed[0]) and torch.equal(plain[1, :2], zeroed[1, :2])
+
+
 @pytest.mark.parametrize("algorithm, preset", [("local_hessian", "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG"),
                                                ("four_over_six", "NVFP4_FOUR_OVER_SIX_CFG")])
 @pytest.mark.parametrize("mode", ["nvfp4", "weight_only"])
@@ -170,7 +226,7 @@ def test_preset_algorithms_take_modelopts_algorithm_and_weight_blocks(algorithm,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "local_hessian", "four_over_six"])
+@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "local_hessian", "four_over_six", "gptq"])
 def test_gpu_only_algorithms_fail_early_on_cpu(tiny_model, tmp_path, algorithm):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--algorithm", algorithm)
@@ -182,19 +238,21 @@ def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--w4a8", "--algorithm", "awq_clip")
     assert_usage_error(result, "--algorithm awq_clip is not available with --w4a8")
-    for algorithm in ("awq_lite", "mse"):  # the offload script's one-pass layer loop runs max calibration only
+    for algorithm in ("awq_lite", "mse", "gptq"):  # the offload script's one-pass layer loop runs max calibration only
         result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                          LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
                          script=ROOT / "quantize_nvfp4_offload.py")
         assert_usage_error(result, f"--algorithm {algorithm}: this script's one-pass layer loop calibrates with max")
 
 
-def test_awq_lite_refused_where_scales_cannot_fold(moe_model):
+@pytest.mark.parametrize("algorithm", ["awq_lite", "gptq"])
+def test_weight_changing_algorithms_refuse_moe(moe_model, tiny_model, algorithm):
     from transformers import AutoConfig
 
     skeleton = q.empty_model(AutoConfig.from_pretrained(str(moe_model)), False)
-    with pytest.raises(q.UsageError, match="mixture-of-experts models are not supported"):
-        q.check_awq_foldable(skeleton)
+    with pytest.raises(q.UsageError, match=f"--algorithm {algorithm}: mixture-of-experts models are not supported"):
+        q.check_algorithm_fits(skeleton, algorithm)
+    q.check_algorithm_fits(q.empty_model(AutoConfig.from_pretrained(str(tiny_model)), False), algorithm)
 
 
 # --------------------------------------------------------------------------- mixture of experts

@@ -210,3 +210,32 @@ def test_refusals_before_loading(four_layer_model, tmp_path):
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off")
     assert_usage_error(result, "this script did not write it")
     assert (foreign / "notes.txt").read_text() == "the user's" and not (tmp_path / "out").exists()
+
+
+def test_prefetcher_loads_the_next_layer_and_puts_it_back():
+    """The background load is accelerate's own (the offload hook's pre_forward): the weights the layer
+    computes with are the offloaded ones; release returns them to meta; a failed load is raised on take."""
+    from accelerate import cpu_offload
+
+    model = tiny_fp32_model()
+    layer = model.model.layers[1]
+    expected = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    cpu_offload(layer, execution_device=torch.device("cpu"))
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    prefetch = offload.LayerPrefetcher("cpu")
+    prefetch.start(layer)
+    loaded = prefetch.take()
+    assert loaded and all(torch.equal(expected[name], tensor) for name, tensor in layer.state_dict().items())
+    assert offload.offloaded_modules(layer) == []  # loaded: ModelOpt's weight-access context leaves it as it is
+    prefetch.release(loaded)
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    prefetch.start(model.model.layers[0])  # held in memory: nothing to load
+    assert prefetch.take() == []
+
+    class Broken:
+        def pre_forward(self, module):
+            raise OSError("offload file unreadable")
+
+    prefetch.launch(prefetch._load, [(layer, Broken())], name="layer-prefetch")
+    with pytest.raises(OSError, match="offload file unreadable"):
+        prefetch.take()
