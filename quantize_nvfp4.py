@@ -1576,12 +1576,13 @@ def install_calibration_hooks(model, holder: dict) -> None:
             quantizer._calibrator = calibrator_class(quantizer._calibrator, holder if masked else None, layout)
     for module in list(model.modules()):
         input_quantizer = getattr(module, "input_quantizer", None)
-        if getattr(input_quantizer, "is_enabled", False) and not isinstance(input_quantizer._calibrator, calibrator_class):
+        other_calibrator = getattr(input_quantizer, "is_enabled", False) and \
+            not isinstance(input_quantizer._calibrator, calibrator_class)
+        # GPTQ's Hessians sum every input row of every quantized linear: padding would count
+        hessian = holder.get("zero_linear_padding") and getattr(getattr(module, "weight_quantizer", None),
+                                                                "is_enabled", False)
+        if other_calibrator or hessian:
             handles.append(module.register_forward_pre_hook(zero_padding(holder)))
-    if holder.get("zero_linear_padding"):  # GPTQ's Hessians sum every input row: padding would count
-        for module in list(model.modules()):
-            if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False):
-                handles.append(module.register_forward_pre_hook(zero_padding(holder)))
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(holder)))
         handles.append(router.register_forward_hook(count_routed_tokens(name, holder)))
@@ -2527,7 +2528,9 @@ def modules_by_exported_name(model) -> dict[str, str]:
 def capture_linear_io(model, samples: list[list[int]], device: str, pad_id: int, outputs: bool = False) -> dict:
     """name -> (inputs, outputs or None) of every quantized linear: FIDELITY_ROWS real (unpadded) rows, sampled
     the same way on every call, from one short forward of the 16-bit model (quantizers off; ModelOpt still
-    applies pre_quant_scales on disabled quantizers, so the model computes the original function)."""
+    applies pre_quant_scales on disabled quantizers, so the model computes the original function, except
+    after GPTQ: its rewritten weights then shape the inputs, while check_fidelity's reference output still
+    comes from the source weights)."""
     import torch
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
 

@@ -390,8 +390,9 @@ class LayerPrefetcher(BackgroundTask):
 
     def start(self, layer) -> None:
         """Begin loading `layer`'s offloaded weights (nothing to do for a layer held on the device)."""
-        if self.enabled:  # else ModelOpt's weight-access context loads each layer when it comes
-            self.launch(self._load, offloaded_modules(layer), name="layer-prefetch")
+        modules = offloaded_modules(layer) if self.enabled else []  # else ModelOpt's context loads it when it comes
+        if modules:
+            self.launch(self._load, modules, name="layer-prefetch")
 
     def take(self) -> list:
         """Wait for the load started last; the (module, hook) pairs whose weights it put on the device."""
@@ -694,12 +695,16 @@ def layer_pass(layer, inputs: list, calls: list, masks: list, holder: dict, keep
     return outputs
 
 
+def algorithm_of(config: dict) -> dict:
+    """The config's algorithm as a dict (build_quant_config writes plain max as the string "max")."""
+    return config["algorithm"] if isinstance(config["algorithm"], dict) else {"method": config["algorithm"]}
+
+
 def max_calibrate_kwargs(config: dict) -> dict:
     """What ModelOpt's "max" algorithm passes max_calibrate for this config (its defaults included)."""
     from modelopt.torch.quantization.config import MaxCalibConfig
 
-    algorithm = config["algorithm"] if isinstance(config["algorithm"], dict) else {"method": config["algorithm"]}
-    kwargs = MaxCalibConfig(**algorithm).model_dump()
+    kwargs = MaxCalibConfig(**algorithm_of(config)).model_dump()
     for key in ("method", "layerwise", "moe_calib_experts_ratio"):
         kwargs.pop(key)
     return kwargs
@@ -709,8 +714,7 @@ def insert_quantizers(model, config: dict) -> None:
     """mtq.quantize without calibration: quantizers in place (MoE settings applied), none calibrated yet."""
     import modelopt.torch.quantization as mtq
 
-    algorithm = config["algorithm"] if isinstance(config["algorithm"], dict) else {"method": config["algorithm"]}
-    mtq.quantize(model, {**config, "algorithm": {**algorithm, "method": None}})
+    mtq.quantize(model, {**config, "algorithm": {**algorithm_of(config), "method": None}})
 
 
 def layer_snapshot(layer, name: str, holder: dict) -> dict:
