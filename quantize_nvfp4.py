@@ -62,19 +62,24 @@ MODES = {
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
 # --algorithm -> ModelOpt's calibration algorithm; or the ModelOpt preset config whose algorithm and
 # weight-quantizer block settings are merged into the mode's config; or (preset, algorithm): that preset's
-# static weight blocks under another algorithm. All but max run a fake-quantized forward (CUDA only);
-# those with static weight blocks also need Triton.
+# static weight blocks under another algorithm. All but max and local_hessian run a fake-quantized forward
+# (CUDA only); those with static weight blocks also need Triton.
 ALGORITHMS = {
     "max": {"method": "max"},
     "awq_lite": {"method": "awq_lite"},                        # per-channel smoothing scales, searched per layer
     "awq_clip": {"method": "awq_clip"},                        # clipped per-block weight ranges, searched
     "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",              # FP8 block scales minimizing the weight's error
-    "local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",    # ... minimizing the output's error on the inputs
+    # ModelOpt's local_hessian recipe (each block's FP8 scale minimizing its output error dwᵀHdw on the inputs'
+    # per-block Hessians), with the Hessians summed in the one max pass instead of a second, quantized forward
+    "local_hessian": ("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", {"method": "max"}),
     "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG",                # each block's largest value on 4 or 6, the better
     # GPTQ's Hessian-guided rounding with error feedback, on static max block scales, all layers at once
     # (ModelOpt's layer-by-layer mode replays each layer's inputs; measured no better here, and 10x slower)
     "gptq": ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", {"method": "gptq", "fused": True, "layerwise": {"enable": False}}),
 }
+# W4A4's default: better than max in every bench_algorithms.py run, for a few seconds of search (README)
+DEFAULT_ALGORITHMS = {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "max"}
+HESSIAN_SEARCH = ("local_hessian",)          # max pass, then block scales searched on its Hessians (runs on CPU too)
 ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
@@ -114,6 +119,7 @@ LOCAL_DATA_BUILDERS = {
 # Linears that runtimes fuse into one GEMM (vLLM qkv_proj / gate_up_proj, TRT-LLM likewise): all or none
 # of a group may be excluded, or the checkpoint does not load.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input features, NVFP4's scale block
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations live)
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
@@ -346,12 +352,14 @@ def validate_calibration_numbers(values: dict) -> None:
 
 
 def check_algorithm(algorithm: str, mode: str) -> None:
-    """Non-max algorithms run quantized forwards that ModelOpt implements for CUDA only: refuse them early."""
+    """Algorithms with quantized forwards run on ModelOpt's CUDA kernels only: refuse them early."""
     if algorithm == "max":
         return
     if mode not in ALGORITHM_MODES:
         raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm max, or "
                          f"the default W4A4 mode or --weight_only")
+    if algorithm in HESSIAN_SEARCH:  # its search has a reference path beside the Triton one
+        return
     import importlib.util
 
     import torch
@@ -408,7 +416,8 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         raise UsageError(f"--gpu_memory_budget must be a finite number > 0 (GiB), got {args.gpu_memory_budget}")
     check_eval_plan(args, calibration)
     mode = "w4a8" if args.w4a8 else "weight_only" if args.weight_only else "nvfp4"
-    check_algorithm(args.algorithm, mode)
+    algorithm = args.algorithm or DEFAULT_ALGORITHMS[mode]
+    check_algorithm(algorithm, mode)
     return Settings(
         input_model=input_model,
         output_model=Path(output_model).expanduser().resolve() if output_model else None,
@@ -416,7 +425,7 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         batch_size=None if batch_size == "auto" else batch_size,
         gpu_memory_budget=args.gpu_memory_budget, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
-        overwrite=args.overwrite, dry_run=args.dry_run, kv_cache=args.kv_cache, algorithm=args.algorithm,
+        overwrite=args.overwrite, dry_run=args.dry_run, kv_cache=args.kv_cache, algorithm=algorithm,
         moe_calibration=args.moe_calibration, eval=args.eval or args.max_ppl_increase is not None,
         eval_samples=args.eval_samples, max_ppl_increase=args.max_ppl_increase, hf_token=env.get("HF_TOKEN") or None,
     )
@@ -1377,6 +1386,143 @@ def zero_padding(holder: dict):
     return hook
 
 
+def hessian_searchable(module) -> bool:
+    """A linear whose static NVFP4 weight blocks the local_hessian search sets: a 2-D weight, whole blocks."""
+    quantizer, weight = getattr(module, "weight_quantizer", None), getattr(module, "weight", None)
+    return (getattr(quantizer, "is_enabled", False) and getattr(quantizer, "is_static_block_quant", False)
+            and weight is not None and weight.dim() == 2 and weight.shape[1] % HESSIAN_BLOCK == 0)
+
+
+def sum_block_hessian(name: str, holder: dict):
+    """A linear's pre-hook adding its real input rows x to the per-block sums Σ x_b x_bᵀ (fp32, as ModelOpt).
+
+    Linears fed the same tensor (q/k/v, gate/up) share one sum, computed once: the hook keeps the last input.
+    """
+    import torch
+
+    def hook(module, args):
+        x, sums, last = args[0], holder["hessians"], holder.get("hessian_input")
+        if last is not None and last[0] is x:
+            sums[name] = last[1]
+            return
+        rows, row_mask = x.reshape(-1, x.shape[-1]).float(), mask_for_rows(x, holder.get("mask"))
+        count = row_mask.sum() if row_mask is not None else x.numel() // x.shape[-1]
+        if row_mask is not None:
+            rows = rows * row_mask.reshape(-1, 1)
+        blocks = rows.view(rows.shape[0], -1, HESSIAN_BLOCK)
+        total = sums.setdefault(name, [0, 0])
+        total[0] = total[0] + torch.einsum("tbi,tbj->bij", blocks, blocks)
+        total[1] = total[1] + count
+        holder["hessian_input"] = (x, total)
+    return hook
+
+
+def fp4_magnitude(scaled):
+    """|x| / scale rounded to an E2M1 magnitude, ties broken as ModelOpt's scale-sweep kernels break them."""
+    steps = ((0.25, 0.5, False), (0.75, 0.5, True), (1.25, 0.5, False), (1.75, 0.5, True), (2.5, 1.0, False),
+             (3.5, 1.0, True), (5.0, 2.0, False))  # (threshold, step, inclusive)
+    return sum(step * ((scaled >= edge) if inclusive else (scaled > edge)).float() for edge, step, inclusive in steps)
+
+
+def sweep_candidates(global_amax, device):
+    """The 126 block amaxes ModelOpt's sweep tries (every positive FP8 E4M3 value under the global scale), and
+    their block scales as the checkpoint stores them (FP8 under the global scale): computed in plain torch, as
+    ModelOpt's own wrapper would first compile a CUDA extension (about a minute on a machine's first run)."""
+    from modelopt.torch.kernels.quantization.gemm._fp8_scale_candidates import fp8_scale_candidates
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    global_amax = global_amax.detach().float().to(device).reshape(())
+    amaxes = fp8_scale_candidates(device).float() * global_amax
+    return amaxes, fp8_eager(amaxes / 6.0, global_amax / 6.0)
+
+
+def hessian_sweep_reference(weight, global_amax, hessian):
+    """ModelOpt's Hessian-weighted FP8 scale sweep in plain torch (its kernel is Triton, CUDA only).
+
+    For every block of 16 inputs, of the 126 FP8 E4M3 block scales under the global scale, the one whose
+    rounding error dw minimizes dwᵀ H dw (H: that input block's Hessian); returns each block's amax.
+    """
+    import torch
+
+    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+    best_loss = torch.full(blocks.shape[:2], math.inf, device=weight.device)
+    best = torch.zeros(blocks.shape[:2], device=weight.device)
+    for amax, scale in zip(*sweep_candidates(global_amax, weight.device)):
+        scale = torch.where(scale > 0, scale, 1.0)
+        error = blocks - torch.sign(blocks) * fp4_magnitude(blocks.abs() / scale) * scale
+        loss = torch.einsum("cnb,nbd,cnd->cn", error, hessian, error)
+        better = loss < best_loss
+        best_loss, best = torch.where(better, loss, best_loss), torch.where(better, amax, best)
+    return best.reshape(-1)
+
+
+def hessian_sweep_kernel(weight, global_amax, hessian):
+    """The same sweep in ModelOpt's Triton kernel (what its nvfp4_fp8_scale_sweep_hessian launches)."""
+    import torch
+    import triton
+    from modelopt.torch.kernels.quantization.gemm import nvfp4_fp8_sweep as sweep
+
+    amaxes, scales = sweep_candidates(global_amax, weight.device)
+    rows, inputs = weight.shape[0], weight.shape[1] // HESSIAN_BLOCK
+    best = torch.empty(rows * inputs, dtype=torch.float32, device=weight.device)
+    grid = (triton.cdiv(rows, sweep._HESSIAN_ROWS_PER_PROGRAM) * inputs,)
+    with torch.cuda.device(weight.device):
+        sweep._fp8_scale_sweep_hessian_kernel[grid](
+            weight.detach().contiguous().view(-1), hessian.float().contiguous().view(-1), scales, amaxes, best,
+            rows, inputs, BLOCK_SIZE=HESSIAN_BLOCK, NUM_CANDIDATES=amaxes.numel(),
+            ROWS_PER_PROGRAM=sweep._HESSIAN_ROWS_PER_PROGRAM, num_warps=sweep._HESSIAN_NUM_WARPS)
+    return best
+
+
+def hessian_sweep(weight, global_amax, hessian):
+    """Each block's amax from the sweep: ModelOpt's Triton kernel on CUDA, the reference elsewhere."""
+    import importlib.util
+
+    if weight.is_cuda and importlib.util.find_spec("triton") is not None:
+        return hessian_sweep_kernel(weight, global_amax, hessian)
+    return hessian_sweep_reference(weight, global_amax, hessian)
+
+
+def search_block_scales(linears: dict, holder: dict, access: Callable | None = None) -> None:
+    """local_hessian's search on the max pass's Hessians: every block's FP8 scale, under the max global scale.
+
+    The weights must be in place: `access(module)` puts them there, else the caller has. A linear that saw no
+    tokens keeps max's scales.
+    """
+    from tqdm import tqdm
+
+    holder["hessian_input"] = None
+    start = time.perf_counter()
+    for name, module in tqdm(linears.items(), desc="block scales", unit="linear", file=sys.stderr,
+                             disable=not on_main_rank() or not linears):
+        total = holder["hessians"].pop(name, None)
+        quantizer = module.weight_quantizer
+        if total is None:
+            continue
+        hessian = total[0] / max(float(total[1]), 1.0)
+        with access(module) if access else contextlib.nullcontext():
+            best = hessian_sweep(module.weight, quantizer.global_amax, hessian)
+        quantizer.amax = best.reshape(quantizer.amax.shape)
+        holder["searched"] = holder.get("searched", 0) + 1
+    holder["search_seconds"] = holder.get("search_seconds", 0.0) + time.perf_counter() - start
+
+
+def search_model_block_scales(model, holder: dict) -> None:
+    """After the max pass: every rank sums every rank's Hessians, then searches every linear left (all agree)."""
+    import torch
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+    if current_ranks().distributed:
+        shared = {id(total): total for _, total in sorted(holder["hessians"].items())}
+        for total in shared.values():
+            total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
+            for tensor in total:
+                torch.distributed.all_reduce(tensor)
+    modules = dict(model.named_modules())
+    search_block_scales({name: modules[name] for name in sorted(holder["hessians"])}, holder,
+                        access=lambda module: enable_weight_access_and_writeback(module, model, modules))
+
+
 def moe_blocks(model) -> list[tuple[str, Any, Any]]:
     """(name, block, router) for every mixture-of-experts block: a module with `experts` and a `gate`/`router`."""
     import torch
@@ -1583,6 +1729,10 @@ def install_calibration_hooks(model, holder: dict) -> None:
                                                                 "is_enabled", False)
         if other_calibrator or hessian:
             handles.append(module.register_forward_pre_hook(zero_padding(holder)))
+    if holder.get("hessians") is not None:
+        for name, module in list(model.named_modules()):
+            if hessian_searchable(module):
+                handles.append(module.register_forward_pre_hook(sum_block_hessian(name, holder)))
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(holder)))
         handles.append(router.register_forward_hook(count_routed_tokens(name, holder)))
@@ -1594,7 +1744,7 @@ def install_calibration_hooks(model, holder: dict) -> None:
 def remove_calibration_hooks(holder: dict) -> None:
     for handle in holder.pop("handles", []):
         handle.remove()
-    holder["mask"] = None
+    holder["mask"] = holder["hessian_input"] = None
 
 
 def gpu_token_budget(forward, samples, device, budget_gib: float | None, holder: dict):
@@ -1741,7 +1891,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
 
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq"}
+    holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq",
+                    "hessians": {} if settings.algorithm in HESSIAN_SEARCH else None}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -1754,6 +1905,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
                 mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
             else:
                 calibrate(model, config, holder)
+            if holder["hessians"]:  # the offload loop searches each layer as it goes: outside layers are left
+                search_model_block_scales(model, holder)
     finally:
         remove_calibration_hooks(holder)
     if current_ranks().distributed:
@@ -1770,6 +1923,9 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
              "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
              "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world,
              "kept_16_bit_unreached": unreached}
+    if holder["hessians"] is not None:
+        stats["scale_search"] = {"linears": holder.get("searched", 0),
+                                 "seconds": round(holder.get("search_seconds", 0.0), 2)}
     if holder.get("gptq_relative_mse"):
         stats["gptq_relative_mse"] = holder["gptq_relative_mse"]
     if on_gpu:
@@ -3298,8 +3454,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--weight_only", action="store_true", help="W4A16_NVFP4_CFG: FP4 weights, 16-bit activations")
     p.add_argument("--kv_cache", choices=tuple(KV_CACHE_CONFIGS), default="none",
                    help="quantize the KV cache: fp8 (vLLM, TensorRT-LLM) or nvfp4 (Blackwell runtimes); default none")
-    p.add_argument("--algorithm", choices=tuple(ALGORITHMS), default="max",
-                   help="ModelOpt calibration algorithm (default max; the others need a CUDA GPU, see README)")
+    p.add_argument("--algorithm", choices=tuple(ALGORITHMS),
+                   help="calibration algorithm (default: local_hessian for W4A4, max for --w4a8 and --weight_only; "
+                        "all but these two need a CUDA GPU, see README)")
     p.add_argument("--moe_calibration", choices=MOE_CALIBRATION, default="routed",
                    help="mixture-of-experts: calibrate experts on the tokens routed to them (default), or every "
                         "expert on every token (all: slower, no expert left uncalibrated)")

@@ -113,10 +113,11 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
-    if args.algorithm != "max":
-        raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max "
-                           "(every other algorithm searches with quantized forwards or changes weights, which the "
-                           "loop does not run or write back); use quantize_nvfp4.py on a GPU that holds the model")
+    if args.algorithm not in (None, "max") + q.HESSIAN_SEARCH:
+        raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max or "
+                           "local_hessian (every other algorithm searches with quantized forwards or changes weights, "
+                           "which the loop does not run or write back); use quantize_nvfp4.py on a GPU that holds "
+                           "the model")
     if args.eval or args.max_ppl_increase is not None:
         raise q.UsageError("--eval / --max_ppl_increase: the quality report loads two 16-bit copies of the model onto "
                            "one device, which a model that needs offloading does not fit; this script's export is "
@@ -758,7 +759,8 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
 
     Each layer's weights come onto the GPU once; every batch runs through it once while its
     quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
-    as they are), then ModelOpt finishes that layer's scales. What runs before the first layer runs
+    as they are), then ModelOpt finishes that layer's scales (local_hessian: then its block scales are
+    searched on the Hessians that pass summed, while the weights are still in place). What runs before the first layer runs
     once, in layer 0's pass, which also records what the model hands every layer besides the hidden
     states. At each resume point (--checkpoint_every) its files are written in the background.
     """
@@ -807,6 +809,9 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                 except torch.OutOfMemoryError:
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
+                if holder["hessians"] is not None:  # local_hessian: this layer's block scales, weights in place
+                    q.search_block_scales({n: modules[n] for n in sorted(holder["hessians"])
+                                           if n.startswith(names[index] + ".")}, holder)
                 pending[index] = layer_snapshot(layer, names[index], holder)
             prefetch.release(loaded)
             if index + 1 < len(layers) and resume_point_due(offload.checkpoint_every, index, last_resume_point):

@@ -12,8 +12,8 @@ are the calibration mix; the quality report's held-out samples come from the sam
 Each variant runs quantize_nvfp4.py in its own process with --eval (the emulator reading the exported
 files is the judge) under what is left of --budget_s, so one slow variant cannot eat the rest. The max
 variant also records ModelOpt's in-process NVFP4_DEFAULT_CFG (its own fake quantization, same calibration).
-Then, on a GPU, calibration alone is timed on a random-weight 8B-shaped Llama for max and for each W4A4
-algorithm that meets the quality bar, each in its own process. The default is an algorithm whose
+Then, on a GPU, calibration alone is timed on a random-weight 8B-shaped Llama for max, the default
+(local_hessian) and each W4A4 algorithm that meets the quality bar, each in its own process. The default is an algorithm whose
 perplexity increase is at most 0.8x ModelOpt in-process's, at no more than 2x max's 8B calibration time.
 """
 from __future__ import annotations
@@ -157,7 +157,8 @@ def time_8b(algorithm: str, samples: int, seq_len: int) -> None:
     unquantized = q.always_unquantized(model)
     stats = q.quantize_model(model, settings, unquantized, tokens, device, 0)
     print(json.dumps({"algorithm": algorithm, "calibration_s": stats["seconds"], "samples": samples,
-                      "seq_len": seq_len, "peak_gpu_memory_gib": stats.get("peak_gpu_memory_gib")}), flush=True)
+                      "seq_len": seq_len, "peak_gpu_memory_gib": stats.get("peak_gpu_memory_gib"),
+                      "forward_s": stats["forward_seconds"], "scale_search": stats.get("scale_search")}), flush=True)
 
 
 def run_time_8b(algorithm: str, args, timeout: float) -> dict:
@@ -207,7 +208,8 @@ def print_table(results: dict) -> None:
               f"{r['top1_agreement']} | {r['fidelity_worst']} / {r['fidelity_median']}")
         if r["modelopt_in_process"]:
             p = r["modelopt_in_process"]
-            print(f"ModelOpt in-process NVFP4_DEFAULT_CFG | {r['calibration_s']} | {p['perplexity_increase_pct']}% | "
+            label = "NVFP4_DEFAULT_CFG" if r["variant"] == "max" else "fake quantization, same scales"
+            print(f"ModelOpt in-process {label} | {r['calibration_s']} | {p['perplexity_increase_pct']}% | "
                   f"{p['mean_kl']} | {p['top1_agreement']} | -")
     choice = results.get("default_choice", {})
     print(f"\ndefault choice: {json.dumps(choice)}")
@@ -285,8 +287,8 @@ def main() -> None:
 
 
 def is_candidate(row: dict, rows: list[dict]) -> bool:
-    """Worth timing on the 8B shape: max (the time reference), or a W4A4 run that meets the quality bar."""
-    if row["variant"] == "max":
+    """Worth timing on the 8B shape: max (the time reference), the default, or a W4A4 run that meets the quality bar."""
+    if row["variant"] in ("max", q.DEFAULT_ALGORITHMS["nvfp4"]):
         return "error" not in row
     in_process = ((rows[0] if rows[0]["variant"] == "max" else {}).get("modelopt_in_process") or {})
     bar = in_process.get("perplexity_increase_pct")

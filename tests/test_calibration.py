@@ -245,3 +245,97 @@ def test_decoder_layer_hook_recovers_the_padding_mask(attn):
     for handle in handles:
         handle.remove()
     assert len(seen) == 2 and all(m.tolist() == mask.bool().tolist() for m in seen)
+
+
+# --------------------------------------------------------------------------- local_hessian: one pass, then a search
+def test_fp4_magnitude_rounds_and_breaks_ties_as_modelopts_kernels():
+    scaled = torch.tensor([0.0, 0.25, 0.26, 0.75, 1.0, 1.25, 1.26, 1.75, 2.5, 2.6, 3.5, 5.0, 5.01, 9.0])
+    expected = [0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 3.0, 4.0, 4.0, 6.0, 6.0]
+    assert q.fp4_magnitude(scaled).tolist() == expected
+
+
+def block_losses(weight, global_amax, hessian, block_amax):
+    """dwᵀ H dw per block when the blocks are stored with these amaxes, as the export stores them."""
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    blocks = weight.float().reshape(weight.shape[0], -1, 16)
+    scale = fp8_eager(block_amax.reshape(blocks.shape[:2]) / 6.0, global_amax / 6.0)[..., None]
+    error = blocks - torch.sign(blocks) * q.fp4_magnitude(blocks.abs() / scale) * scale
+    return torch.einsum("cnb,nbd,cnd->cn", error, hessian, error)
+
+
+def random_sweep_case(device="cpu", rows=48, inputs=64):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(rows, inputs, generator=generator) * 0.02
+    weight[0, :3] *= 40  # an outlier row: max's scales are poor for its blocks
+    x = torch.randn(512, inputs, generator=generator) * torch.linspace(0.1, 3, inputs)  # uneven input channels
+    blocks = x.reshape(512, -1, 16)
+    hessian = torch.einsum("tbi,tbj->bij", blocks, blocks) / 512
+    return weight.to(device), weight.abs().max().to(device), hessian.to(device)
+
+
+def test_hessian_search_is_never_worse_than_max_scales_and_often_better():
+    weight, global_amax, hessian = random_sweep_case()
+    searched = q.hessian_sweep_reference(weight, global_amax, hessian)
+    max_amax = weight.reshape(weight.shape[0], -1, 16).abs().amax(-1)
+    chosen, baseline = (block_losses(weight, global_amax, hessian, a) for a in (searched, max_amax))
+    assert (chosen <= baseline * (1 + 1e-6)).all()
+    assert (chosen < baseline * 0.99).float().mean() > 0.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt's Triton kernel needs CUDA")
+def test_hessian_search_kernel_equals_the_reference():
+    """The same choice in every block, but for near-ties that the two summation orders break differently."""
+    weight, global_amax, hessian = random_sweep_case("cuda", rows=256, inputs=512)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = weight.to(dtype)
+        kernel, reference = q.hessian_sweep_kernel(w, global_amax, hessian), q.hessian_sweep_reference(w, global_amax,
+                                                                                                      hessian)
+        assert (kernel == reference).float().mean() > 0.99
+        torch.testing.assert_close(block_losses(w, global_amax, hessian, kernel),
+                                   block_losses(w, global_amax, hessian, reference), rtol=1e-5, atol=1e-12)
+
+
+def test_block_hessians_leave_out_padding_and_are_shared_by_linears_fed_the_same_input(base_model):
+    """The hooks' sums equal Σ x_b x_bᵀ over the real rows of q_proj's input; k_proj and v_proj share them."""
+    import modelopt.torch.quantization as mtq
+
+    model = copy.deepcopy(base_model)
+    config = q.build_quant_config("nvfp4", q.always_unquantized(model), algorithm="local_hessian")
+    holder, seen = {"pad_id": 0, "hessians": {}}, []
+
+    def one_padded_batch(m):
+        m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _, a: seen.append(a[0].detach().clone()))
+        q.install_calibration_hooks(m, holder)
+        q.run_batch(q.calibration_forward(m), SAMPLES, [0, 1, 2], "cpu", holder)
+    with torch.no_grad():
+        mtq.quantize(model, config, one_padded_batch)
+    q.remove_calibration_hooks(holder)
+    mask = q.padded_batch(SAMPLES, [0, 1, 2], 0)[1].bool()
+    real = seen[0][mask].reshape(-1, 4, 16)
+    total, count = holder["hessians"]["model.layers.0.self_attn.q_proj"]
+    assert count.item() == mask.sum().item() == 64 + 7 + 33
+    torch.testing.assert_close(total, torch.einsum("tbi,tbj->bij", real, real), rtol=1e-5, atol=1e-5)
+    sums = holder["hessians"]
+    assert sums["model.layers.0.self_attn.k_proj"] is sums["model.layers.0.self_attn.q_proj"]
+    assert sums["model.layers.0.mlp.up_proj"] is sums["model.layers.0.mlp.gate_proj"]
+    assert sums["model.layers.0.mlp.down_proj"] is not sums["model.layers.0.mlp.gate_proj"]
+
+
+def test_local_hessian_sets_every_linears_block_scales_from_one_pass(base_model):
+    """One calibration pass; every quantized linear searched; inputs' scales exactly max's."""
+    run_settings = settings(batch_size=4)
+    run_settings.algorithm = "local_hessian"
+    model = copy.deepcopy(base_model)
+    passes = []
+    original = q.calibrate_batches
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(q, "calibrate_batches", lambda *a: passes.append(1) or original(*a))
+        stats = q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+    assert len(passes) == 1 and stats["scale_search"]["linears"] == 14
+    max_amax, _ = calibrated(4, base_model)
+    searched = amax_by_quantizer(model)
+    inputs = [n for n in max_amax if "input_quantizer" in n]
+    assert inputs and all(torch.equal(max_amax[n], searched[n]) for n in inputs)
+    weights = [n for n in searched if "weight_quantizer" in n]
+    assert all(searched[n].numel() > 1 for n in weights)  # static per-block scales, not max's dynamic ones

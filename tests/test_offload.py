@@ -55,7 +55,22 @@ def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_mem
     assert manifest["tool"] == "quantize_nvfp4_offload.py"
     assert manifest["offload"]["layers_per_device"]["disk"] >= 2
     assert manifest["calibration_run"]["batches"] == 6 and manifest["calibration_run"]["padding_fraction"] > 0
+    assert manifest["arguments"]["algorithm"] == "local_hessian"  # the default, searched layer by layer in the loop
+    assert manifest["calibration_run"]["scale_search"]["linears"] == 28
     assert not (tmp_path / "offload" / offload.LAYERWISE_DIR).exists()  # per-layer checkpoints gone once exported
+
+
+def test_offloaded_max_checkpoint_is_identical_to_in_memory(four_layer_model, in_memory_checkpoint, tmp_path):
+    """--algorithm max too (the default above is local_hessian, whose search moved the weights' block scales)."""
+    memory, offloaded = tmp_path / "memory", tmp_path / "offloaded"
+    result = run_cli("--input_model", str(four_layer_model), "--output_model", str(memory), *DATA, "--algorithm", "max")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = offload_cli(four_layer_model, offloaded, tmp_path / "offload", "--algorithm", "max")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_identical(memory, offloaded)
+    assert "scale_search" not in json.loads((offloaded / "nvfp4_manifest.json").read_text())["calibration_run"]
+    max_scales, searched = q.read_checkpoint_tensors(memory), q.read_checkpoint_tensors(in_memory_checkpoint)
+    assert [k for k in max_scales if k.endswith(".weight_scale") and not torch.equal(max_scales[k], searched[k])]
 
 
 def test_killed_run_resumes_from_its_checkpoints(four_layer_model, in_memory_checkpoint, tmp_path):
@@ -239,3 +254,20 @@ def test_prefetcher_loads_the_next_layer_and_puts_it_back():
     prefetch.launch(prefetch._load, [(layer, Broken())], name="layer-prefetch")
     with pytest.raises(OSError, match="offload file unreadable"):
         prefetch.take()
+
+
+def test_offload_benchmark_runs_tiny_with_fresh_process_pairs(tmp_path):
+    """benchmarks/bench_offload.py --tiny: the in-process variants, then (a) and (c) each in a fresh process."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_offload.py"), "--tiny", "--checkpoint_every",
+                             "auto", "--fresh_processes", "1", "--json", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["checkpoint_comparison"]["identical"]
+    fresh = report["results"]["fresh_processes"]
+    assert [len(fresh["runs"][v]) for v in ("a", "c")] == [1, 1] and len(fresh["c_vs_a_cold"]) == 1
+    assert all(run["calibration_s"] > 0 for v in ("a", "c") for run in fresh["runs"][v])
