@@ -120,6 +120,8 @@ LOCAL_DATA_BUILDERS = {
 # of a group may be excluded, or the checkpoint does not load.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input features, NVFP4's scale block
+HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
+                                 # scale with least weight error (with H = 0 every scale ties and the smallest wins)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations live)
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
@@ -1483,6 +1485,14 @@ def hessian_sweep(weight, global_amax, hessian):
     return hessian_sweep_reference(weight, global_amax, hessian)
 
 
+def damped(hessian):
+    """Per-block Hessians plus HESSIAN_DAMPING x their mean diagonal on the diagonal."""
+    import torch
+
+    eye = torch.eye(hessian.shape[-1], device=hessian.device)
+    return hessian + HESSIAN_DAMPING * hessian.diagonal(dim1=-2, dim2=-1).mean() * eye
+
+
 def search_block_scales(linears: dict, holder: dict, access: Callable | None = None) -> None:
     """local_hessian's search on the max pass's Hessians: every block's FP8 scale, under the max global scale.
 
@@ -1499,7 +1509,7 @@ def search_block_scales(linears: dict, holder: dict, access: Callable | None = N
         quantizer = module.weight_quantizer
         if total is None:
             continue
-        hessian = total[0] / max(float(total[1]), 1.0)
+        hessian = damped(total[0] / max(float(total[1]), 1.0))
         with access(module) if access else contextlib.nullcontext():
             best = hessian_sweep(module.weight, quantizer.global_amax, hessian)
         quantizer.amax = best.reshape(quantizer.amax.shape)

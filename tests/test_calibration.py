@@ -283,6 +283,18 @@ def test_hessian_search_is_never_worse_than_max_scales_and_often_better():
     assert (chosen < baseline * 0.99).float().mean() > 0.3
 
 
+def test_a_block_calibration_never_excited_gets_the_least_weight_error_not_the_smallest_scale():
+    weight, global_amax, hessian = random_sweep_case()
+    hessian[1] = 0  # input features 16-31 were zero in every calibration token
+    undamped = q.hessian_sweep_reference(weight, global_amax, hessian).reshape(weight.shape[0], -1)
+    searched = q.hessian_sweep_reference(weight, global_amax, q.damped(hessian)).reshape(weight.shape[0], -1)
+    least_error = q.hessian_sweep_reference(weight, global_amax, torch.eye(16).expand(4, 16, 16)).reshape(
+        weight.shape[0], -1)
+    assert (undamped[:, 1] == undamped[:, 1].min()).all()  # every scale tied at 0: the smallest won
+    assert torch.equal(searched[:, 1], least_error[:, 1])
+    assert (searched[:, [0, 2, 3]] == undamped[:, [0, 2, 3]]).float().mean() > 0.99  # the others barely move
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt's Triton kernel needs CUDA")
 def test_hessian_search_kernel_equals_the_reference():
     """The same choice in every block, but for near-ties that the two summation orders break differently."""
