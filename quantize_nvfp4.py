@@ -1511,7 +1511,8 @@ def search_block_scales(linears: dict, holder: dict, access: Callable | None = N
             continue
         hessian = damped(total[0] / max(float(total[1]), 1.0))
         with access(module) if access else contextlib.nullcontext():
-            best = hessian_sweep(module.weight, quantizer.global_amax, hessian)
+            # summed where the input was: across GPUs, before accelerate moved it to this linear's device
+            best = hessian_sweep(module.weight, quantizer.global_amax, hessian.to(module.weight.device))
         quantizer.amax = best.reshape(quantizer.amax.shape)
         holder["searched"] = holder.get("searched", 0) + 1
     holder["search_seconds"] = holder.get("search_seconds", 0.0) + time.perf_counter() - start
