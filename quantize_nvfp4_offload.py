@@ -760,9 +760,10 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     Each layer's weights come onto the GPU once; every batch runs through it once while its
     quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
     as they are), then ModelOpt finishes that layer's scales (local_hessian: then its block scales are
-    searched on the Hessians that pass summed, while the weights are still in place). What runs before the first layer runs
-    once, in layer 0's pass, which also records what the model hands every layer besides the hidden
-    states. At each resume point (--checkpoint_every) its files are written in the background.
+    searched on the Hessians that pass summed, while the weights are still in place). What runs before
+    the first layer runs once, in layer 0's pass, which also records what the model hands every layer
+    besides the hidden states. At each resume point (--checkpoint_every) its files are written in the
+    background.
     """
     import torch
     from modelopt.torch.quantization.model_calib import max_calibrate

@@ -13,8 +13,9 @@ Each variant runs quantize_nvfp4.py in its own process with --eval (the emulator
 files is the judge) under what is left of --budget_s, so one slow variant cannot eat the rest. The max
 variant also records ModelOpt's in-process NVFP4_DEFAULT_CFG (its own fake quantization, same calibration).
 Then, on a GPU, calibration alone is timed on a random-weight 8B-shaped Llama for max, the default
-(local_hessian) and each W4A4 algorithm that meets the quality bar, each in its own process. The default is an algorithm whose
-perplexity increase is at most 0.8x ModelOpt in-process's, at no more than 2x max's 8B calibration time.
+(local_hessian) and each W4A4 algorithm that meets the quality bar, each in its own process. The default
+is an algorithm whose perplexity increase is at most 0.8x ModelOpt in-process's, at no more than 2x max's
+8B calibration time.
 """
 from __future__ import annotations
 

@@ -262,9 +262,9 @@ def test_offload_benchmark_runs_tiny_with_fresh_process_pairs(tmp_path):
     import sys
 
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_offload.py"), "--tiny", "--checkpoint_every",
-                             "auto", "--fresh_processes", "1", "--json", str(out)], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_offload.py"), "--tiny",
+                             "--checkpoint_every", "auto", "--fresh_processes", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["checkpoint_comparison"]["identical"]
