@@ -72,14 +72,16 @@ ALGORITHMS = {
     # ModelOpt's local_hessian recipe (each block's FP8 scale minimizing its output error dwᵀHdw on the inputs'
     # per-block Hessians), with the Hessians summed in the one max pass instead of a second, quantized forward
     "local_hessian": ("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", {"method": "max"}),
-    "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG",                # each block's largest value on 4 or 6, the better
+    # ModelOpt's four_over_six recipe (each block's largest value on FP4's 6 or its 4, whichever rounds the block
+    # with less squared error; FP8 scales normalized to 256 so that 1.5x fits), searched after the one max pass
+    "four_over_six": ("NVFP4_FOUR_OVER_SIX_CFG", {"method": "max"}),
     # GPTQ's Hessian-guided rounding with error feedback, on static max block scales, all layers at once
     # (ModelOpt's layer-by-layer mode replays each layer's inputs; measured no better here, and 10x slower)
     "gptq": ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", {"method": "gptq", "fused": True, "layerwise": {"enable": False}}),
 }
 # W4A4's default: better than max in every bench_algorithms.py run, for a few seconds of search (README)
 DEFAULT_ALGORITHMS = {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "max"}
-HESSIAN_SEARCH = ("local_hessian",)          # max pass, then block scales searched on its Hessians (runs on CPU too)
+SCALE_SEARCH = ("local_hessian", "four_over_six")  # max pass, then our block-scale search (runs on CPU too)
 ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
@@ -120,6 +122,11 @@ LOCAL_DATA_BUILDERS = {
 # of a group may be excluded, or the checkpoint does not load.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input features, NVFP4's scale block
+HESSIAN_WINDOW = (6, 9)          # local_hessian tries the FP8 scales from 6 steps below each block's max scale to 9
+                                 # above (an octave is 8 steps), not all 126: where ModelOpt's full sweep put 99.94%
+                                 # of blocks on a trained model, for a third of the search's time (README, run D)
+FOUR_OVER_SIX_FACTORS = (1.0, 1.5)  # four_over_six's block amaxes: the block's max on FP4's 6, or on its 4
+FOUR_OVER_SIX_FP8_MAX = 256.0    # ModelOpt's FP8 block-scale normalization for four_over_six (448 otherwise)
 HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
                                  # scale with least weight error (with H = 0 every scale ties and the smallest wins)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -360,7 +367,7 @@ def check_algorithm(algorithm: str, mode: str) -> None:
     if mode not in ALGORITHM_MODES:
         raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm max, or "
                          f"the default W4A4 mode or --weight_only")
-    if algorithm in HESSIAN_SEARCH:  # its search has a reference path beside the Triton one
+    if algorithm in SCALE_SEARCH:  # our search has a torch path beside the Triton one
         return
     import importlib.util
 
@@ -1388,8 +1395,9 @@ def zero_padding(holder: dict):
     return hook
 
 
-def hessian_searchable(module) -> bool:
-    """A linear whose static NVFP4 weight blocks the local_hessian search sets: a 2-D weight, whole blocks."""
+def block_searchable(module) -> bool:
+    """A linear whose static NVFP4 weight blocks our search sets: a 2-D weight, whole blocks (fused 3-D experts
+    keep max's scales)."""
     quantizer, weight = getattr(module, "weight_quantizer", None), getattr(module, "weight", None)
     return (getattr(quantizer, "is_enabled", False) and getattr(quantizer, "is_static_block_quant", False)
             and weight is not None and weight.dim() == 2 and weight.shape[1] % HESSIAN_BLOCK == 0)
@@ -1426,10 +1434,19 @@ def fp4_magnitude(scaled):
     return sum(step * ((scaled >= edge) if inclusive else (scaled > edge)).float() for edge, step, inclusive in steps)
 
 
+def rounding_error(blocks, scale):
+    """w - quant(w) for blocks of 16 stored with these block scales (shape [..., 1]); a zero scale zeroes its
+    block, as ModelOpt's fake quantization does."""
+    import torch
+
+    safe = torch.where(scale > 0, scale, 1.0)
+    return blocks - torch.where(scale > 0, torch.sign(blocks) * fp4_magnitude(blocks.abs() / safe) * safe, 0.0)
+
+
 def sweep_candidates(global_amax, device):
-    """The 126 block amaxes ModelOpt's sweep tries (every positive FP8 E4M3 value under the global scale), and
-    their block scales as the checkpoint stores them (FP8 under the global scale): computed in plain torch, as
-    ModelOpt's own wrapper would first compile a CUDA extension (about a minute on a machine's first run)."""
+    """The 126 block amaxes ModelOpt's sweep tries, ascending (every positive FP8 E4M3 value under the global
+    scale), and their block scales as the checkpoint stores them (FP8 under the global scale): computed in plain
+    torch, as ModelOpt's own wrapper would first compile a CUDA extension (about a minute on a machine's first run)."""
     from modelopt.torch.kernels.quantization.gemm._fp8_scale_candidates import fp8_scale_candidates
     from modelopt.torch.quantization.tensor_quant import fp8_eager
 
@@ -1438,51 +1455,123 @@ def sweep_candidates(global_amax, device):
     return amaxes, fp8_eager(amaxes / 6.0, global_amax / 6.0)
 
 
-def hessian_sweep_reference(weight, global_amax, hessian):
-    """ModelOpt's Hessian-weighted FP8 scale sweep in plain torch (its kernel is Triton, CUDA only).
+def window_starts(block_amax, amaxes):
+    """Each block's first candidate (HESSIAN_WINDOW[0] steps below the first one reaching its max amax, kept
+    inside the 126) and the window's width."""
+    import torch
 
-    For every block of 16 inputs, of the 126 FP8 E4M3 block scales under the global scale, the one whose
-    rounding error dw minimizes dwᵀ H dw (H: that input block's Hessian); returns each block's amax.
+    width = min(sum(HESSIAN_WINDOW) + 1, amaxes.numel())
+    own = torch.searchsorted(amaxes, block_amax.float().contiguous())
+    return (own - HESSIAN_WINDOW[0]).clamp(0, amaxes.numel() - width).to(torch.int32), width
+
+
+def hessian_sweep_reference(weight, global_amax, hessian, block_amax):
+    """local_hessian's windowed FP8 scale sweep in plain torch (the kernel is Triton, CUDA only).
+
+    For every block of 16 inputs, of the window of FP8 E4M3 block scales around its max scale, the one whose
+    rounding error dw minimizes dwᵀ H dw (H: that input block's Hessian), the smallest on a tie, as ModelOpt's
+    sweep; returns each block's amax.
     """
     import torch
 
     blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+    amaxes, scales = sweep_candidates(global_amax, weight.device)
+    starts, width = window_starts(block_amax.reshape(blocks.shape[:2]).to(weight.device), amaxes)
     best_loss = torch.full(blocks.shape[:2], math.inf, device=weight.device)
     best = torch.zeros(blocks.shape[:2], device=weight.device)
-    for amax, scale in zip(*sweep_candidates(global_amax, weight.device)):
-        scale = torch.where(scale > 0, scale, 1.0)
-        error = blocks - torch.sign(blocks) * fp4_magnitude(blocks.abs() / scale) * scale
+    for step in range(width):
+        index = starts.long() + step
+        error = rounding_error(blocks, scales[index][..., None])
         loss = torch.einsum("cnb,nbd,cnd->cn", error, hessian, error)
         better = loss < best_loss
-        best_loss, best = torch.where(better, loss, best_loss), torch.where(better, amax, best)
+        best_loss, best = torch.where(better, loss, best_loss), torch.where(better, amaxes[index], best)
     return best.reshape(-1)
 
 
-def hessian_sweep_kernel(weight, global_amax, hessian):
-    """The same sweep in ModelOpt's Triton kernel (what its nvfp4_fp8_scale_sweep_hessian launches)."""
+@functools.cache
+def window_sweep_kernel():
+    """The same sweep as a Triton kernel: a program takes 32 rows of one input block, whose Hessian it loads once.
+    (ModelOpt's own kernel tries all 126 candidates in every block.)"""
+    global tl  # the kernel's names resolve in this module's globals when it compiles
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
+               BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+        pid = tl.program_id(0)
+        column = pid % inputs
+        row = (pid // inputs) * ROWS + tl.arange(0, ROWS)
+        valid = row < rows
+        block = row * inputs + column
+        lane = tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + block[:, None] * BLOCK + lane[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        magnitude, sign = tl.abs(w), tl.where(w >= 0, 1.0, -1.0)
+        h = tl.load(h_ptr + column * BLOCK * BLOCK + lane[:, None] * BLOCK + lane[None, :])
+        start = tl.load(start_ptr + block, mask=valid, other=0)
+        best_loss = tl.full([ROWS], float("inf"), tl.float32)
+        best = tl.zeros([ROWS], tl.int32)
+        for step in tl.range(WIDTH):
+            index = start + step
+            scale = tl.load(scales_ptr + index)[:, None]
+            safe = tl.where(scale > 0, scale, 1.0)
+            s = magnitude / safe  # rounded to E2M1 as fp4_magnitude rounds it
+            fp4 = tl.where(s <= 0.25, 0.0, tl.where(s < 0.75, 0.5, tl.where(s <= 1.25, 1.0, tl.where(
+                s < 1.75, 1.5, tl.where(s <= 2.5, 2.0, tl.where(s < 3.5, 3.0, tl.where(s <= 5.0, 4.0, 6.0)))))))
+            error = tl.where(scale > 0, sign * (magnitude - fp4 * safe), w)
+            loss = tl.sum(tl.dot(error, h, allow_tf32=False) * error, axis=1)  # true fp32, as the reference
+            better = loss < best_loss
+            best_loss = tl.where(better, loss, best_loss)
+            best = tl.where(better, index, best)
+        tl.store(best_ptr + block, tl.load(amaxes_ptr + best, mask=valid, other=0.0), mask=valid)
+
+    return kernel
+
+
+def hessian_sweep_kernel(weight, global_amax, hessian, block_amax):
+    """hessian_sweep_reference's choice, from window_sweep_kernel."""
     import torch
     import triton
-    from modelopt.torch.kernels.quantization.gemm import nvfp4_fp8_sweep as sweep
 
     amaxes, scales = sweep_candidates(global_amax, weight.device)
     rows, inputs = weight.shape[0], weight.shape[1] // HESSIAN_BLOCK
+    starts, width = window_starts(block_amax.reshape(rows, inputs).to(weight.device), amaxes)
     best = torch.empty(rows * inputs, dtype=torch.float32, device=weight.device)
-    grid = (triton.cdiv(rows, sweep._HESSIAN_ROWS_PER_PROGRAM) * inputs,)
     with torch.cuda.device(weight.device):
-        sweep._fp8_scale_sweep_hessian_kernel[grid](
-            weight.detach().contiguous().view(-1), hessian.float().contiguous().view(-1), scales, amaxes, best,
-            rows, inputs, BLOCK_SIZE=HESSIAN_BLOCK, NUM_CANDIDATES=amaxes.numel(),
-            ROWS_PER_PROGRAM=sweep._HESSIAN_ROWS_PER_PROGRAM, num_warps=sweep._HESSIAN_NUM_WARPS)
+        window_sweep_kernel()[(triton.cdiv(rows, 32) * inputs,)](
+            weight.detach().contiguous().view(-1), hessian.float().contiguous().view(-1), starts.contiguous().view(-1),
+            scales.contiguous(), amaxes.contiguous(), best, rows, inputs, BLOCK=HESSIAN_BLOCK, WIDTH=width, ROWS=32,
+            num_warps=4)
     return best
 
 
-def hessian_sweep(weight, global_amax, hessian):
-    """Each block's amax from the sweep: ModelOpt's Triton kernel on CUDA, the reference elsewhere."""
+def hessian_sweep(weight, global_amax, hessian, block_amax):
+    """Each block's amax from the windowed sweep: the Triton kernel on CUDA, the reference elsewhere."""
     import importlib.util
 
     if weight.is_cuda and importlib.util.find_spec("triton") is not None:
-        return hessian_sweep_kernel(weight, global_amax, hessian)
-    return hessian_sweep_reference(weight, global_amax, hessian)
+        return hessian_sweep_kernel(weight, global_amax, hessian, block_amax)
+    return hessian_sweep_reference(weight, global_amax, hessian, block_amax)
+
+
+def four_over_six_search(weight, block_amax, global_amax):
+    """Each block's amax for four_over_six: its max amax (largest value on FP4's 6) or 1.5x that (on 4),
+    whichever rounds the block with less squared error, 6 on a tie: what ModelOpt's MSE pass for its recipe
+    picks, with its FP8 scales (normalized to 256), in plain torch."""
+    import torch
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+    amax = block_amax.float().reshape(blocks.shape[:2]).to(weight.device)
+    scale_range = global_amax.detach().float().to(weight.device).reshape(()) * (448.0 / FOUR_OVER_SIX_FP8_MAX) / 6.0
+    best, best_loss = None, None
+    for factor in FOUR_OVER_SIX_FACTORS:
+        candidate = amax * factor
+        loss = rounding_error(blocks, fp8_eager(candidate / 6.0, scale_range)[..., None]).square().sum(-1)
+        better = torch.ones_like(loss, dtype=torch.bool) if best is None else loss < best_loss
+        best, best_loss = (candidate, loss) if best is None else \
+            (torch.where(better, candidate, best), torch.where(better, loss, best_loss))
+    return best.reshape(-1)
 
 
 def damped(hessian):
@@ -1493,44 +1582,68 @@ def damped(hessian):
     return hessian + HESSIAN_DAMPING * hessian.diagonal(dim1=-2, dim2=-1).mean() * eye
 
 
-def search_block_scales(linears: dict, holder: dict, access: Callable | None = None) -> None:
-    """local_hessian's search on the max pass's Hessians: every block's FP8 scale, under the max global scale.
+def search_inputs(module, holder: dict, name: str) -> tuple | None:
+    """What the search needs besides the weights: (the Hessian sums or None), or None when the linear keeps max's
+    scales: never calibrated (kept in 16 bits after calibration), or for local_hessian, saw no tokens."""
+    if getattr(module.weight_quantizer, "_amax", None) is None:
+        return None
+    if holder["search"] == "four_over_six":
+        return (None,)
+    total = holder["hessians"].pop(name, None)
+    return None if total is None else (total,)
 
-    The weights must be in place: `access(module)` puts them there, else the caller has. A linear that saw no
-    tokens keeps max's scales.
-    """
+
+def searched_block_amax(module, total):
+    """One linear's block amaxes from the run's search (weights in place); `total`: local_hessian's sums."""
+    quantizer = module.weight_quantizer
+    if total is None:
+        return four_over_six_search(module.weight, quantizer.amax, quantizer.global_amax)
+    hessian = damped(total[0] / max(float(total[1]), 1.0))
+    # summed where the input was: across GPUs, before accelerate moved it to this linear's device
+    return hessian_sweep(module.weight, quantizer.global_amax, hessian.to(module.weight.device), quantizer.amax)
+
+
+def searchable_linears(module, prefix: str) -> dict:
+    """name -> linear, for the linears under `module` whose block scales the search sets (named from `prefix`)."""
+    return {f"{prefix}.{name}" if prefix else name: linear for name, linear in sorted(module.named_modules())
+            if block_searchable(linear)}
+
+
+def search_block_scales(linears: dict, holder: dict, access: Callable | None = None) -> None:
+    """local_hessian's or four_over_six's search after the max pass: every block's FP8 scale, under the max
+    global scale. The weights must be in place: `access(module)` puts them there, else the caller has."""
     from tqdm import tqdm
 
     holder["hessian_input"] = None
     start = time.perf_counter()
     for name, module in tqdm(linears.items(), desc="block scales", unit="linear", file=sys.stderr,
                              disable=not on_main_rank() or not linears):
-        total = holder["hessians"].pop(name, None)
-        quantizer = module.weight_quantizer
-        if total is None:
+        needs = search_inputs(module, holder, name)
+        if needs is None:
             continue
-        hessian = damped(total[0] / max(float(total[1]), 1.0))
         with access(module) if access else contextlib.nullcontext():
-            # summed where the input was: across GPUs, before accelerate moved it to this linear's device
-            best = hessian_sweep(module.weight, quantizer.global_amax, hessian.to(module.weight.device))
-        quantizer.amax = best.reshape(quantizer.amax.shape)
-        holder["searched"] = holder.get("searched", 0) + 1
+            best = searched_block_amax(module, *needs)
+        module.weight_quantizer.amax = best.reshape(module.weight_quantizer.amax.shape)
+        holder["searched"].add(name)
     holder["search_seconds"] = holder.get("search_seconds", 0.0) + time.perf_counter() - start
 
 
 def search_model_block_scales(model, holder: dict) -> None:
-    """After the max pass: every rank sums every rank's Hessians, then searches every linear left (all agree)."""
+    """After the max pass: every linear not searched yet (the offload loop searches its layers as it goes). Across
+    ranks, every rank first sums every rank's Hessians, so all search alike."""
     import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
-    if current_ranks().distributed:
+    if current_ranks().distributed and holder["hessians"]:
         shared = {id(total): total for _, total in sorted(holder["hessians"].items())}
         for total in shared.values():
             total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
             for tensor in total:
                 torch.distributed.all_reduce(tensor)
     modules = dict(model.named_modules())
-    search_block_scales({name: modules[name] for name in sorted(holder["hessians"])}, holder,
+    names = sorted(holder["hessians"]) if holder["hessians"] is not None else \
+        [name for name in searchable_linears(model, "") if name not in holder["searched"]]
+    search_block_scales({name: modules[name] for name in names}, holder,
                         access=lambda module: enable_weight_access_and_writeback(module, model, modules))
 
 
@@ -1742,7 +1855,7 @@ def install_calibration_hooks(model, holder: dict) -> None:
             handles.append(module.register_forward_pre_hook(zero_padding(holder)))
     if holder.get("hessians") is not None:
         for name, module in list(model.named_modules()):
-            if hessian_searchable(module):
+            if block_searchable(module):
                 handles.append(module.register_forward_pre_hook(sum_block_hessian(name, holder)))
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(holder)))
@@ -1902,8 +2015,9 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
 
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq",
-                    "hessians": {} if settings.algorithm in HESSIAN_SEARCH else None}
+    holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq", "searched": set(),
+                    "search": settings.algorithm if settings.algorithm in SCALE_SEARCH else None,
+                    "hessians": {} if settings.algorithm == "local_hessian" else None}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -1916,7 +2030,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
                 mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
             else:
                 calibrate(model, config, holder)
-            if holder["hessians"]:  # the offload loop searches each layer as it goes: outside layers are left
+            if holder["search"]:
                 search_model_block_scales(model, holder)
     finally:
         remove_calibration_hooks(holder)
@@ -1934,8 +2048,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
              "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
              "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world,
              "kept_16_bit_unreached": unreached}
-    if holder["hessians"] is not None:
-        stats["scale_search"] = {"linears": holder.get("searched", 0),
+    if holder["search"]:
+        stats["scale_search"] = {"linears": len(holder["searched"]),
                                  "seconds": round(holder.get("search_seconds", 0.0), 2)}
     if holder.get("gptq_relative_mse"):
         stats["gptq_relative_mse"] = holder["gptq_relative_mse"]

@@ -44,6 +44,7 @@ FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this lay
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
 PREFETCH_NEXT_LAYER = True                   # load the next offloaded layer while this one computes (bench A/B)
+LAYER_LOOP_ALGORITHMS = (None, "max") + q.SCALE_SEARCH  # None: the mode's default
 
 
 @dataclasses.dataclass
@@ -113,11 +114,11 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
-    if args.algorithm not in (None, "max") + q.HESSIAN_SEARCH:
-        raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max or "
-                           "local_hessian (every other algorithm searches with quantized forwards or changes weights, "
-                           "which the loop does not run or write back); use quantize_nvfp4.py on a GPU that holds "
-                           "the model")
+    if args.algorithm not in LAYER_LOOP_ALGORITHMS:
+        raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max, "
+                           "local_hessian or four_over_six (every other algorithm searches with quantized forwards "
+                           "or changes weights, which the loop does not run or write back); use quantize_nvfp4.py on "
+                           "a GPU that holds the model")
     if args.eval or args.max_ppl_increase is not None:
         raise q.UsageError("--eval / --max_ppl_increase: the quality report loads two 16-bit copies of the model onto "
                            "one device, which a model that needs offloading does not fit; this script's export is "
@@ -733,8 +734,10 @@ def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int
     """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once)."""
     from tqdm import tqdm
 
+    names = decoder_layer_names(model)
     for index in tqdm(range(count), desc="restore calibrated layers", unit="layer", file=sys.stderr):
         restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
+        holder["searched"].update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
 
 
 def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None:
@@ -759,10 +762,10 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
 
     Each layer's weights come onto the GPU once; every batch runs through it once while its
     quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
-    as they are), then ModelOpt finishes that layer's scales (local_hessian: then its block scales are
-    searched on the Hessians that pass summed, while the weights are still in place). What runs before
-    the first layer runs once, in layer 0's pass, which also records what the model hands every layer
-    besides the hidden states. At each resume point (--checkpoint_every) its files are written in the
+    as they are), then ModelOpt finishes that layer's scales (local_hessian, four_over_six: then its block
+    scales are searched, local_hessian's on the Hessians that pass summed, while the weights are in place).
+    What runs before the first layer runs once, in layer 0's pass, which also records what the model hands
+    every layer besides the hidden states. At each resume point (--checkpoint_every) its files are written in the
     background.
     """
     import torch
@@ -810,9 +813,8 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                 except torch.OutOfMemoryError:
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
-                if holder["hessians"] is not None:  # local_hessian: this layer's block scales, weights in place
-                    q.search_block_scales({n: modules[n] for n in sorted(holder["hessians"])
-                                           if n.startswith(names[index] + ".")}, holder)
+                if holder["search"]:  # local_hessian, four_over_six: this layer's block scales, weights in place
+                    q.search_block_scales(q.searchable_linears(layer, names[index]), holder)
                 pending[index] = layer_snapshot(layer, names[index], holder)
             prefetch.release(loaded)
             if index + 1 < len(layers) and resume_point_due(offload.checkpoint_every, index, last_resume_point):

@@ -40,6 +40,9 @@ VARIANTS = {  # name -> extra flags; W4A4 first: they decide the default
     **{a: ["--algorithm", a] for a in W4A4_ALGORITHMS},
     **{f"weight_only {a}": ["--weight_only", "--algorithm", a] for a in WEIGHT_ONLY_ALGORITHMS},
 }
+FULL_SWEEP = "local_hessian all 126"  # ModelOpt's sweep over every FP8 scale, against which HESSIAN_WINDOW was chosen
+VARIANTS[FULL_SWEEP] = ["--algorithm", "local_hessian"]
+PATCHES = {FULL_SWEEP: "q.HESSIAN_WINDOW = (126, 126)"}  # bench-only: a module constant set in the child process
 QUALITY_FACTOR = 0.8    # the default's perplexity increase <= this x ModelOpt in-process NVFP4_DEFAULT_CFG's
 TIME_FACTOR = 2.0       # ... at <= this x max's calibration time on the 8B-shaped model
 TIMING_8B_LIMIT_S = 120  # per algorithm, start-up included: far beyond 2x max's calibration, which is seconds
@@ -113,7 +116,10 @@ def fidelity_distribution(per_linear: dict) -> dict:
 
 def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work: Path, args, timeout: float) -> dict:
     out = work / ("out-" + "".join(c if c.isalnum() else "_" for c in name))
-    command = [sys.executable, str(ROOT / "quantize_nvfp4.py"), "--input_model", str(model), "--output_model",
+    script = [str(ROOT / "quantize_nvfp4.py")] if name not in PATCHES else \
+        ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import quantize_nvfp4 as q; {PATCHES[name]}; "
+               "sys.exit(q.main())"]
+    command = [sys.executable, *script, "--input_model", str(model), "--output_model",
                str(out), "--dataset_yaml", str(yaml_path), "--max_samples", str(args.max_samples), "--max_seq_len",
                str(args.max_seq_len), "--eval", "--eval_samples", str(args.eval_samples), "--overwrite", *flags]
     try:
@@ -131,11 +137,37 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
            "top1_agreement": quality["top1_agreement"], "fidelity_worst": max(fidelity["per_linear"].values()),
            "fidelity_median": fidelity["median"], "fidelity_limit": fidelity["limit"],
            "fidelity_distribution": fidelity_distribution(fidelity["per_linear"]), "modelopt_in_process": None}
+    if "local_hessian" in flags:
+        row["scale_steps"] = scale_steps(out, model)
     in_process = quality.get("modelopt_in_process")
     if in_process:
         row["modelopt_in_process"] = {k: in_process[k] for k in
                                       ("perplexity_increase_pct", "mean_kl", "top1_agreement")}
     return row
+
+
+def scale_steps(checkpoint: Path, model: Path) -> dict:
+    """Where the search put each block's FP8 scale, read from the files: FP8 steps from the first candidate reaching
+    the block's max amax (what HESSIAN_WINDOW counts from), with the share of blocks inside the window."""
+    import torch
+    from safetensors.torch import load_file
+
+    source = {}
+    for path in sorted(model.glob("*.safetensors")):
+        source.update(load_file(path))
+    exported, counts = q.read_checkpoint_tensors(checkpoint), {}
+    for key in (k for k in exported if k.endswith(".weight_scale")):
+        name = key[:-len(".weight_scale")]
+        weight = source[f"{name}.weight"].float().cuda()
+        global_amax = exported[f"{name}.weight_scale_2"].cuda() * 6 * 448
+        amaxes = torch.arange(1, 127, device="cuda", dtype=torch.uint8).view(torch.float8_e4m3fn).float() / 448
+        own = torch.searchsorted(amaxes * global_amax, weight.reshape(weight.shape[0], -1, 16).abs().amax(-1))
+        chosen = exported[key].cuda().view(torch.uint8).long() - 1  # codes 1-126 are the candidates, ascending
+        for step, count in zip(*torch.unique(chosen - own, return_counts=True)):
+            counts[int(step)] = counts.get(int(step), 0) + int(count)
+    total, low, high = sum(counts.values()), -q.HESSIAN_WINDOW[0], q.HESSIAN_WINDOW[1]
+    return {"steps": dict(sorted(counts.items())),
+            "in_window": round(sum(c for s, c in counts.items() if low <= s <= high) / max(total, 1), 6)}
 
 
 def time_8b(algorithm: str, samples: int, seq_len: int) -> None:
@@ -150,8 +182,10 @@ def time_8b(algorithm: str, samples: int, seq_len: int) -> None:
     with torch.device(device):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
+    if algorithm in PATCHES:
+        exec(PATCHES[algorithm])  # noqa: S102 (this file's own constant)
     args = q.build_parser().parse_args(["--input_model", "random-8b", "--output_model", "/nonexistent/x",
-                                        "--dataset_yaml", str(q.SAMPLES_YAML), "--algorithm", algorithm])
+                                        "--dataset_yaml", str(q.SAMPLES_YAML), "--algorithm", VARIANTS[algorithm][-1]])
     settings = q.build_settings(args, {})
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, SHAPE_8B["vocab_size"], (samples, seq_len), generator=generator).tolist()
@@ -233,7 +267,7 @@ def main() -> None:
     parser.add_argument("--samples_8b", type=int, default=64, help="calibration samples (x 512 tokens) for the 8B "
                                                                    "timing; 0 skips it")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: built-in tiny model, samples, max only")
-    parser.add_argument("--time_8b", help=argparse.SUPPRESS)  # child process of the 8B timing
+    parser.add_argument("--time_8b", help=argparse.SUPPRESS, choices=list(VARIANTS))  # child process of the 8B timing
     args = parser.parse_args()
     if args.time_8b:
         return time_8b(args.time_8b, args.samples_8b, 512)
@@ -272,7 +306,8 @@ def main() -> None:
         if "fidelity_distribution" in row:
             print(f"  fidelity per linear ({name}): {json.dumps(row['fidelity_distribution'])}", flush=True)
         results["variants"].append(row)
-        if on_gpu and args.samples_8b and name in W4A4_ALGORITHMS and is_candidate(row, results["variants"]):
+        if on_gpu and args.samples_8b and (name in W4A4_ALGORITHMS or name in PATCHES) and \
+                is_candidate(row, results["variants"]):
             left = deadline - time.perf_counter()
             timings[name] = run_time_8b(name, args, min(left, TIMING_8B_LIMIT_S)) if left > 20 else \
                 {"algorithm": name, "calibration_s": None, "error": "skipped: --budget_s spent"}
@@ -289,7 +324,7 @@ def main() -> None:
 
 def is_candidate(row: dict, rows: list[dict]) -> bool:
     """Worth timing on the 8B shape: max (the time reference), the default, or a W4A4 run that meets the quality bar."""
-    if row["variant"] in ("max", q.DEFAULT_ALGORITHMS["nvfp4"]):
+    if row["variant"] in ("max", q.DEFAULT_ALGORITHMS["nvfp4"], *PATCHES):
         return "error" not in row
     in_process = ((rows[0] if rows[0]["variant"] == "max" else {}).get("modelopt_in_process") or {})
     bar = in_process.get("perplexity_increase_pct")

@@ -274,38 +274,87 @@ def random_sweep_case(device="cpu", rows=48, inputs=64):
     return weight.to(device), weight.abs().max().to(device), hessian.to(device)
 
 
+def max_amax(weight):
+    return weight.float().reshape(weight.shape[0], -1, 16).abs().amax(-1)
+
+
 def test_hessian_search_is_never_worse_than_max_scales_and_often_better():
     weight, global_amax, hessian = random_sweep_case()
-    searched = q.hessian_sweep_reference(weight, global_amax, hessian)
-    max_amax = weight.reshape(weight.shape[0], -1, 16).abs().amax(-1)
-    chosen, baseline = (block_losses(weight, global_amax, hessian, a) for a in (searched, max_amax))
+    searched = q.hessian_sweep_reference(weight, global_amax, hessian, max_amax(weight))
+    chosen, baseline = (block_losses(weight, global_amax, hessian, a) for a in (searched, max_amax(weight)))
     assert (chosen <= baseline * (1 + 1e-6)).all()
     assert (chosen < baseline * 0.99).float().mean() > 0.3
+
+
+def test_the_window_is_the_candidates_around_each_blocks_max_scale_and_the_full_sweep_when_wide():
+    """HESSIAN_WINDOW's steps around the first candidate reaching the block's max amax; all 126 when it is wide."""
+    weight, global_amax, hessian = random_sweep_case()
+    amaxes, _ = q.sweep_candidates(global_amax, "cpu")
+    starts, width = q.window_starts(max_amax(weight), amaxes)
+    own = torch.searchsorted(amaxes, max_amax(weight))
+    assert width == sum(q.HESSIAN_WINDOW) + 1 and (starts >= 0).all() and (starts + width <= 126).all()
+    inside = (own - q.HESSIAN_WINDOW[0] >= 0) & (own + q.HESSIAN_WINDOW[1] < 126)
+    assert inside.any() and torch.equal(starts[inside], (own - q.HESSIAN_WINDOW[0])[inside].int())
+    windowed = q.hessian_sweep_reference(weight, global_amax, hessian, max_amax(weight))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(q, "HESSIAN_WINDOW", (126, 126))
+        wide_starts, wide = q.window_starts(max_amax(weight), amaxes)
+        assert wide == 126 and not wide_starts.any()
+        full = q.hessian_sweep_reference(weight, global_amax, hessian, max_amax(weight))
+    losses = [block_losses(weight, global_amax, hessian, a) for a in (windowed, full)]
+    assert (losses[1] <= losses[0] * (1 + 1e-6)).all() and (windowed == full).float().mean() > 0.99
 
 
 def test_a_block_calibration_never_excited_gets_the_least_weight_error_not_the_smallest_scale():
     weight, global_amax, hessian = random_sweep_case()
     hessian[1] = 0  # input features 16-31 were zero in every calibration token
-    undamped = q.hessian_sweep_reference(weight, global_amax, hessian).reshape(weight.shape[0], -1)
-    searched = q.hessian_sweep_reference(weight, global_amax, q.damped(hessian)).reshape(weight.shape[0], -1)
-    least_error = q.hessian_sweep_reference(weight, global_amax, torch.eye(16).expand(4, 16, 16)).reshape(
+    blocks = max_amax(weight)
+    undamped = q.hessian_sweep_reference(weight, global_amax, hessian, blocks).reshape(weight.shape[0], -1)
+    searched = q.hessian_sweep_reference(weight, global_amax, q.damped(hessian), blocks).reshape(weight.shape[0], -1)
+    least_error = q.hessian_sweep_reference(weight, global_amax, torch.eye(16).expand(4, 16, 16), blocks).reshape(
         weight.shape[0], -1)
-    assert (undamped[:, 1] == undamped[:, 1].min()).all()  # every scale tied at 0: the smallest won
+    amaxes, _ = q.sweep_candidates(global_amax, "cpu")
+    lowest = amaxes[q.window_starts(blocks, amaxes)[0].long()].reshape(weight.shape[0], -1)
+    assert torch.equal(undamped[:, 1], lowest[:, 1])  # every scale tied at 0: the window's smallest won
     assert torch.equal(searched[:, 1], least_error[:, 1])
     assert (searched[:, [0, 2, 3]] == undamped[:, [0, 2, 3]]).float().mean() > 0.99  # the others barely move
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt's Triton kernel needs CUDA")
-def test_hessian_search_kernel_equals_the_reference():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs CUDA")
+@pytest.mark.parametrize("window", [q.HESSIAN_WINDOW, (126, 126)])
+def test_hessian_search_kernel_equals_the_reference(window):
     """The same choice in every block, but for near-ties that the two summation orders break differently."""
-    weight, global_amax, hessian = random_sweep_case("cuda", rows=256, inputs=512)
-    for dtype in (torch.float32, torch.bfloat16):
-        w = weight.to(dtype)
-        kernel, reference = q.hessian_sweep_kernel(w, global_amax, hessian), q.hessian_sweep_reference(w, global_amax,
-                                                                                                      hessian)
-        assert (kernel == reference).float().mean() > 0.99
-        torch.testing.assert_close(block_losses(w, global_amax, hessian, kernel),
-                                   block_losses(w, global_amax, hessian, reference), rtol=1e-5, atol=1e-12)
+    weight, global_amax, hessian = random_sweep_case("cuda", rows=300, inputs=512)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(q, "HESSIAN_WINDOW", window)
+        for dtype in (torch.float32, torch.bfloat16):
+            w = weight.to(dtype)
+            kernel = q.hessian_sweep_kernel(w, global_amax, hessian, max_amax(w))
+            reference = q.hessian_sweep_reference(w, global_amax, hessian, max_amax(w))
+            assert (kernel == reference).float().mean() > 0.99
+            torch.testing.assert_close(block_losses(w, global_amax, hessian, kernel),
+                                       block_losses(w, global_amax, hessian, reference), rtol=1e-5, atol=1e-12)
+
+
+def four_over_six_errors(weight, global_amax, block_amax):
+    """Each block's squared rounding error when stored with these amaxes under four_over_six's FP8 scales."""
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    blocks = weight.float().reshape(weight.shape[0], -1, 16)
+    scale = fp8_eager(block_amax.reshape(blocks.shape[:2]) / 6.0, global_amax * 448.0 / 256.0 / 6.0)[..., None]
+    quantized = torch.where(scale > 0, torch.sign(blocks) * q.fp4_magnitude(blocks.abs() / scale) * scale, 0.0)
+    return (blocks - quantized).square().sum(-1)
+
+
+def test_four_over_six_keeps_each_blocks_better_of_6_and_4():
+    weight, global_amax, _ = random_sweep_case()
+    weight[1, :16] = 0  # an all-zero block: a tie, which keeps 6
+    searched = q.four_over_six_search(weight, max_amax(weight), global_amax).reshape(max_amax(weight).shape)
+    on_six, on_four = max_amax(weight), max_amax(weight) * 1.5
+    assert ((searched == on_six) | (searched == on_four)).all()
+    assert (searched == on_six).float().mean() > 0.1 and (searched == on_four).float().mean() > 0.1
+    chosen, six, four = (four_over_six_errors(weight, global_amax, a) for a in (searched, on_six, on_four))
+    assert torch.equal(chosen, torch.minimum(six, four)) and searched[1, 0] == 0
 
 
 def test_block_hessians_leave_out_padding_and_are_shared_by_linears_fed_the_same_input(base_model):

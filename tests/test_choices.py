@@ -209,14 +209,14 @@ def test_gptq_hessians_see_no_padding(tiny_model):
                                                ("four_over_six", "NVFP4_FOUR_OVER_SIX_CFG")])
 @pytest.mark.parametrize("mode", ["nvfp4", "weight_only"])
 def test_preset_algorithms_take_modelopts_algorithm_and_weight_blocks(algorithm, preset, mode):
-    """ModelOpt's own preset, merged into the mode's config: its algorithm (local_hessian: max, its search runs
-    after) and static weight blocks; the mode's inputs (none for weight-only), --skip_layers and the KV cache stay."""
+    """ModelOpt's own preset, merged into the mode's config: its static weight blocks (four_over_six: with the 256
+    normalization) under max, our search running after; the mode's inputs (none for weight-only), --skip_layers and
+    the KV cache stay."""
     import modelopt.torch.quantization as mtq
 
     before = json.dumps(getattr(mtq, preset), default=str)
     config = q.build_quant_config(mode, ["model.layers.0.mlp"], kv_cache="fp8", algorithm=algorithm)
-    assert config["algorithm"] == ({"method": "max"} if algorithm == "local_hessian" else
-                                   getattr(mtq, preset)["algorithm"])
+    assert config["algorithm"] == {"method": "max"}
     weight = next(e for e in config["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
     preset_weight = next(e for e in getattr(mtq, preset)["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
     assert weight["cfg"]["block_sizes"] == preset_weight["cfg"]["block_sizes"]
@@ -227,7 +227,7 @@ def test_preset_algorithms_take_modelopts_algorithm_and_weight_blocks(algorithm,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "four_over_six", "gptq"])
+@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_clip", "mse", "gptq"])
 def test_gpu_only_algorithms_fail_early_on_cpu(tiny_model, tmp_path, algorithm):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--algorithm", algorithm)
@@ -239,12 +239,12 @@ def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--w4a8", "--algorithm", "awq_clip")
     assert_usage_error(result, "--algorithm awq_clip is not available with --w4a8")
-    for algorithm in ("awq_lite", "mse", "gptq"):  # the offload script's one-pass layer loop: max and local_hessian
+    for algorithm in ("awq_lite", "mse", "gptq"):  # the offload script's one-pass layer loop: max and our searches
         result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                          LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
                          script=ROOT / "quantize_nvfp4_offload.py")
-        assert_usage_error(result, f"--algorithm {algorithm}: this script's one-pass layer loop calibrates with max "
-                                   "or local_hessian")
+        assert_usage_error(result, f"--algorithm {algorithm}: this script's one-pass layer loop calibrates with max, "
+                                   "local_hessian or four_over_six")
 
 
 @pytest.mark.parametrize("flags, expected", [([], "local_hessian"), (["--w4a8"], "max"), (["--weight_only"], "max"),
