@@ -3581,7 +3581,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the KV cache: fp8 (vLLM, TensorRT-LLM) or nvfp4 (Blackwell runtimes); default none")
     p.add_argument("--algorithm", choices=tuple(ALGORITHMS),
                    help="calibration algorithm (default: local_hessian for W4A4, max for --w4a8 and --weight_only; "
-                        "all but these two need a CUDA GPU, see README)")
+                        "all but these two and four_over_six need a CUDA GPU, see README)")
     p.add_argument("--moe_calibration", choices=MOE_CALIBRATION, default="routed",
                    help="mixture-of-experts: calibrate experts on the tokens routed to them (default), or every "
                         "expert on every token (all: slower, no expert left uncalibrated)")
