@@ -565,6 +565,24 @@ def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settin
                        f"({q.human_bytes(needed)}: the embeddings plus the largest decoder layer)")
 
 
+def check_gpu_placement(placement: Placement, job: q.Job, settings: q.Settings) -> None:
+    """With a GPU, a --max_gpu_memory too small for anything puts every module on the CPU or disk, and accelerate
+    then runs the whole calibration on the CPU: refuse it. accelerate keeps room for the largest decoder layer on
+    the GPU beside the weights it places there, so the input embeddings need that much more."""
+    import torch
+
+    if not torch.cuda.device_count() or any(isinstance(d, int) for d in placement.device_map.values()):
+        return
+    dtype = q.resolve_dtype(settings.dtype, job.config)
+    embeddings = job.skeleton.get_input_embeddings()
+    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
+                   for name in decoder_layer_names(job.skeleton)), default=0)
+    needed = q.parameter_bytes(embeddings, dtype) + largest
+    raise q.UsageError(f"--max_gpu_memory puts no module on the GPU, so the whole calibration would run on the CPU: "
+                       f"raise it to at least {needed} bytes ({q.human_bytes(needed)}: the input embeddings plus the "
+                       f"largest decoder layer, for which accelerate keeps room), or leave it out")
+
+
 def print_placement(placement: Placement, offload: OffloadSettings) -> None:
     free = shutil.disk_usage(offload.offload_folder).free
     q.log("offload plan (weights):")
@@ -856,6 +874,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)
     check_cpu_run_placement(placement, job, settings)
+    check_gpu_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:

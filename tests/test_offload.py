@@ -14,8 +14,9 @@ from test_calibration import SAMPLES, amax_by_quantizer, settings, tiny_fp32_mod
 OFFLOAD_SCRIPT = ROOT / "quantize_nvfp4_offload.py"
 # --batch_size 4: several padded batches, so the layer-by-layer replay has to exclude padding too
 DATA = ("--dataset_yaml", str(q.SAMPLES_YAML), "--max_samples", "24", "--max_seq_len", "192", "--batch_size", "4")
-# On a GPU machine the embeddings go to the GPU, a layer to RAM, the rest to disk; a resume point after every layer
-CPU_CAP = ("--max_gpu_memory", "200000", "--max_cpu_memory", "600000", "--checkpoint_every", "1")
+# On a GPU machine the embeddings go to the GPU, two layers to RAM, the rest to disk (accelerate keeps room for a
+# 330 KB layer on the GPU and in RAM besides what it places there); a resume point after every layer
+CPU_CAP = ("--max_gpu_memory", "500000", "--max_cpu_memory", "1000000", "--checkpoint_every", "1")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,23 @@ def test_disk_check_refuses_to_start(tmp_path):
     with pytest.raises(q.UsageError, match="not enough free disk for --offload_folder"):
         offload.check_offload_disk(placement, job, settings, folder)
     offload.check_offload_disk(offload.Placement({}, {"disk": 1}, {"disk": 4}, 0), job, settings, folder)
+
+
+def test_a_gpu_cap_that_places_nothing_on_the_gpu_is_refused(four_layer_model):
+    """accelerate would run everything on the CPU; the error names the size that puts the embeddings there."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(four_layer_model)
+    job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False))
+    run_settings = SimpleNamespace(dtype="auto")
+    on_cpu = offload.Placement({"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "disk"}, {}, {}, 0)
+    with_gpu = offload.Placement({"model.embed_tokens": 0, "model.layers": "disk", "lm_head": "disk"}, {}, {}, 0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(q.UsageError, match=r"puts no module on the GPU.*at least \d+ bytes"):
+            offload.check_gpu_placement(on_cpu, job, run_settings)
+        offload.check_gpu_placement(with_gpu, job, run_settings)
+    offload.check_gpu_placement(on_cpu, job, run_settings)  # no GPU here: the CPU is the plan
 
 
 # --------------------------------------------------------------------------- the layer loop, in process
