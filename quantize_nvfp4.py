@@ -62,7 +62,7 @@ MODES = {
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
 # --algorithm -> ModelOpt's calibration algorithm; or the ModelOpt preset config whose algorithm and
 # weight-quantizer block settings are merged into the mode's config; or (preset, algorithm): that preset's
-# static weight blocks under another algorithm. All but max and local_hessian run a fake-quantized forward
+# static weight blocks under another algorithm. All but max and SCALE_SEARCH's run a fake-quantized forward
 # (CUDA only); those with static weight blocks also need Triton.
 ALGORITHMS = {
     "max": {"method": "max"},
@@ -1564,14 +1564,10 @@ def four_over_six_search(weight, block_amax, global_amax):
     blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
     amax = block_amax.float().reshape(blocks.shape[:2]).to(weight.device)
     scale_range = global_amax.detach().float().to(weight.device).reshape(()) * (448.0 / FOUR_OVER_SIX_FP8_MAX) / 6.0
-    best, best_loss = None, None
-    for factor in FOUR_OVER_SIX_FACTORS:
-        candidate = amax * factor
-        loss = rounding_error(blocks, fp8_eager(candidate / 6.0, scale_range)[..., None]).square().sum(-1)
-        better = torch.ones_like(loss, dtype=torch.bool) if best is None else loss < best_loss
-        best, best_loss = (candidate, loss) if best is None else \
-            (torch.where(better, candidate, best), torch.where(better, loss, best_loss))
-    return best.reshape(-1)
+    candidates = torch.stack([amax * factor for factor in FOUR_OVER_SIX_FACTORS])
+    losses = torch.stack([rounding_error(blocks, fp8_eager(c / 6.0, scale_range)[..., None]).square().sum(-1)
+                          for c in candidates])
+    return candidates.gather(0, losses.argmin(0, keepdim=True)).reshape(-1)  # argmin: the first on a tie
 
 
 def damped(hessian):
@@ -1582,21 +1578,10 @@ def damped(hessian):
     return hessian + HESSIAN_DAMPING * hessian.diagonal(dim1=-2, dim2=-1).mean() * eye
 
 
-def search_inputs(module, holder: dict, name: str) -> tuple | None:
-    """What the search needs besides the weights: (the Hessian sums or None), or None when the linear keeps max's
-    scales: never calibrated (kept in 16 bits after calibration), or for local_hessian, saw no tokens."""
-    if getattr(module.weight_quantizer, "_amax", None) is None:
-        return None
-    if holder["search"] == "four_over_six":
-        return (None,)
-    total = holder["hessians"].pop(name, None)
-    return None if total is None else (total,)
-
-
-def searched_block_amax(module, total):
+def searched_block_amax(module, algorithm: str, total):
     """One linear's block amaxes from the run's search (weights in place); `total`: local_hessian's sums."""
     quantizer = module.weight_quantizer
-    if total is None:
+    if algorithm == "four_over_six":
         return four_over_six_search(module.weight, quantizer.amax, quantizer.global_amax)
     hessian = damped(total[0] / max(float(total[1]), 1.0))
     # summed where the input was: across GPUs, before accelerate moved it to this linear's device
@@ -1618,11 +1603,13 @@ def search_block_scales(linears: dict, holder: dict, access: Callable | None = N
     start = time.perf_counter()
     for name, module in tqdm(linears.items(), desc="block scales", unit="linear", file=sys.stderr,
                              disable=not on_main_rank() or not linears):
-        needs = search_inputs(module, holder, name)
-        if needs is None:
-            continue
+        if getattr(module.weight_quantizer, "_amax", None) is None:
+            continue  # never calibrated: kept in 16 bits after calibration
+        total = holder["hessians"].pop(name, None) if holder["hessians"] is not None else None
+        if holder["hessians"] is not None and total is None:
+            continue  # local_hessian, a linear that saw no tokens: max's scales stay
         with access(module) if access else contextlib.nullcontext():
-            best = searched_block_amax(module, *needs)
+            best = searched_block_amax(module, holder["search"], total)
         module.weight_quantizer.amax = best.reshape(module.weight_quantizer.amax.shape)
         holder["searched"].add(name)
     holder["search_seconds"] = holder.get("search_seconds", 0.0) + time.perf_counter() - start

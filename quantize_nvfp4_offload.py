@@ -485,6 +485,18 @@ def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
     return total
 
 
+def largest_layer_bytes(job: q.Job, dtype) -> int:
+    return max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
+                for name in decoder_layer_names(job.skeleton)), default=0)
+
+
+def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
+    """What a device needs for accelerate to place the input embeddings on it: they, plus the room it keeps for
+    the largest decoder layer on every device it fills first."""
+    dtype = q.resolve_dtype(settings.dtype, job.config)
+    return q.parameter_bytes(job.skeleton.get_input_embeddings(), dtype) + largest_layer_bytes(job, dtype)
+
+
 def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -> Placement:
     """Where each module's weights go under the caps, GPU first, then CPU, then disk."""
     import torch
@@ -493,7 +505,7 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     dtype = q.resolve_dtype(settings.dtype, job.config)
     cache = activation_cache_bytes(job, settings, dtype)
     layers = decoder_layer_names(job.skeleton)
-    largest_layer = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers), default=0)
+    largest_layer = largest_layer_bytes(job, dtype)
     # current and next layer's inputs; the layer being calibrated (weights and temporaries), the next one prefetched
     reserve = 2 * cache + 3 * largest_layer
     device_map = infer_auto_device_map(job.skeleton, max_memory=max_memory_map(offload, reserve),
@@ -556,10 +568,7 @@ def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settin
     embeddings = next(n for n, m in job.skeleton.named_modules() if m is job.skeleton.get_input_embeddings())
     if torch.cuda.device_count() or lookup_device(placement.device_map, f"{embeddings}.weight") != "disk":
         return
-    dtype = q.resolve_dtype(settings.dtype, job.config)
-    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
-                   for name in decoder_layer_names(job.skeleton)), default=0)
-    needed = q.parameter_bytes(job.skeleton.get_submodule(embeddings), dtype) + largest
+    needed = embeddings_and_layer_bytes(job, settings)
     raise q.UsageError(f"--max_cpu_memory puts the input embeddings ({embeddings}) on disk, which a CPU-only run "
                        f"cannot export from: raise --max_cpu_memory to at least {needed} bytes "
                        f"({q.human_bytes(needed)}: the embeddings plus the largest decoder layer)")
@@ -573,11 +582,7 @@ def check_gpu_placement(placement: Placement, job: q.Job, settings: q.Settings) 
 
     if not torch.cuda.device_count() or any(isinstance(d, int) for d in placement.device_map.values()):
         return
-    dtype = q.resolve_dtype(settings.dtype, job.config)
-    embeddings = job.skeleton.get_input_embeddings()
-    largest = max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
-                   for name in decoder_layer_names(job.skeleton)), default=0)
-    needed = q.parameter_bytes(embeddings, dtype) + largest
+    needed = embeddings_and_layer_bytes(job, settings)
     raise q.UsageError(f"--max_gpu_memory puts no module on the GPU, so the whole calibration would run on the CPU: "
                        f"raise it to at least {needed} bytes ({q.human_bytes(needed)}: the input embeddings plus the "
                        f"largest decoder layer, for which accelerate keeps room), or leave it out")

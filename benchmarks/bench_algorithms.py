@@ -156,13 +156,13 @@ def scale_steps(checkpoint: Path, model: Path) -> dict:
     for path in sorted(model.glob("*.safetensors")):
         source.update(load_file(path))
     exported, counts = q.read_checkpoint_tensors(checkpoint), {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for key in (k for k in exported if k.endswith(".weight_scale")):
         name = key[:-len(".weight_scale")]
-        weight = source[f"{name}.weight"].float().cuda()
-        global_amax = exported[f"{name}.weight_scale_2"].cuda() * 6 * 448
-        amaxes = torch.arange(1, 127, device="cuda", dtype=torch.uint8).view(torch.float8_e4m3fn).float() / 448
-        own = torch.searchsorted(amaxes * global_amax, weight.reshape(weight.shape[0], -1, 16).abs().amax(-1))
-        chosen = exported[key].cuda().view(torch.uint8).long() - 1  # codes 1-126 are the candidates, ascending
+        weight = source[f"{name}.weight"].float().to(device)
+        amaxes, _ = q.sweep_candidates(exported[f"{name}.weight_scale_2"] * 6 * 448, device)
+        own = torch.searchsorted(amaxes, weight.reshape(weight.shape[0], -1, 16).abs().amax(-1).contiguous())
+        chosen = exported[key].to(device).view(torch.uint8).long() - 1  # codes 1-126 are the candidates, ascending
         for step, count in zip(*torch.unique(chosen - own, return_counts=True)):
             counts[int(step)] = counts.get(int(step), 0) + int(count)
     total, low, high = sum(counts.values()), -q.HESSIAN_WINDOW[0], q.HESSIAN_WINDOW[1]

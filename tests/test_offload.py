@@ -197,7 +197,8 @@ def test_a_gpu_cap_that_places_nothing_on_the_gpu_is_refused(four_layer_model):
         with pytest.raises(q.UsageError, match=r"puts no module on the GPU.*at least \d+ bytes"):
             offload.check_gpu_placement(on_cpu, job, run_settings)
         offload.check_gpu_placement(with_gpu, job, run_settings)
-    offload.check_gpu_placement(on_cpu, job, run_settings)  # no GPU here: the CPU is the plan
+        patch.setattr(torch.cuda, "device_count", lambda: 0)
+        offload.check_gpu_placement(on_cpu, job, run_settings)  # no GPU: the CPU is the plan
 
 
 # --------------------------------------------------------------------------- the layer loop, in process
