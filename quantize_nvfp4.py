@@ -2425,6 +2425,13 @@ def evaluate_existing(args: argparse.Namespace, env: dict) -> int:
     The held-out samples are what is left of the YAML mix after the calibration trim, so pass the
     --dataset_yaml, --max_samples and --seed the checkpoint was calibrated with.
     """
+    report, settings = existing_quality_report(args, env)
+    print_quality(report)
+    return quality_gate(report, settings.max_ppl_increase)
+
+
+def existing_quality_report(args: argparse.Namespace, env: dict) -> tuple[dict, Settings]:
+    """The quality report of the checkpoint --verify names against --reference, and the settings it ran with."""
     if not args.reference:
         raise UsageError("--verify DIR --eval needs --reference ORIGINAL_MODEL (the model DIR was made from)")
     args.input_model, args.output_model = args.reference, args.verify
@@ -2433,9 +2440,7 @@ def evaluate_existing(args: argparse.Namespace, env: dict) -> int:
     _, _, holdout = prepare_calibration_data(settings, load_tokenizer(settings))
     if not holdout:
         raise UsageError("--eval: no held-out samples left after the calibration trim; raise --oversample_ratio")
-    report = report_with_emulator(settings, config, Path(args.verify), holdout, pick_device())
-    print_quality(report)
-    return quality_gate(report, settings.max_ppl_increase)
+    return report_with_emulator(settings, config, Path(args.verify), holdout, pick_device()), settings
 
 
 def run_verify(folder: Path, source: Path | None = None) -> int:

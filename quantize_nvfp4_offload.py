@@ -39,12 +39,18 @@ PROGRESS_FILE = "manifest.json"              # the last committed layer; written
 RESUME_FORMAT = "nvfp4-layer-loop-1"         # what this version writes; anything else is not resumed
 QUANTIZERS_FILE = "quantizers.pt"            # one layer's quantizer state (a few KiB)
 INPUTS_FILE = "next_inputs"                  # .bin: the next layer's inputs as raw bytes; .json: their index
+REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as GPTQ rewrote them; disk-offloaded ones are
+                                             # read from here from then on (the source checkpoint is never touched)
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
 FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this layer's resume point is committed
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
 PREFETCH_NEXT_LAYER = True                   # load the next offloaded layer while this one computes (bench A/B)
-LAYER_LOOP_ALGORITHMS = (None, "max") + q.SCALE_SEARCH  # None: the mode's default
+LAYER_LOOP_ALGORITHMS = (None, "max", "gptq") + q.SCALE_SEARCH  # None: the mode's default
+# The activations the layer loop carries from layer to layer: the 16-bit model's (max calibrates on them), and for
+# GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
+# whole-model Hessian pass feeds each layer)
+STREAMS = ("outputs", "quantized_outputs")
 
 
 @dataclasses.dataclass
@@ -66,7 +72,13 @@ class Placement:
     device_map: dict
     bytes_per_device: dict           # "cuda:0" / "cpu" / "disk" -> weight bytes
     layers_per_device: dict          # same keys -> decoder layers
-    activation_cache_bytes: int      # one layer's cached inputs for every batch
+    activation_cache_bytes: int      # one layer's cached inputs for every batch (GPTQ: both its streams)
+    rewritten_bytes: int = 0         # GPTQ: every decoder layer's rewritten weights, written to the offload folder
+
+    @property
+    def offload_disk_bytes(self) -> int:
+        """What the offload folder takes: offloaded weights, two layers' activation caches, rewritten weights."""
+        return self.bytes_per_device.get("disk", 0) + 2 * self.activation_cache_bytes + self.rewritten_bytes
 
 
 # --------------------------------------------------------------------------- settings
@@ -115,10 +127,10 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
     if args.algorithm not in LAYER_LOOP_ALGORITHMS:
-        raise q.UsageError(f"--algorithm {args.algorithm}: this script's one-pass layer loop calibrates with max, "
-                           "local_hessian or four_over_six (every other algorithm searches with quantized forwards "
-                           "or changes weights, which the loop does not run or write back); use quantize_nvfp4.py on "
-                           "a GPU that holds the model")
+        raise q.UsageError(f"--algorithm {args.algorithm}: this script's layer loop calibrates with max, "
+                           "local_hessian, four_over_six or gptq (mse searches with quantized forwards of the whole "
+                           "model, awq_* fold scales across layers); use quantize_nvfp4.py on a GPU that holds the "
+                           "model")
     if args.eval or args.max_ppl_increase is not None:
         raise q.UsageError("--eval / --max_ppl_increase: the quality report loads two 16-bit copies of the model onto "
                            "one device, which a model that needs offloading does not fit; this script's export is "
@@ -469,7 +481,8 @@ def max_memory_map(offload: OffloadSettings, reserve_bytes: int) -> dict:
 
 
 def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
-    """One layer's cached inputs for all batches: hidden states, position embeddings, attention masks."""
+    """One layer's cached inputs for all batches: hidden states (GPTQ: of both streams), position embeddings,
+    attention masks."""
     import torch
 
     lengths = [len(s) for s in job.samples]
@@ -478,16 +491,25 @@ def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     width = torch.finfo(dtype).bits // 8
+    streams = len(STREAMS) if settings.algorithm == "gptq" else 1
     total = 0
     for batch in batches:
         rows, seq = len(batch), max(lengths[i] for i in batch)
-        total += rows * seq * (hidden + 2 * head_dim) * width + rows * seq * seq  # + a bool 4-D mask
+        total += rows * seq * (streams * hidden + 2 * head_dim) * width + rows * seq * seq  # + a bool 4-D mask
     return total
 
 
 def largest_layer_bytes(job: q.Job, dtype) -> int:
     return max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
                 for name in decoder_layer_names(job.skeleton)), default=0)
+
+
+def gptq_hessian_bytes(job: q.Job) -> int:
+    """GPTQ's fp32 Hessians (in_features squared, one per linear) of the largest decoder layer, held at once."""
+    import torch
+
+    return max((sum(4 * m.in_features ** 2 for m in job.skeleton.get_submodule(name).modules()
+                    if isinstance(m, torch.nn.Linear)) for name in decoder_layer_names(job.skeleton)), default=0)
 
 
 def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
@@ -508,6 +530,10 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     largest_layer = largest_layer_bytes(job, dtype)
     # current and next layer's inputs; the layer being calibrated (weights and temporaries), the next one prefetched
     reserve = 2 * cache + 3 * largest_layer
+    rewritten = 0
+    if settings.algorithm == "gptq":  # its Hessians, and a copy of every decoder layer as GPTQ rewrote it on disk
+        reserve += gptq_hessian_bytes(job)
+        rewritten = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
     device_map = infer_auto_device_map(job.skeleton, max_memory=max_memory_map(offload, reserve),
                                        no_split_module_classes=job.skeleton._no_split_modules or [], dtype=dtype)
     bytes_per_device: dict = {}
@@ -518,7 +544,7 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     for name in layers:
         device = device_label(lookup_device(device_map, name))
         layers_per_device[device] = layers_per_device.get(device, 0) + 1
-    return Placement(device_map, bytes_per_device, layers_per_device, cache)
+    return Placement(device_map, bytes_per_device, layers_per_device, cache, rewritten)
 
 
 def decoder_layer_names(model) -> list[str]:
@@ -545,7 +571,7 @@ def device_label(device) -> str:
 
 def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, offload: OffloadSettings) -> None:
     """Refuse to start when the offload folder's disk can't hold the offloaded weights, caches and output."""
-    needed = placement.bytes_per_device.get("disk", 0) + 2 * placement.activation_cache_bytes
+    needed = placement.offload_disk_bytes
     probe_dir = offload.offload_folder if offload.offload_folder.exists() else offload.offload_folder.parent
     output_dir = settings.output_model.parent
     same_disk = os.stat(probe_dir).st_dev == os.stat(output_dir).st_dev
@@ -557,6 +583,7 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
     if free < needed:
         raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
                            f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
+                           f"{', GPTQ-rewritten weights' if placement.rewritten_bytes else ''}"
                            f"{', the output' if same_disk else ''}); point it at a larger disk or raise --max_cpu_memory")
 
 
@@ -594,7 +621,9 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
     rows = [(device, placement.layers_per_device.get(device, 0), q.human_bytes(size))
             for device, size in sorted(placement.bytes_per_device.items(), key=lambda kv: ("cuda" not in kv[0], kv[0]))]
     q.print_table(("device", "decoder layers", "weights"), rows)
-    q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; "
+    rewritten = f"GPTQ-rewritten weights: {q.human_bytes(placement.rewritten_bytes)}; " \
+        if placement.rewritten_bytes else ""
+    q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; {rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
 
 
@@ -735,11 +764,89 @@ def max_calibrate_kwargs(config: dict) -> dict:
     return kwargs
 
 
+def gptq_kwargs(config: dict) -> dict:
+    """What ModelOpt's gptq() gets from this config: damping, GPTQ block size, the fused kernel or not."""
+    from modelopt.torch.quantization.config import GPTQCalibConfig
+
+    kwargs = GPTQCalibConfig(**algorithm_of(config)).model_dump()
+    return {key: kwargs[key] for key in ("perc_damp", "block_size", "fused")}
+
+
+def gptq_layer(layer, name: str, passes: dict[str, Callable], kwargs: dict) -> dict:
+    """ModelOpt's GPTQ (model_calib.gptq) on one decoder layer, as its whole-model run treats that layer.
+
+    The max pass runs on the 16-bit stream. The Hessian pass runs with the weight quantizers off on
+    the quantized stream, whose inputs earlier layers computed the same way (activations quantized,
+    original weights: the whole-model run updates no weight before its Hessians are summed). Then each
+    linear is updated with ModelOpt's GPTQHelper. Returns the rewritten weights, on the CPU, by name.
+    """
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+    from modelopt.torch.quantization.model_calib import max_calibrate
+    from modelopt.torch.quantization.utils import is_quantized_linear
+    from modelopt.torch.quantization.utils.calib_utils import GPTQHelper
+
+    max_calibrate(layer, passes["outputs"])  # as gptq() calls it
+    helpers = [GPTQHelper(module, f"{name}.{child}", offload_to_cpu=True, fused=kwargs["fused"])
+               for child, module in layer.named_modules()
+               if is_quantized_linear(module) and module.weight_quantizer.is_enabled]
+    for helper in helpers:
+        helper.setup()
+    try:
+        with set_quantizer_by_cfg_context(layer, [{"quantizer_name": "*weight_quantizer", "enable": False}]):
+            passes["quantized_outputs"](layer)
+    finally:
+        for helper in helpers:
+            helper.cleanup()
+    rewritten = {}
+    for helper in helpers:
+        helper.update_weights(kwargs["block_size"], kwargs["perc_damp"])  # prints its report line (the manifest's)
+        rewritten[f"{helper.name}.weight"] = helper.module.weight.detach().to("cpu", copy=True)
+        helper.free()
+    return rewritten
+
+
+def keep_rewritten_weights(modules: dict, tensors: dict, path: Path) -> None:
+    """GPTQ's rewritten weights, written to `path` (for --resume, and for disk-offloaded weights to be read from)
+    and installed where the model reads them next."""
+    from safetensors.torch import save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commit_file(path, lambda handle: handle.write(save({name: t.contiguous() for name, t in tensors.items()})))
+    install_weights(modules, tensors, path)
+
+
+def install_weights(modules: dict, tensors: dict, path: Path) -> None:
+    """Each `module.weight` tensor (by full name) where the model reads it: in the module when it is held on a
+    device; in accelerate's RAM copy when offloaded to RAM; when offloaded to disk, accelerate's index entry
+    repointed to `path`, a file of ours holding the same tensors (the source checkpoint is never written)."""
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+    from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook
+
+    for name, tensor in tensors.items():
+        module = modules[name.rsplit(".", 1)[0]]
+        hook = _get_offload_hook(module._hf_hook) if hasattr(module, "_hf_hook") else None
+        if hook is None:  # held on its device
+            module.weight.data = tensor.to(module.weight.device, module.weight.dtype)
+            continue
+        weights, key = hook.weights_map, "weight"
+        while isinstance(weights, PrefixedDataset):
+            weights, key = weights.dataset, weights.prefix + key
+        held = weights.state_dict if isinstance(weights, OffloadedWeightsLoader) else weights
+        if key in held:
+            held[key] = tensor.to(held[key].dtype)
+        else:
+            weights.index[key] = {"safetensors_file": str(path), "weight_name": name,
+                                  "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
 def insert_quantizers(model, config: dict) -> None:
     """mtq.quantize without calibration: quantizers in place (MoE settings applied), none calibrated yet."""
     import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.config import QuantizeAlgorithmConfig
 
-    mtq.quantize(model, {**config, "algorithm": {**algorithm_of(config), "method": None}})
+    # the settings every algorithm has (GPTQ's own, such as its damping, would be refused here)
+    common = {k: v for k, v in algorithm_of(config).items() if k in QuantizeAlgorithmConfig.model_fields}
+    mtq.quantize(model, {**config, "algorithm": {**common, "method": None}})
 
 
 def layer_snapshot(layer, name: str, holder: dict) -> dict:
@@ -753,14 +860,23 @@ def layer_snapshot(layer, name: str, holder: dict) -> dict:
                    "coverage": coverage})
 
 
-def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, holder: dict) -> None:
-    """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once)."""
+def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, holder: dict,
+                   rewritten: bool) -> None:
+    """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once);
+    with `rewritten` (GPTQ), their rewritten weights too."""
+    from safetensors.torch import load_file
     from tqdm import tqdm
 
     names = decoder_layer_names(model)
     for index in tqdm(range(count), desc="restore calibrated layers", unit="layer", file=sys.stderr):
         restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
         holder["searched"].update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
+        path = layer_dir(layerwise_dir, index) / REWRITTEN_FILE
+        if rewritten and not path.is_file():
+            raise q.UsageError(f"--resume: {path} is missing (GPTQ's weights of layer {index}); delete "
+                               f"{layerwise_dir} to start over")
+        if rewritten:
+            install_weights(modules, load_file(path), path)
 
 
 def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None:
@@ -779,20 +895,38 @@ def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None
         holder["coverage"][block].update({"counts": counts, "pass": holder["pass"]})
 
 
+def calibrate_layer(layer, name: str, passes: dict[str, Callable], holder: dict, config: dict) -> dict:
+    """One decoder layer's calibration, its weights in place; returns GPTQ's rewritten weights (else nothing).
+
+    `passes` run every batch through the layer: "outputs" on the 16-bit model's stream, and for GPTQ
+    "quantized_outputs" on the stream its Hessians are summed over (see gptq_layer)."""
+    import torch
+    from modelopt.torch.quantization.model_calib import max_calibrate
+
+    rewritten = {}
+    with torch.no_grad():  # else every cached output keeps its layer's activations alive: 36 GiB a layer on 8B
+        if algorithm_of(config)["method"] == "gptq":
+            rewritten = gptq_layer(layer, name, passes, gptq_kwargs(config))
+        else:
+            max_calibrate(layer, passes["outputs"], **max_calibrate_kwargs(config))
+    if holder["search"]:  # local_hessian, four_over_six: this layer's block scales, weights in place
+        q.search_block_scales(q.searchable_linears(layer, name), holder)
+    return rewritten
+
+
 def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.Settings, device: str,
                        offload: OffloadSettings, resume_after: int | None) -> None:
-    """ModelOpt's max calibration, one decoder layer at a time, one pass per layer.
+    """ModelOpt's calibration, one decoder layer at a time, one pass per layer (GPTQ: two).
 
     Each layer's weights come onto the GPU once; every batch runs through it once while its
     quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
     as they are), then ModelOpt finishes that layer's scales (local_hessian, four_over_six: then its block
-    scales are searched, local_hessian's on the Hessians that pass summed, while the weights are in place).
-    What runs before the first layer runs once, in layer 0's pass, which also records what the model hands
-    every layer besides the hidden states. At each resume point (--checkpoint_every) its files are written in the
-    background.
+    scales are searched, local_hessian's on the Hessians that pass summed, while the weights are in place;
+    gptq: a second pass and the weight update, see gptq_layer). What runs before the first layer runs in layer
+    0's pass, which also records what the model hands every layer besides the hidden states. At each resume
+    point (--checkpoint_every) its files are written in the background.
     """
     import torch
-    from modelopt.torch.quantization.model_calib import max_calibrate
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
     from tqdm import tqdm
 
@@ -803,23 +937,30 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     masks = [q.padded_batch(samples, batch, holder["pad_id"])[1].to(device) for batch in batches]
     holder.update(batches_run=batches, cap=q.DEFAULT_BATCH_TOKENS)
     holder["pass"] = 1  # one pass: MoE routing counts accumulate over every batch
-    calibrate_kwargs, fail_after = max_calibrate_kwargs(config), os.environ.get(FAIL_AFTER_ENV)
+    streams = STREAMS if algorithm_of(config)["method"] == "gptq" else STREAMS[:1]
+    fail_after = os.environ.get(FAIL_AFTER_ENV)
     start, form, run = (0 if resume_after is None else resume_after + 1), {"form": None}, {}
     loop_start = time.perf_counter()
     if start:
         form["form"] = read_progress(offload.layerwise_dir)["output_form"]
-        restore_layers(model, layers, modules, offload.layerwise_dir, start, holder)
-        run["outputs"] = read_tensors(layer_dir(offload.layerwise_dir, resume_after) / INPUTS_FILE, device)
+        restore_layers(model, layers, modules, offload.layerwise_dir, start, holder, len(streams) > 1)
+        cached = read_tensors(layer_dir(offload.layerwise_dir, resume_after) / INPUTS_FILE, device)
+        run.update({stream: cached[i * len(batches):(i + 1) * len(batches)] for i, stream in enumerate(streams)})
         run["calls"], _ = capture_layer_calls(model, layers, samples, batches, device, holder, form, start, False)
 
-    def first_layer(_layer) -> None:  # the model's own forward up to layer 1, layer 0 running for real
-        run["calls"], run["outputs"] = capture_layer_calls(model, layers, samples, batches, device, holder, form, 1,
-                                                           True)
-
-    def later_layer(index: int) -> Callable:
-        inputs, calls = run.pop("outputs"), run["calls"].pop(index)
-        return lambda layer: run.update(outputs=layer_pass(layer, inputs, calls, masks, holder,
-                                                           keep_outputs=index + 1 < len(layers)))
+    def stream_pass(index: int, stream: str) -> Callable:
+        """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
+        if index == 0:  # the model's own forward up to layer 1, layer 0 running for real
+            def first_layer(_layer) -> None:
+                recording = stream == STREAMS[0]  # what the model hands the later layers: recorded once
+                calls, run[stream] = capture_layer_calls(model, layers, samples, batches, device, holder, form,
+                                                         1 if recording else len(layers), True)
+                if recording:
+                    run["calls"] = calls
+            return first_layer
+        inputs, calls = run.pop(stream), run["calls"][index]
+        return lambda layer: run.update({stream: layer_pass(layer, inputs, calls, masks, holder,
+                                                            keep_outputs=index + 1 < len(layers))})
 
     writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
     prefetch, pending = LayerPrefetcher(device, enabled=PREFETCH_NEXT_LAYER), {}
@@ -832,17 +973,19 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                 prefetch.start(layers[index + 1])
             with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
                 try:
-                    max_calibrate(layer, first_layer if index == 0 else later_layer(index), **calibrate_kwargs)
+                    rewritten = calibrate_layer(layer, names[index], {s: stream_pass(index, s) for s in streams},
+                                                holder, config)
                 except torch.OutOfMemoryError:
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
-                if holder["search"]:  # local_hessian, four_over_six: this layer's block scales, weights in place
-                    q.search_block_scales(q.searchable_linears(layer, names[index]), holder)
                 pending[index] = layer_snapshot(layer, names[index], holder)
             prefetch.release(loaded)
+            if rewritten:  # the layer's weights are back where accelerate keeps them: the rewrite goes there too
+                keep_rewritten_weights(modules, rewritten, layer_dir(offload.layerwise_dir, index) / REWRITTEN_FILE)
+            run["calls"].pop(index, None)
             if index + 1 < len(layers) and resume_point_due(offload.checkpoint_every, index, last_resume_point):
                 writer.progress["output_form"] = form["form"]
-                writer.submit(index, pending, run["outputs"])
+                writer.submit(index, pending, [t for stream in streams for t in run[stream]])
                 pending, last_resume_point = {}, time.perf_counter()
                 if fail_after is not None and index >= int(fail_after):
                     writer.wait()
@@ -885,8 +1028,8 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     if resume_after is not None:
         q.log(f"--resume: layers 0-{resume_after} are already calibrated; continuing from layer {resume_after + 1}")
     load_start = time.perf_counter()
-    needed = placement.bytes_per_device.get("disk", 0) + 2 * placement.activation_cache_bytes
-    with q.disk_full_is_usage_error(offload.offload_folder, needed, "offloaded weights and calibration checkpoints"):
+    with q.disk_full_is_usage_error(offload.offload_folder, placement.offload_disk_bytes,
+                                    "offloaded weights and calibration checkpoints"):
         model = load_offloaded_model(settings, job, placement, offload)
         timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
         device = execution_device(placement)

@@ -40,6 +40,9 @@ VARIANTS = {  # name -> extra flags; W4A4 first: they decide the default
     **{a: ["--algorithm", a] for a in W4A4_ALGORITHMS},
     **{f"weight_only {a}": ["--weight_only", "--algorithm", a] for a in WEIGHT_ONLY_ALGORITHMS},
 }
+# through quantize_nvfp4_offload.py, the model split across GPU, RAM and disk (offload_caps); quality from its files
+OFFLOADED = {f"offload {a}": ["--algorithm", a] for a in ("local_hessian", "gptq")}
+VARIANTS.update(OFFLOADED)
 FULL_SWEEP = "local_hessian all 126"  # ModelOpt's sweep over every FP8 scale, against which HESSIAN_WINDOW was chosen
 VARIANTS[FULL_SWEEP] = ["--algorithm", "local_hessian"]
 PATCHES = {FULL_SWEEP: "q.HESSIAN_WINDOW = (126, 126)"}  # bench-only: a module constant set in the child process
@@ -114,22 +117,44 @@ def fidelity_distribution(per_linear: dict) -> dict:
             "median_by_projection": {k: round(statistics.median(v), 5) for k, v in sorted(by_kind.items())}}
 
 
+def offload_caps(model: Path) -> list[str]:
+    """The offload script's caps for `model`: the embeddings and two decoder layers on the GPU, three layers in
+    RAM, the rest on disk (accelerate keeps room for one more layer on the GPU and in RAM)."""
+    import torch
+    from transformers import AutoConfig
+
+    skeleton = q.empty_model(AutoConfig.from_pretrained(str(model)), False)
+    layer = q.parameter_bytes(q.decoder_layers(skeleton)[0], torch.bfloat16)
+    embeddings = q.parameter_bytes(skeleton.get_input_embeddings(), torch.bfloat16)
+    return ["--max_gpu_memory", str(embeddings + 3 * layer + layer // 2), "--max_cpu_memory", str(4 * layer + layer // 2)]
+
+
 def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work: Path, args, timeout: float) -> dict:
     out = work / ("out-" + "".join(c if c.isalnum() else "_" for c in name))
     script = [str(ROOT / "quantize_nvfp4.py")] if name not in PATCHES else \
         ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import quantize_nvfp4 as q; {PATCHES[name]}; "
                "sys.exit(q.main())"]
-    command = [sys.executable, *script, "--input_model", str(model), "--output_model",
-               str(out), "--dataset_yaml", str(yaml_path), "--max_samples", str(args.max_samples), "--max_seq_len",
-               str(args.max_seq_len), "--eval", "--eval_samples", str(args.eval_samples), "--overwrite", *flags]
+    data = ["--dataset_yaml", str(yaml_path), "--max_samples", str(args.max_samples), "--max_seq_len",
+            str(args.max_seq_len), "--eval_samples", str(args.eval_samples)]
+    extra = ["--eval"]
+    if name in OFFLOADED:  # its --eval is refused (two 16-bit copies): the quality report reads its files after
+        script = [str(ROOT / "quantize_nvfp4_offload.py")]
+        extra = ["--offload_folder", str(out.with_name(out.name + "-offload")), "--clean_offload", *offload_caps(model)]
+    command = [sys.executable, *script, "--input_model", str(model), "--output_model", str(out), *data, *extra,
+               "--overwrite", *flags]
+    began = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        quality = quality_from_files(out, model, data, timeout - (time.perf_counter() - began)) \
+            if name in OFFLOADED and result.returncode == 0 else None
     except subprocess.TimeoutExpired:
         return {"variant": name, "error": f"did not finish in its {timeout:.0f} s share of --budget_s"}
     if result.returncode != 0:
         return {"variant": name, "exit": result.returncode, "error": result.stderr.strip().splitlines()[-1:]}
+    if quality and "error" in quality:
+        return {"variant": name, **quality}
     manifest = json.loads((out / q.MANIFEST_NAME).read_text())
-    quality, fidelity = manifest["quality"], manifest["fidelity"]
+    quality, fidelity = quality or manifest["quality"], manifest["fidelity"]
     row = {"variant": name, "flags": " ".join(flags), "calibration_s": manifest["calibration_run"]["seconds"],
            "quant_algo": manifest["validation"]["quant_algo"],
            "perplexity_original": quality["perplexity_original"], "perplexity_quantized": quality["perplexity_quantized"],
@@ -139,11 +164,26 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
            "fidelity_distribution": fidelity_distribution(fidelity["per_linear"]), "modelopt_in_process": None}
     if "local_hessian" in flags:
         row["scale_steps"] = scale_steps(out, model)
+    if name in OFFLOADED:
+        row["layers_per_device"] = manifest["offload"]["layers_per_device"]
     in_process = quality.get("modelopt_in_process")
     if in_process:
         row["modelopt_in_process"] = {k: in_process[k] for k in
                                       ("perplexity_increase_pct", "mean_kl", "top1_agreement")}
     return row
+
+
+def quality_from_files(out: Path, model: Path, data: list[str], timeout: float) -> dict:
+    """The emulator's quality report on `out`'s files, as `quantize_nvfp4.py --verify OUT --eval --reference MODEL`
+    computes it (the same held-out samples as the other variants' --eval), in a child process."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import quantize_nvfp4 as q; "
+            "report, _ = q.existing_quality_report(q.build_parser().parse_args(sys.argv[1:]), {}); "
+            "print(json.dumps(report))")
+    result = subprocess.run([sys.executable, "-c", code, "--verify", str(out), "--reference", str(model), "--eval",
+                             *data], capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        return {"error": ["quality report: " + (result.stderr.strip().splitlines() or ["no output"])[-1]]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def scale_steps(checkpoint: Path, model: Path) -> dict:

@@ -65,9 +65,9 @@ def timed(fn, device: str) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def settings_for(folder: Path, samples, max_len: int) -> q.Settings:
-    settings = bench_settings(samples, max_len, None)
-    settings.input_model = str(folder)
+def settings_for(folder: Path, samples, args) -> q.Settings:
+    settings = bench_settings(samples, args.max_len, None)
+    settings.input_model, settings.algorithm = str(folder), args.algorithm
     return settings
 
 
@@ -91,7 +91,7 @@ def export(model, folder: Path | None) -> float | None:
 
 
 def in_gpu(folder: Path, samples, args, export_to: Path | None = None) -> dict:
-    settings = settings_for(folder, samples, args.max_len)
+    settings = settings_for(folder, samples, args)
     job = job_for(settings, samples)
     load_s, model = timed(lambda: q.load_model(settings, job.config, args.device), args.device)
     calib_s, stats = timed(lambda: q.quantize_model(model, settings, job.unquantized, samples, args.device, PAD_ID),
@@ -106,7 +106,7 @@ def in_gpu(folder: Path, samples, args, export_to: Path | None = None) -> dict:
 def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | None, export_to: Path | None = None,
               prefetch: bool = True) -> dict:
     offload.PREFETCH_NEXT_LAYER = prefetch
-    settings = settings_for(folder, samples, args.max_len)
+    settings = settings_for(folder, samples, args)
     job = job_for(settings, samples)
     opts = offload.OffloadSettings(work / f"offload-{checkpoint_every or 'auto'}-{prefetch}", args.gpu_cap,
                                    TINY_CPU_CAP if args.tiny else None, False, False, checkpoint_every)
@@ -134,7 +134,7 @@ def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | N
 
 def original(folder: Path, samples, args, work: Path) -> dict:
     """The original script's loop on the same placement, on a prefix of the samples."""
-    settings = settings_for(folder, samples, args.max_len)
+    settings = settings_for(folder, samples, args)
     job = job_for(settings, samples)
     opts = offload.OffloadSettings(work / "offload-original", args.gpu_cap, TINY_CPU_CAP if args.tiny else None,
                                    False, False)
@@ -162,7 +162,8 @@ def fresh_process(variant: str, args, work: Path) -> dict:
     """One (a) or (c) run in a new Python process on the saved model; its result dict."""
     command = [sys.executable, __file__, "--child", variant, "--workdir", str(work), "--device", args.device,
                "--seed", str(args.seed), "--gpu_cap", str(args.gpu_cap), "--samples", str(args.samples),
-               "--max_len", str(args.max_len), "--median_len", str(args.median_len)] + (["--tiny"] if args.tiny else [])
+               "--max_len", str(args.max_len), "--median_len", str(args.median_len), "--algorithm", args.algorithm] + \
+        (["--tiny"] if args.tiny else [])
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     row = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
@@ -218,6 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_len", type=int, help=f"longest sample (default {FULL_RUN['max_len']})")
     p.add_argument("--median_len", type=int, help=f"median sample length (default {FULL_RUN['median_len']})")
     p.add_argument("--gpu_cap", type=offload.parse_memory, default="6GiB", help="GPU memory for weights (default 6GiB)")
+    p.add_argument("--algorithm", default="max", choices=[a for a in offload.LAYER_LOOP_ALGORITHMS if a],
+                   help="calibration algorithm of (a) and (c) (default max)")
     p.add_argument("--original_samples", type=int, default=0, help="time (b) on this many samples, then scale (0: skip)")
     p.add_argument("--checkpoint_every", type=offload.parse_checkpoint_every, nargs="+", default=[None, 8],
                    metavar="auto|N", help="(c) once per value (default: auto, the script's default, and 8); the first "

@@ -233,18 +233,24 @@ def test_gpu_only_algorithms_fail_early_on_cpu(tiny_model, tmp_path, algorithm):
                      LOCAL_YAML, "--algorithm", algorithm)
     assert_usage_error(result, f"--algorithm {algorithm} needs a CUDA GPU")
     assert not (tmp_path / "out").exists()
+    if algorithm == "gptq":  # the offload script's layer loop runs it too, on the same kernels
+        result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
+                         LOCAL_YAML, "--algorithm", algorithm, "--offload_folder", str(tmp_path / "off"),
+                         script=ROOT / "quantize_nvfp4_offload.py")
+        assert_usage_error(result, "--algorithm gptq needs a CUDA GPU")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "off").exists()
 
 
 def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                      LOCAL_YAML, "--w4a8", "--algorithm", "awq_clip")
     assert_usage_error(result, "--algorithm awq_clip is not available with --w4a8")
-    for algorithm in ("awq_lite", "mse", "gptq"):  # the offload script's one-pass layer loop: max and our searches
+    for algorithm in ("awq_lite", "mse"):  # the offload script's layer loop: max, our searches and GPTQ
         result = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), "--dataset_yaml",
                          LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
                          script=ROOT / "quantize_nvfp4_offload.py")
-        assert_usage_error(result, f"--algorithm {algorithm}: this script's one-pass layer loop calibrates with max, "
-                                   "local_hessian or four_over_six")
+        assert_usage_error(result, f"--algorithm {algorithm}: this script's layer loop calibrates with max, "
+                                   "local_hessian, four_over_six or gptq")
 
 
 @pytest.mark.parametrize("flags, expected", [([], "local_hessian"), (["--w4a8"], "max"), (["--weight_only"], "max"),

@@ -260,6 +260,141 @@ def test_layer_loop_resumes_from_its_background_resume_point(tmp_path):
     assert stats["moe_expert_coverage"] == expected_stats["moe_expert_coverage"]
 
 
+# --------------------------------------------------------------------------- GPTQ in the layer loop
+def use_torch_gptq_kernels(monkeypatch) -> None:
+    """ModelOpt's GPTQ runs two kernels that exist for CUDA only: the dynamic NVFP4 quantization of a linear's
+    input (its Hessian pass) and the fake quantization of static weight blocks (its update). Here both are torch:
+    the runtime's input quantization from quantize_nvfp4, and GPTQHelper's update through ModelOpt's own unfused
+    column loop with the checkpoint's block rounding. Everything else (the passes, the update's algebra, storing
+    and reading the rewritten weights, resuming) is the product's code."""
+    from modelopt.torch.quantization import tensor_quant
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+    from modelopt.torch.quantization.utils import calib_utils
+
+    def dynamic_block_quantize(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits,
+                               scale_exponent_bits):
+        assert (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4), "NVFP4 only"
+        return q.fake_quant_nvfp4_input(inputs, amax.float() / (6 * q.E4M3_MAX), block_size)
+
+    def blockwise_update(helper, block_size):
+        quantizer = helper.module.weight_quantizer
+        rows = helper.weight.shape[0]
+        scales = fp8_eager(quantizer.amax.float().reshape(rows, -1, 1) / 6, quantizer.global_amax.float() / 6)
+
+        def fake_quantize(weight):
+            blocks = weight.reshape(rows, -1, q.HESSIAN_BLOCK)
+            return (blocks - q.rounding_error(blocks, scales)).reshape(weight.shape)
+
+        calib_utils.gptq_blockwise_update(helper.weight, helper.h_inv, block_size, fake_quantize)
+
+    monkeypatch.setattr(tensor_quant, "dynamic_block_quantize_op", dynamic_block_quantize)
+    monkeypatch.setattr(calib_utils.GPTQHelper, "_blockwise_update", blockwise_update)
+    monkeypatch.setattr(q, "check_algorithm", lambda algorithm, mode: None)
+
+
+@pytest.fixture
+def gptq_on_cpu(monkeypatch):
+    """For models on the CPU: ModelOpt's GPTQ with torch kernels."""
+    use_torch_gptq_kernels(monkeypatch)
+
+
+@pytest.fixture
+def gptq_kernels_here(monkeypatch):
+    """The real kernels where there is a GPU, torch ones elsewhere."""
+    if not torch.cuda.is_available():
+        use_torch_gptq_kernels(monkeypatch)
+
+
+def quantized_weights(model) -> dict:
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="ModelOpt's GPTQ asks the GPU how full a CPU model's device "
+                                                      "is; on a GPU the end-to-end test below runs the real kernels")
+@pytest.mark.parametrize("mode", ["nvfp4", "weight_only"])
+def test_layer_loop_gptq_equals_modelopts_whole_model_gptq(gptq_on_cpu, mode, tmp_path):
+    """Two passes per layer (max on the 16-bit stream, Hessians on the quantized one), then ModelOpt's update:
+    every rewritten weight and every amax as ModelOpt's GPTQ over the whole model leaves them. No pass records
+    autograd (each cached output would keep its layer's activations alive: 36 GiB a layer on the 8B shape)."""
+    run_settings = settings(batch_size=4, mode=mode)
+    run_settings.algorithm = "gptq"
+    reference, looped, original = tiny_fp32_model(), tiny_fp32_model(), tiny_fp32_model()
+    expected_stats = q.quantize_model(reference, run_settings, q.always_unquantized(reference), SAMPLES, "cpu", 0)
+    calls, grad = {}, set()
+    for name in offload.decoder_layer_names(looped):
+        attention = looped.get_submodule(name).self_attn
+        attention.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        attention.register_forward_pre_hook(lambda m, a: grad.add(torch.is_grad_enabled()))
+    stats = by_layer(looped, run_settings, tmp_path / "offload")
+    assert set(calls.values()) == {2 * stats["batches"]} and grad == {False}  # the max pass and the Hessian pass
+    expected, got = quantized_weights(reference), quantized_weights(looped)
+    assert len(got) == 14 and not [n for n in got if torch.equal(got[n], original.get_submodule(n).weight)]
+    assert_equal_tensors(expected, got)
+    assert_equal_tensors(amax_by_quantizer(reference), amax_by_quantizer(looped))
+    assert stats["gptq_relative_mse"].keys() == expected_stats["gptq_relative_mse"].keys() == got.keys()
+
+
+def assert_equal_tensors(expected: dict, got: dict) -> None:
+    assert expected.keys() == got.keys()
+    assert not [name for name in expected if not torch.equal(got[name], expected[name])]
+
+
+def test_offloaded_gptq_killed_and_resumed_equals_in_memory(gptq_kernels_here, four_layer_model, tmp_path):
+    """The rewritten weights reach the export from every place accelerate keeps them (on the device, in RAM, and
+    from disk through our file, never the source checkpoint), also after a kill at a disk-offloaded layer."""
+    import hashlib
+
+    memory, out, folder = tmp_path / "memory", tmp_path / "out", tmp_path / "offload"
+    source = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in four_layer_model.iterdir() if p.is_file()}
+    common = ["--input_model", str(four_layer_model), *DATA, "--algorithm", "gptq"]
+    assert q.main([*common, "--output_model", str(memory)]) == 0
+    offloaded = [*common, "--output_model", str(out), "--offload_folder", str(folder), *CPU_CAP]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(offload.FAIL_AFTER_ENV, "2")
+        with pytest.raises(RuntimeError, match="simulated failure after layer 2"):
+            offload.main(offloaded)
+    layerwise = folder / offload.LAYERWISE_DIR
+    assert sorted(p.parent.name for p in layerwise.rglob(offload.REWRITTEN_FILE)) == [
+        "layer_0000", "layer_0001", "layer_0002"]
+    assert offload.main([*offloaded, "--resume"]) == 0
+    assert_same_on_this_device(memory, out)
+    manifest = json.loads((out / q.MANIFEST_NAME).read_text())
+    assert manifest["offload"]["layers_per_device"]["disk"] >= 2 and manifest["calibration_run"]["resumed_after_layer"] == 2
+    assert len(manifest["calibration_run"]["gptq_relative_mse"]) == 7  # layer 3's linears: run after the resume
+    assert source == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in four_layer_model.iterdir()
+                      if p.is_file()}
+    assert not layerwise.exists()
+
+
+def test_rewritten_weights_are_read_back_from_ram_and_disk_offload(tmp_path):
+    """install_weights puts a tensor where accelerate's next load of that module finds it: its RAM copy, or (disk)
+    an index entry pointing at our file."""
+    from accelerate import cpu_offload
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+    from safetensors.torch import save_file
+
+    model = tiny_fp32_model()
+    in_ram, on_disk = model.model.layers[0].mlp, model.model.layers[1].mlp
+    cpu_offload(in_ram, execution_device=torch.device("cpu"))
+    source = tmp_path / "source.safetensors"
+    save_file({f"model.layers.1.mlp.{n}": t.contiguous() for n, t in on_disk.state_dict().items()}, str(source))
+    loader = OffloadedWeightsLoader(index={f"model.layers.1.mlp.{n}": {"safetensors_file": str(source),
+                                                                        "weight_name": f"model.layers.1.mlp.{n}"}
+                                           for n in on_disk.state_dict()})
+    cpu_offload(on_disk, execution_device=torch.device("cpu"),
+                state_dict=PrefixedDataset(loader, "model.layers.1.mlp."))
+    modules = dict(model.named_modules())
+    rewritten = {f"model.layers.{i}.mlp.down_proj.weight": torch.full((64, 128), float(i + 1)) for i in (0, 1)}
+    ours = tmp_path / "offload" / offload.REWRITTEN_FILE
+    offload.keep_rewritten_weights(modules, rewritten, ours)
+    for i, mlp in enumerate((in_ram, on_disk)):
+        assert torch.equal(mlp.down_proj(torch.ones(1, 128)), torch.full((1, 64), 128.0 * (i + 1)))
+        assert mlp.down_proj.weight.device.type == "meta"  # still offloaded
+    assert loader.index["model.layers.1.mlp.down_proj.weight"]["safetensors_file"] == str(ours)
+    assert loader.index["model.layers.1.mlp.up_proj.weight"]["safetensors_file"] == str(source)
+
+
 def test_resume_tensors_round_trip_as_raw_bytes(tmp_path):
     tensors = [torch.randn(2, 3, 5).to(torch.bfloat16), torch.randn(4, 7), torch.arange(6).reshape(2, 3)]
     offload.write_tensors(tmp_path / "cache", tensors)
