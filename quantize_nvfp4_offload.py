@@ -5,8 +5,9 @@ The original offload script ran one sample per forward, so every sample dragged 
 weight across PCIe or off the disk again. Here calibration goes layer by layer: each decoder layer's
 weights come onto the GPU once, every batch runs through it once (collecting its scales with
 ModelOpt's max calibration), and its outputs are the next layer's inputs. A run costs one pass over
-the weights plus one forward of compute. Resume points (--checkpoint_every: by default spaced 5 minutes apart)
-are written in the background, and --resume continues a killed run.
+the weights plus one forward of compute (--algorithm gptq: two, and its weight update while the layer is on
+the GPU; the rewritten weights are kept in the offload folder). Resume points (--checkpoint_every: by default
+spaced 5 minutes apart) are written in the background, and --resume continues a killed run.
 
     python quantize_nvfp4_offload.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml \
         --offload_folder /scratch/offload --max_gpu_memory 60GiB
@@ -871,11 +872,11 @@ def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int
     for index in tqdm(range(count), desc="restore calibrated layers", unit="layer", file=sys.stderr):
         restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
         holder["searched"].update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
-        path = layer_dir(layerwise_dir, index) / REWRITTEN_FILE
-        if rewritten and not path.is_file():
-            raise q.UsageError(f"--resume: {path} is missing (GPTQ's weights of layer {index}); delete "
-                               f"{layerwise_dir} to start over")
         if rewritten:
+            path = layer_dir(layerwise_dir, index) / REWRITTEN_FILE
+            if not path.is_file():
+                raise q.UsageError(f"--resume: {path} is missing (GPTQ's weights of layer {index}); delete "
+                                   f"{layerwise_dir} to start over")
             install_weights(modules, load_file(path), path)
 
 

@@ -41,7 +41,7 @@ VARIANTS = {  # name -> extra flags; W4A4 first: they decide the default
     **{f"weight_only {a}": ["--weight_only", "--algorithm", a] for a in WEIGHT_ONLY_ALGORITHMS},
 }
 # through quantize_nvfp4_offload.py, the model split across GPU, RAM and disk (offload_caps); quality from its files
-OFFLOADED = {f"offload {a}": ["--algorithm", a] for a in ("local_hessian", "gptq")}
+OFFLOADED = {f"offload {a}": ["--algorithm", a] for a in ("max", "local_hessian", "four_over_six", "gptq")}
 VARIANTS.update(OFFLOADED)
 FULL_SWEEP = "local_hessian all 126"  # ModelOpt's sweep over every FP8 scale, against which HESSIAN_WINDOW was chosen
 VARIANTS[FULL_SWEEP] = ["--algorithm", "local_hessian"]
@@ -126,7 +126,8 @@ def offload_caps(model: Path) -> list[str]:
     skeleton = q.empty_model(AutoConfig.from_pretrained(str(model)), False)
     layer = q.parameter_bytes(q.decoder_layers(skeleton)[0], torch.bfloat16)
     embeddings = q.parameter_bytes(skeleton.get_input_embeddings(), torch.bfloat16)
-    return ["--max_gpu_memory", str(embeddings + 3 * layer + layer // 2), "--max_cpu_memory", str(4 * layer + layer // 2)]
+    return ["--max_gpu_memory", str(embeddings + 3 * layer + layer // 2),
+            "--max_cpu_memory", str(4 * layer + layer // 2)]
 
 
 def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work: Path, args, timeout: float) -> dict:

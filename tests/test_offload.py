@@ -360,7 +360,8 @@ def test_offloaded_gptq_killed_and_resumed_equals_in_memory(gptq_kernels_here, f
     assert offload.main([*offloaded, "--resume"]) == 0
     assert_same_on_this_device(memory, out)
     manifest = json.loads((out / q.MANIFEST_NAME).read_text())
-    assert manifest["offload"]["layers_per_device"]["disk"] >= 2 and manifest["calibration_run"]["resumed_after_layer"] == 2
+    assert manifest["offload"]["layers_per_device"]["disk"] >= 2
+    assert manifest["calibration_run"]["resumed_after_layer"] == 2
     assert len(manifest["calibration_run"]["gptq_relative_mse"]) == 7  # layer 3's linears: run after the resume
     assert source == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in four_layer_model.iterdir()
                       if p.is_file()}
@@ -368,31 +369,34 @@ def test_offloaded_gptq_killed_and_resumed_equals_in_memory(gptq_kernels_here, f
 
 
 def test_rewritten_weights_are_read_back_from_ram_and_disk_offload(tmp_path):
-    """install_weights puts a tensor where accelerate's next load of that module finds it: its RAM copy, or (disk)
-    an index entry pointing at our file."""
+    """install_weights puts a tensor where accelerate's next load of that module finds it, in the structure
+    transformers gives an offloaded model (one loader, a prefix per module): its RAM copy, or (disk) an index entry
+    pointing at our file; the other weights stay where they were."""
     from accelerate import cpu_offload
     from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
     from safetensors.torch import save_file
 
     model = tiny_fp32_model()
     in_ram, on_disk = model.model.layers[0].mlp, model.model.layers[1].mlp
-    cpu_offload(in_ram, execution_device=torch.device("cpu"))
     source = tmp_path / "source.safetensors"
     save_file({f"model.layers.1.mlp.{n}": t.contiguous() for n, t in on_disk.state_dict().items()}, str(source))
-    loader = OffloadedWeightsLoader(index={f"model.layers.1.mlp.{n}": {"safetensors_file": str(source),
-                                                                        "weight_name": f"model.layers.1.mlp.{n}"}
-                                           for n in on_disk.state_dict()})
-    cpu_offload(on_disk, execution_device=torch.device("cpu"),
-                state_dict=PrefixedDataset(loader, "model.layers.1.mlp."))
-    modules = dict(model.named_modules())
+    loader = OffloadedWeightsLoader(
+        state_dict={f"model.layers.0.mlp.{n}": t.clone() for n, t in in_ram.state_dict().items()},
+        index={f"model.layers.1.mlp.{n}": {"safetensors_file": str(source), "weight_name": f"model.layers.1.mlp.{n}"}
+               for n in on_disk.state_dict()})
+    for i, mlp in enumerate((in_ram, on_disk)):
+        cpu_offload(mlp, torch.device("cpu"), state_dict=PrefixedDataset(loader, f"model.layers.{i}.mlp."))
+    up_before = [mlp.up_proj(torch.ones(1, 64)) for mlp in (in_ram, on_disk)]
     rewritten = {f"model.layers.{i}.mlp.down_proj.weight": torch.full((64, 128), float(i + 1)) for i in (0, 1)}
     ours = tmp_path / "offload" / offload.REWRITTEN_FILE
-    offload.keep_rewritten_weights(modules, rewritten, ours)
+    offload.keep_rewritten_weights(dict(model.named_modules()), rewritten, ours)
     for i, mlp in enumerate((in_ram, on_disk)):
         assert torch.equal(mlp.down_proj(torch.ones(1, 128)), torch.full((1, 64), 128.0 * (i + 1)))
+        assert torch.equal(mlp.up_proj(torch.ones(1, 64)), up_before[i])
         assert mlp.down_proj.weight.device.type == "meta"  # still offloaded
     assert loader.index["model.layers.1.mlp.down_proj.weight"]["safetensors_file"] == str(ours)
     assert loader.index["model.layers.1.mlp.up_proj.weight"]["safetensors_file"] == str(source)
+    assert "model.layers.1.mlp.down_proj.weight" not in loader.state_dict  # not held in RAM
 
 
 def test_resume_tensors_round_trip_as_raw_bytes(tmp_path):
