@@ -7,10 +7,12 @@ are the calibration mix; the quality report's held-out samples come from the sam
 
     python benchmarks/bench_algorithms.py --work /tmp/bench-algos --out bench_algorithms.json
     python benchmarks/bench_algorithms.py --model ./my-model --dataset_yaml Datasets/SWRP_Default.yaml ...
-    python benchmarks/bench_algorithms.py --tiny --work /tmp/bench-tiny --out tiny.json   # CPU, max only
+    python benchmarks/bench_algorithms.py --tiny --work /tmp/bench-tiny --out tiny.json   # CPU, max (both scripts)
 
 Each variant runs quantize_nvfp4.py in its own process with --eval (the emulator reading the exported
-files is the judge) under what is left of --budget_s, so one slow variant cannot eat the rest. The max
+files is the judge) under what is left of --budget_s, so one slow variant cannot eat the rest. The "offload"
+variants run quantize_nvfp4_offload.py instead, the model split across GPU, RAM and disk, and their quality is the
+same emulator's on the same held-out samples, run on their files afterwards (quantize_nvfp4.py --verify --eval). The max
 variant also records ModelOpt's in-process NVFP4_DEFAULT_CFG (its own fake quantization, same calibration).
 Then, on a GPU, calibration alone is timed on a random-weight 8B-shaped Llama for max, the default
 (local_hessian) and each W4A4 algorithm that meets the quality bar, each in its own process. The default
@@ -307,7 +309,7 @@ def main() -> None:
                         help="wall-clock budget for everything after training; variants that no longer fit are skipped")
     parser.add_argument("--samples_8b", type=int, default=64, help="calibration samples (x 512 tokens) for the 8B "
                                                                    "timing; 0 skips it")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: built-in tiny model, samples, max only")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: built-in tiny model, samples, max in both scripts")
     parser.add_argument("--time_8b", help=argparse.SUPPRESS, choices=list(VARIANTS))  # child process of the 8B timing
     args = parser.parse_args()
     if args.time_8b:
@@ -324,7 +326,7 @@ def main() -> None:
         model = work / "tiny-model"
         tokenizer = q.build_tiny_tokenizer(model, q.sample_corpus())
         q.build_tiny_model(model, vocab_size=len(tokenizer))
-        yaml_path, args.variants, args.max_samples, args.max_seq_len = q.SAMPLES_YAML, ["max"], 24, 128
+        yaml_path, args.variants, args.max_samples, args.max_seq_len = q.SAMPLES_YAML, ["max", "offload max"], 24, 128
         args.eval_samples, args.samples_8b = 8, 0
     elif args.model:
         model = Path(args.model)

@@ -189,16 +189,20 @@ def test_awq_lite_broken_fold_is_rejected(tiny_model, tmp_path, monkeypatch):
 
 
 def test_algorithm_benchmark_runs_tiny_on_cpu(tmp_path):
-    """benchmarks/bench_algorithms.py --tiny: the built-in model, max only, the JSON summary with the fidelity
-    distribution; no default is chosen without ModelOpt's in-process numbers (GPU only)."""
+    """benchmarks/bench_algorithms.py --tiny: the built-in model, max in both scripts, the JSON summary with the
+    fidelity distribution; the offload script's quality read from its files equals the main script's --eval (the
+    checkpoints are identical on the CPU); no default is chosen without ModelOpt's in-process numbers (GPU only)."""
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_algorithms.py"), "--tiny", "--work",
                              str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(out.read_text())
-    (row,) = summary["variants"]
+    row, offloaded = summary["variants"]
     assert row["variant"] == "max" and row["quant_algo"] == "NVFP4" and 0 < row["fidelity_median"] <= row["fidelity_worst"]
+    assert offloaded["variant"] == "offload max" and sum(offloaded["layers_per_device"].values()) == 2
+    for key in ("perplexity_original", "perplexity_quantized", "mean_kl", "top1_agreement", "fidelity_worst"):
+        assert offloaded[key] == row[key], key
     assert set(row["fidelity_distribution"]["median_by_projection"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                          "gate_proj", "up_proj", "down_proj"}
     assert summary["default_choice"]["note"].startswith("no ModelOpt in-process") and "default choice" in result.stdout
