@@ -448,13 +448,18 @@ class LayerPrefetcher(BackgroundTask):
                 self.loaded.append((module, hook))
 
 
-def offloaded_modules(layer) -> list:
-    """(module, accelerate offload hook) for each module of `layer` whose weights are offloaded (on meta)."""
+def offload_hook(module):
+    """accelerate's offload hook of `module` (its weights kept in RAM or on disk), or None (held on a device)."""
     from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook
 
+    return _get_offload_hook(module._hf_hook) if hasattr(module, "_hf_hook") else None
+
+
+def offloaded_modules(layer) -> list:
+    """(module, accelerate offload hook) for each module of `layer` whose weights are offloaded (on meta)."""
     found = []
     for module in layer.modules():
-        hook = _get_offload_hook(module._hf_hook) if hasattr(module, "_hf_hook") else None
+        hook = offload_hook(module)
         if hook is not None and any(p.device.type == "meta" for p in module.parameters()):
             found.append((module, hook))
     return found
@@ -808,26 +813,27 @@ def gptq_layer(layer, name: str, passes: dict[str, Callable], kwargs: dict) -> d
 
 def keep_rewritten_weights(modules: dict, tensors: dict, path: Path) -> None:
     """GPTQ's rewritten weights, written to `path` (for --resume, and for disk-offloaded weights to be read from)
-    and installed where the model reads them next."""
+    and installed where the model reads them next (a layer held on a device already computes with them)."""
     from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     commit_file(path, lambda handle: handle.write(save({name: t.contiguous() for name, t in tensors.items()})))
-    install_weights(modules, tensors, path)
+    install_weights(modules, tensors, path, into_held_modules=False)
 
 
-def install_weights(modules: dict, tensors: dict, path: Path) -> None:
+def install_weights(modules: dict, tensors: dict, path: Path, into_held_modules: bool = True) -> None:
     """Each `module.weight` tensor (by full name) where the model reads it: in the module when it is held on a
-    device; in accelerate's RAM copy when offloaded to RAM; when offloaded to disk, accelerate's index entry
-    repointed to `path`, a file of ours holding the same tensors (the source checkpoint is never written)."""
+    device (unless `into_held_modules` is off); in accelerate's RAM copy when offloaded to RAM; when offloaded to
+    disk, accelerate's index entry repointed to `path`, a file of ours holding the same tensors (the source
+    checkpoint is never written)."""
     from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
-    from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook
 
     for name, tensor in tensors.items():
         module = modules[name.rsplit(".", 1)[0]]
-        hook = _get_offload_hook(module._hf_hook) if hasattr(module, "_hf_hook") else None
+        hook = offload_hook(module)
         if hook is None:  # held on its device
-            module.weight.data = tensor.to(module.weight.device, module.weight.dtype)
+            if into_held_modules:
+                module.weight.data = tensor.to(module.weight.device, module.weight.dtype)
             continue
         weights, key = hook.weights_map, "weight"
         while isinstance(weights, PrefixedDataset):
@@ -896,20 +902,22 @@ def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None
         holder["coverage"][block].update({"counts": counts, "pass": holder["pass"]})
 
 
-def calibrate_layer(layer, name: str, passes: dict[str, Callable], holder: dict, config: dict) -> dict:
+def calibrate_layer(layer, name: str, passes: dict[str, Callable], holder: dict, max_kwargs: dict | None,
+                    gptq: dict | None) -> dict:
     """One decoder layer's calibration, its weights in place; returns GPTQ's rewritten weights (else nothing).
 
     `passes` run every batch through the layer: "outputs" on the 16-bit model's stream, and for GPTQ
-    "quantized_outputs" on the stream its Hessians are summed over (see gptq_layer)."""
+    "quantized_outputs" on the stream its Hessians are summed over (see gptq_layer). `gptq`: GPTQ's settings,
+    else `max_kwargs`: max_calibrate's."""
     import torch
     from modelopt.torch.quantization.model_calib import max_calibrate
 
     rewritten = {}
     with torch.no_grad():  # else every cached output keeps its layer's activations alive: 36 GiB a layer on 8B
-        if algorithm_of(config)["method"] == "gptq":
-            rewritten = gptq_layer(layer, name, passes, gptq_kwargs(config))
+        if gptq is not None:
+            rewritten = gptq_layer(layer, name, passes, gptq)
         else:
-            max_calibrate(layer, passes["outputs"], **max_calibrate_kwargs(config))
+            max_calibrate(layer, passes["outputs"], **max_kwargs)
     if holder["search"]:  # local_hessian, four_over_six: this layer's block scales, weights in place
         q.search_block_scales(q.searchable_linears(layer, name), holder)
     return rewritten
@@ -938,7 +946,9 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     masks = [q.padded_batch(samples, batch, holder["pad_id"])[1].to(device) for batch in batches]
     holder.update(batches_run=batches, cap=q.DEFAULT_BATCH_TOKENS)
     holder["pass"] = 1  # one pass: MoE routing counts accumulate over every batch
-    streams = STREAMS if algorithm_of(config)["method"] == "gptq" else STREAMS[:1]
+    gptq = gptq_kwargs(config) if algorithm_of(config)["method"] == "gptq" else None
+    max_kwargs = None if gptq else max_calibrate_kwargs(config)
+    streams = STREAMS if gptq else STREAMS[:1]
     fail_after = os.environ.get(FAIL_AFTER_ENV)
     start, form, run = (0 if resume_after is None else resume_after + 1), {"form": None}, {}
     loop_start = time.perf_counter()
@@ -975,7 +985,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
             with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
                 try:
                     rewritten = calibrate_layer(layer, names[index], {s: stream_pass(index, s) for s in streams},
-                                                holder, config)
+                                                holder, max_kwargs, gptq)
                 except torch.OutOfMemoryError:
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
