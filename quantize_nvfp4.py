@@ -43,6 +43,7 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 SAMPLES_YAML = SCRIPT_DIR / "Datasets" / "Local_Example.yaml"
 MANIFEST_NAME = "nvfp4_manifest.json"
 EXIT_USAGE = 2
+EVAL_SAMPLES = 64  # --eval's held-out samples
 
 CALIBRATION_DEFAULTS = {
     "max_samples": 512,
@@ -135,6 +136,15 @@ MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any G
 BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python), in tokens: batching trades it for padding
 AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
 DISK_MARGIN = 1.10               # export writes temp files beside the output
+# errno of a failed write of our own files -> what to do (the error also names the disk and what was needed)
+WRITE_ERRNO_REMEDIES = {
+    errno.ENOSPC: "free space or choose another disk",
+    errno.EDQUOT: "free space within your quota, have it raised, or choose another disk",
+    errno.EFBIG: "the file system or `ulimit -f` caps the file size (FAT32 at 4 GiB): use an ext4, xfs or NTFS disk, "
+                 "or raise `ulimit -f`",
+    errno.EROFS: "remount it writable or choose another disk",
+    errno.EIO: "the disk reported an I/O error: check it (dmesg) or choose another disk",
+}
 FAIL_RANK_ENV = "NVFP4_TEST_FAIL_RANK"  # tests only: this rank raises during calibration
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
 # copied byte for byte from the source into the output (the tokenizer as calibration left it would carry its truncation)
@@ -185,7 +195,7 @@ class Settings:
     algorithm: str = "max"
     moe_calibration: str = "routed"
     eval: bool = False
-    eval_samples: int = 64
+    eval_samples: int = EVAL_SAMPLES
     max_ppl_increase: float | None = None   # percent
     hf_token: str | None = dataclasses.field(default=None, repr=False)
 
@@ -549,6 +559,31 @@ def format_sample(spec: DatasetSpec, row: dict, tokenizer=None) -> tuple[str, bo
     return render_conversation(formatted, tokenizer)
 
 
+def configured_columns(spec: DatasetSpec) -> dict[str, list[str]]:
+    """The columns a YAML entry names, by the field that names them; any one of a field's list will do."""
+    named = {f"columns.{key}": value for key, value in (spec.columns or {}).items()}
+    if spec.text_column:
+        named = {"text_column": spec.text_column}
+    return {field: value if isinstance(value, list) else [value] for field, value in named.items()}
+
+
+def formatter_needs(spec: DatasetSpec) -> str:
+    """What a row must hold for the entry's formatter to make a sample of it, for the error when none does."""
+    columns = {key: " or ".join(map(repr, names)) for key, names in configured_columns(spec).items()}
+    text = columns.get("text_column") or columns.get("columns.text")
+    conversation = columns.get("columns.conversations") or columns.get("columns.messages")
+    if spec.formatter == "raw_text":
+        return f"a non-empty string in {text}" if text else "a non-empty string column"
+    if spec.formatter == "prompt_answer":
+        if "columns.prompt" in columns or "columns.answer" in columns:  # the other defaults as in the formatter
+            return (f"non-empty strings in {columns.get('columns.prompt', repr('prompt'))} and "
+                    f"{columns.get('columns.answer', repr('response'))}")
+        return f"a non-empty pair of {', '.join('/'.join(pair) for pair in PROMPT_ANSWER_PAIRS)}"
+    where = conversation or ("'messages'" if spec.formatter == "chat_completion" else
+                             " or ".join(map(repr, CONVERSATION_COLUMNS)))
+    return f"a list of turns (role/content or from/value, a user or assistant turn among them) in {where}"
+
+
 # --------------------------------------------------------------------------- calibration data
 def split_requests(weights: list[float], total: int) -> list[int]:
     """Split `total` across weights by largest remainder: the parts sum to exactly `total`."""
@@ -670,6 +705,44 @@ def check_dataset_source(spec: DatasetSpec) -> None:
                          "(relative paths are resolved against the YAML file's folder)")
 
 
+def dataset_columns(spec: DatasetSpec, dataset, peek: int = 20) -> list[str]:
+    """The dataset's column names: from its features, or (a stream of JSON, say) from its first rows."""
+    import itertools
+
+    names = getattr(dataset, "column_names", None)
+    if names:
+        return list(names)
+    seen: dict[str, None] = {}
+    for row in itertools.islice(read_rows(spec, dataset), peek):
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def check_columns(spec: DatasetSpec, columns: list[str], where: str) -> None:
+    """A column the YAML names that the dataset lacks would silently drop the dataset from the mix: refuse it."""
+    for field, names in configured_columns(spec).items():
+        if not set(names) & set(columns):
+            wanted = " or ".join(repr(n) for n in names)
+            raise UsageError(f"{where}: '{field}' names column {wanted}, which the dataset does not have; its "
+                             f"columns: {', '.join(columns) or 'none'}; fix '{field}' in the YAML")
+
+
+def check_contributes(spec: DatasetSpec, where: str, columns: list[str], counts: dict, min_tokens: int) -> None:
+    """A dataset that yields no sample changes the mix the user asked for: refuse it, saying why."""
+    read, skipped, short = counts["rows_read"], counts["skipped_rows"], counts["too_short"]
+    if read - skipped - short > 0:
+        return
+    if read == 0:
+        why = f"split '{spec.split}' has no rows"
+    elif skipped == read:
+        why = f"none of its {read} rows read has {formatter_needs(spec)} (formatter {spec.formatter})"
+    else:
+        why = (f"of {read} rows read, {skipped} lack {formatter_needs(spec)} and the other {short} are shorter "
+               f"than min_token_length ({min_tokens} tokens)")
+    raise UsageError(f"{where}: contributes no calibration sample: {why}; its columns: "
+                     f"{', '.join(columns) or 'none'}; fix the entry or remove it from the mix")
+
+
 def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=None) -> tuple[list, int]:
     """Up to `wanted` formatted texts from a shuffled dataset; returns (texts, rows skipped)."""
     from tqdm import tqdm
@@ -756,14 +829,20 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
     """YAML plan -> texts -> tokens -> calibration samples, stats for the manifest, and held-out samples."""
     requests = plan_requests(settings.datasets, settings.max_samples, settings.oversample_ratio)
     texts, skipped, tokenized = {}, {}, {}
-    for spec in settings.datasets:
+    for index, spec in enumerate(settings.datasets):
+        where = f"{settings.dataset_yaml}: datasets[{index}] ({spec.name})"
         try:
             dataset = open_dataset(spec, settings.hf_token)
         except dataset_load_errors() as exc:
             raise dataset_error(spec, exc) from None
+        columns = dataset_columns(spec, dataset)
+        check_columns(spec, columns, where)
         texts[spec.name], skipped[spec.name] = collect_texts(spec, dataset, requests[spec.name],
                                                             settings.seed, tokenizer)
         tokenized[spec.name] = tokenize_texts(texts[spec.name], tokenizer, settings.max_seq_len)
+        counts = {"rows_read": len(texts[spec.name]) + skipped[spec.name], "skipped_rows": skipped[spec.name],
+                  "too_short": sum(len(ids) < settings.min_token_length for ids in tokenized[spec.name])}
+        check_contributes(spec, where, columns, counts, settings.min_token_length)
     samples, kept = select_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed)
     holdout = holdout_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed,
                               settings.eval_samples) if settings.eval else []
@@ -772,10 +851,6 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
              f"{len(samples)}; raise --oversample_ratio for more")
     loaded = {name: len(t) for name, t in texts.items()}
     stats = calibration_stats(settings, requests, loaded, skipped, kept, samples)
-    if not samples:
-        raise UsageError(f"no calibration samples left after filtering (min_token_length="
-                         f"{settings.min_token_length}): check the datasets' columns and formatters in "
-                         f"{settings.dataset_yaml}")
     if settings.eval and not holdout:
         raise UsageError(f"--eval: no held-out samples left: all {len(samples)} usable samples went to calibration; "
                          "raise --oversample_ratio or lower --max_samples")
@@ -2461,7 +2536,7 @@ def run_verify(folder: Path, source: Path | None = None) -> int:
     kv = f", KV cache {summary['kv_cache_quant_algo']}" if summary["kv_cache_quant_algo"] else ""
     print(f"verify: {folder}: OK against the {summary['checked_against']} ({summary['quant_algo']}, "
           f"group {summary['group_size']}{kv}, "
-          f"{summary['quantized_linears']} quantized linears, {summary['unquantized_linears']} excluded, "
+          f"{summary['quantized_linears']} quantized / {summary['unquantized_linears']} 16-bit linears, "
           f"{summary['tensors']} tensors)")
     return 0
 
@@ -2961,16 +3036,21 @@ def recover_leftovers(output: Path) -> None:
         log(f"removed {path}: the checkpoint a killed --overwrite run had already replaced")
 
 
-def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] | None = None) -> None:
+def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] | None = None,
+                     dry_run: bool = False) -> None:
+    """Where the checkpoint may go. A dry run reads only: what a killed run left beside the output is recovered
+    by the real run, under its lock."""
     check_no_overlap(output, "--output_model", protected or {}, inside_too=("input model",))
-    recover_leftovers(output)
+    if not dry_run:
+        recover_leftovers(output)
     if output.exists() and not output.is_dir():
-        raise UsageError(f"output path exists and is not a directory: {output}")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UsageError(f"output dir exists and is not empty: {output} (pass --overwrite to replace it)")
+        raise UsageError(f"output path exists and is not a directory: {output}; choose another --output_model")
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
-        raise UsageError(f"--overwrite replaces only an empty dir or a checkpoint this tool wrote (with "
-                         f"{MANIFEST_NAME}); {output} is neither: choose another output dir")
+        raise UsageError(f"output dir {output} holds files this tool did not write (no {MANIFEST_NAME}): refused, "
+                         "with or without --overwrite; choose a new or empty dir")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"output dir {output} holds a checkpoint this tool wrote: pass --overwrite to replace it, "
+                         "or choose another dir")
     parent = output.parent
     if not parent.is_dir():
         raise UsageError(f"output's parent folder does not exist: {parent}")
@@ -2995,32 +3075,41 @@ def check_free_disk(folder: Path, needed_bytes: int) -> None:
                          "another --output_model")
 
 
-def disk_full_error(folder: Path, needed_bytes: int, what: str) -> UsageError:
-    """A disk that filled up mid-run (ENOSPC), in one line: which disk, and what the run needed there."""
-    return UsageError(f"disk full writing {what} to {folder} (the disk mounted at {mount_point(folder)}): about "
+def write_error(folder: Path, needed_bytes: int, what: str, code: int) -> UsageError:
+    """A write of our own files that failed mid-run, in one line: which disk, why, and what the run needed there."""
+    headline = "disk full" if code == errno.ENOSPC else os.strerror(code).lower()
+    return UsageError(f"{headline} writing {what} to {folder} (the disk mounted at {mount_point(folder)}): about "
                       f"{human_bytes(needed_bytes)} needed, {human_bytes(shutil.disk_usage(folder).free)} free now; "
-                      "free space or choose another disk")
+                      f"{WRITE_ERRNO_REMEDIES[code]}")
 
 
-def disk_filled_up(exc: BaseException, folder: Path) -> bool:
-    """ENOSPC however the writer reports it: an OSError, safetensors' "os error 28", or torch.save's bare
-    RuntimeError (judged then by the disk: no room left on it)."""
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    if f"(os error {errno.ENOSPC})" in str(exc):
-        return True
-    return isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < 2**20
+def write_errno(exc: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write, however the writer reports it: an OSError (json, accelerate's memmaps), or
+    safetensors' "(os error N)", anywhere in the chain (the resume writer's thread wraps its failure); torch.save's
+    bare RuntimeError is judged by the disk: ENOSPC when no room is left on it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNO_REMEDIES:
+            return seen.errno
+        reported = re.search(r"\(os error (\d+)\)", str(seen))
+        if reported and int(reported[1]) in WRITE_ERRNO_REMEDIES:
+            return int(reported[1])
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < 2**20:
+        return errno.ENOSPC
+    return None
 
 
 @contextlib.contextmanager
-def disk_full_is_usage_error(folder: Path, needed_bytes: int, what: str):
-    """disk_full_error for a write in the block that found the disk full."""
+def write_errors_are_usage_errors(folder: Path, needed_bytes: int, what: str):
+    """write_error for a write in the block that failed on the disk's account."""
     try:
         yield
     except Exception as exc:
-        if not disk_filled_up(exc, folder):
+        code = write_errno(exc, folder)
+        if code is None:
             raise
-        raise disk_full_error(folder, needed_bytes, what) from None
+        raise write_error(folder, needed_bytes, what, code) from None
 
 
 def mount_point(folder: Path) -> Path:
@@ -3030,14 +3119,24 @@ def mount_point(folder: Path) -> Path:
     return path
 
 
+def lock_file(target: Path, flag: str) -> Path:
+    """Where the lock of `target` lives: beside it, so that its parent must exist."""
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag}'s parent folder does not exist: {target.parent}")
+    return target.parent / f".{target.name}.lock"
+
+
+def lock_in_use(target: Path, flag: str, lock_path: Path) -> UsageError:
+    return UsageError(f"{flag} {target} is in use by another run (it holds {lock_path}); wait for it to finish or "
+                      "choose another dir")
+
+
 @contextlib.contextmanager
 def exclusive_lock(target: Path, flag: str):
     """An exclusive lock on `.{name}.lock` beside `target` while the block runs; a second run on it refuses."""
     import fcntl
 
-    if not target.parent.is_dir():
-        raise UsageError(f"{flag}'s parent folder does not exist: {target.parent}")
-    lock_path = target.parent / f".{target.name}.lock"
+    lock_path = lock_file(target, flag)
     try:
         handle = lock_path.open("a")
     except OSError as exc:
@@ -3048,19 +3147,38 @@ def exclusive_lock(target: Path, flag: str):
             if os.stat(lock_path).st_ino != os.fstat(handle.fileno()).st_ino:
                 raise BlockingIOError  # the run that held it removed it meanwhile, and another may have a new one
         except (BlockingIOError, FileNotFoundError):
-            raise UsageError(f"{flag} {target} is in use by another run (it holds {lock_path}); wait for it to "
-                             "finish or choose another dir") from None
+            raise lock_in_use(target, flag, lock_path) from None
         try:
             yield
         finally:
             lock_path.unlink(missing_ok=True)
 
 
+def check_lock_free(target: Path, flag: str) -> None:
+    """What exclusive_lock would refuse, without creating or taking the lock (a dry run writes nothing)."""
+    import fcntl
+
+    lock_path = lock_file(target, flag)
+    try:
+        handle = lock_path.open("r")
+    except OSError:  # no lock file, or one we cannot read: no run holds it that exclusive_lock would not report
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise lock_in_use(target, flag, lock_path) from None
+
+
 def holding_output_lock(run_job: Callable) -> Callable:
-    """Runs `run_job(settings, ...)` holding the output's lock; rank 0 only (the others never write)."""
+    """Runs `run_job(settings, ...)` holding the output's lock; rank 0 only (the others never write). A dry run
+    checks that the lock is free and takes nothing."""
     @functools.wraps(run_job)
     def locked(settings: Settings, *rest):
-        if settings.dry_run or settings.output_model is None or not on_main_rank():
+        if settings.output_model is None or not on_main_rank():
+            return run_job(settings, *rest)
+        if settings.dry_run:
+            check_lock_free(settings.output_model, "--output_model")
             return run_job(settings, *rest)
         with exclusive_lock(settings.output_model, "--output_model"):
             return run_job(settings, *rest)
@@ -3228,13 +3346,21 @@ KV_NOTES = {
 }
 
 
+def source_model_id(input_model: str) -> str:
+    """What the manifest records as the source: a local model's absolute path, else the hub ID."""
+    local = Path(input_model).expanduser()
+    return str(local.resolve()) if local.is_dir() else input_model
+
+
 def model_card(manifest: dict, folder_name: str) -> str:
     """The output dir's README.md: what was quantized, how, how well, and how to serve it."""
     args, calib, validation = manifest["arguments"], manifest["calibration"], manifest["validation"]
     algo, kv = validation["quant_algo"], validation.get("kv_cache_quant_algo")
+    source = manifest["source_model"]
+    # the hub links base_model to a model page: a local path (always absolute here) names none
+    base_model = [] if Path(source).is_absolute() else [f"base_model: {source}"]
     lines = [
-        "---", f"base_model: {manifest['source_model']}", "library_name: transformers",
-        "tags: [nvfp4, modelopt, quantized]", "---", "",
+        "---", *base_model, "library_name: transformers", "tags: [nvfp4, modelopt, quantized]", "---", "",
         f"# {folder_name}", "",
         f"`{manifest['source_model']}` quantized to NVFP4 (`{algo}`) with NVIDIA ModelOpt "
         f"{manifest['versions'].get('nvidia-modelopt')} by `{manifest['tool']}`.", "",
@@ -3368,10 +3494,10 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         staging.chmod(0o755)
         move_into_place(staging, output)
     except BaseException as exc:
-        disk_full = disk_filled_up(exc, output.parent)  # before the temp dir's removal frees the disk
+        code = write_errno(exc, output.parent)  # before the temp dir's removal frees the disk
         shutil.rmtree(staging, ignore_errors=True)
-        if disk_full:
-            raise disk_full_error(output.parent, needed, "the checkpoint") from None
+        if code is not None:
+            raise write_error(output.parent, needed, "the checkpoint", code) from None
         raise
     return manifest
 
@@ -3414,6 +3540,12 @@ def print_table(header: tuple, rows: list[tuple]) -> None:
             log("  " + "  ".join("-" * w for w in widths))
 
 
+def calibration_samples_cell(stats: dict) -> str:
+    """Kept samples, marked when the mix gave fewer than asked for (the run went on, with a warning)."""
+    kept, target = stats["kept_samples"], stats["target_samples"]
+    return str(kept) if kept >= target else f"{kept} of {target} asked for (SHORT: see the warning above)"
+
+
 def print_summary(manifest: dict, output: Path) -> None:
     calib, t = manifest["calibration_run"], manifest["timings"]
     rows = [
@@ -3421,9 +3553,9 @@ def print_summary(manifest: dict, output: Path) -> None:
         ("mode", f"{manifest['mode']} ({manifest['modelopt_config']})"),
         ("algorithm / KV cache", f"{manifest['arguments']['algorithm']} / "
                                  f"{manifest['validation'].get('kv_cache_quant_algo') or '16-bit'}"),
-        ("quantized linears", manifest["validation"]["quantized_linears"]),
-        ("excluded modules", len(manifest["excluded_modules"])),
-        ("calibration samples", manifest["calibration"]["kept_samples"]),
+        ("quantized / 16-bit linears", f"{manifest['validation']['quantized_linears']} / "
+                                       f"{manifest['validation']['unquantized_linears']}"),
+        ("calibration samples", calibration_samples_cell(manifest["calibration"])),
         ("calibration tokens", calib["tokens"]),
         ("batches (padding)", f"{calib['batches']} ({calib['padding_fraction']:.1%})"),
         ("calibration time", f"{calib['seconds']} s"),
@@ -3580,13 +3712,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_layers", nargs="+", metavar="PATTERN", default=[],
                    help="keep matching modules unquantized (glob on module names, e.g. 'layers.0.*' 'down_proj')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
-    p.add_argument("--dry_run", action="store_true", help="load tokenizer and data, print the plan, write nothing")
+    p.add_argument("--dry_run", action="store_true",
+                   help="make every check the run makes before loading weights, print the plan, write nothing")
     p.add_argument("--list_configs", action="store_true", help="print ModelOpt's NVFP4 configs and exit")
     p.add_argument("--self_test", action="store_true", help="quantize a tiny built-in model on Datasets/samples")
     p.add_argument("--verify", metavar="DIR", help="check an NVFP4 checkpoint against what vLLM and TensorRT-LLM "
                                                    "load; exit 0 when clean, 1 when not")
     p.add_argument("--eval", action="store_true", help="quality report on held-out samples: perplexity, KL, top-1")
-    p.add_argument("--eval_samples", type=int, default=64, help="held-out samples for --eval (default 64)")
+    p.add_argument("--eval_samples", type=int, default=EVAL_SAMPLES,
+                   help=f"held-out samples for --eval (default {EVAL_SAMPLES})")
     p.add_argument("--max_ppl_increase", type=float, metavar="PCT",
                    help="exit 1 when perplexity rises more than PCT percent (implies --eval)")
     p.add_argument("--reference", metavar="MODEL", help="with --verify DIR --eval: the original model to compare with")
@@ -3624,13 +3758,13 @@ class Job:
         return int(estimate_checkpoint_bytes(self.skeleton, linears) * DISK_MARGIN)
 
 
-def prepare_job(settings: Settings) -> Job | None:
-    """Every cheap check and the calibration data, before the weights load; None after a dry run."""
+def prepare_job(settings: Settings) -> Job:
+    """Every check the run makes before the weights load, and the calibration data: what a dry run runs."""
     started = time.perf_counter()
     for spec in settings.datasets:
         check_dataset_source(spec)
-    if settings.output_model and not settings.dry_run:
-        check_output_dir(settings.output_model, settings.overwrite, protected_paths(settings))
+    if settings.output_model:
+        check_output_dir(settings.output_model, settings.overwrite, protected_paths(settings), settings.dry_run)
     config = load_model_config(settings)
     model_class(config, settings.trust_remote_code)  # an unsupported architecture is the first thing to say
     check_source_model(settings)
@@ -3642,10 +3776,22 @@ def prepare_job(settings: Settings) -> Job | None:
     check_algorithm_fits(skeleton, settings.algorithm)
     samples, data_stats, holdout = prepare_calibration_data(settings, tokenizer)
     print_plan(settings, data_stats)
-    if settings.dry_run:
-        log("dry run: no model weights loaded, nothing written")
-        return None
-    return Job(config, tokenizer, skeleton, unquantized, samples, data_stats, started, holdout)
+    job = Job(config, tokenizer, skeleton, unquantized, samples, data_stats, started, holdout)
+    if settings.output_model:
+        check_free_disk(settings.output_model.parent, job.checkpoint_bytes)
+    return job
+
+
+def dry_run_passed(settings: Settings, job: Job, extra: Iterable[str] = ()) -> int:
+    """The dry run's last line: what it checked, so a user knows what the overnight run can no longer trip on."""
+    checked = ["the dataset mix and its samples", "the model config, tokenizer and architecture",
+               "--skip_layers", f"--algorithm {settings.algorithm} on this machine"]
+    if settings.output_model:
+        checked += ["the output dir and its lock",
+                    f"free disk for the checkpoint (about {human_bytes(job.checkpoint_bytes)})"]
+    checked += list(extra)
+    log(f"dry run passed: checked {', '.join(checked)}; no weights loaded, nothing written")
+    return 0
 
 
 def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timings: dict, device: str,
@@ -3661,7 +3807,7 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
     to_disk = export_names(model)
     expected = [to_disk(n) for n in quantized]
     manifest = {
-        "tool": tool, "source_model": settings.input_model, "mode": settings.mode,
+        "tool": tool, "source_model": source_model_id(settings.input_model), "mode": settings.mode,
         "modelopt_config": settings.modelopt_config_name, "arguments": settings.public_dict(),
         "versions": library_versions(), "device": device, "calibration": job.data_stats,
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
@@ -3704,11 +3850,10 @@ def evaluation(model, settings: Settings, job: Job, device: str) -> Callable[[Pa
 def run(settings: Settings) -> int:
     """The whole job for validated settings: cheap checks first, the model last."""
     job = prepare_job(settings)
-    if job is None:
-        return 0
-    check_free_disk(settings.output_model.parent, job.checkpoint_bytes)
     device, ranks = pick_device(), current_ranks()
     device_map = gpu_placement(settings, job, ranks.distributed)
+    if settings.dry_run:
+        return dry_run_passed(settings, job, ["the GPU placement"] if device.startswith("cuda") else [])
     load_start = time.perf_counter()
     model = load_model(settings, job.config, device, device_map)
     timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}

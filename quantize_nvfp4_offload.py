@@ -47,6 +47,7 @@ FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this lay
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
 PREFETCH_NEXT_LAYER = True                   # load the next offloaded layer while this one computes (bench A/B)
+QUALITY_OPTIONS = ("verify", "reference", "eval", "eval_samples", "max_ppl_increase")  # quantize_nvfp4.py's alone
 LAYER_LOOP_ALGORITHMS = (None, "max", "gptq") + q.SCALE_SEARCH  # None: the mode's default
 # The activations the layer loop carries from layer to layer: the 16-bit model's (max calibrates on them), and for
 # GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
@@ -104,6 +105,9 @@ def parse_checkpoint_every(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = q.build_parser()
     parser.description = "Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 (offloaded, layer by layer)."
+    for action in parser._actions:  # what this script refuses is not offered
+        if action.dest in QUALITY_OPTIONS:
+            action.help = argparse.SUPPRESS
     group = parser.add_argument_group("offloading")
     group.add_argument("--offload_folder", help="where offloaded weights and per-layer checkpoints go (required)")
     group.add_argument("--max_gpu_memory", type=parse_memory, metavar="SIZE",
@@ -122,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
     if args.verify or args.reference:
-        raise q.UsageError("--verify / --reference check an existing checkpoint; run them with quantize_nvfp4.py "
-                           "(this script quantizes)")
+        raise q.UsageError("--verify / --reference check an existing checkpoint, and this script quantizes: run "
+                           "python quantize_nvfp4.py --verify DIR (add --eval --reference MODEL --dataset_yaml YAML "
+                           "for a quality report)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
@@ -132,10 +137,12 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
                            "local_hessian, four_over_six or gptq (mse searches with quantized forwards of the whole "
                            "model, awq_* fold scales across layers); use quantize_nvfp4.py on a GPU that holds the "
                            "model")
-    if args.eval or args.max_ppl_increase is not None:
-        raise q.UsageError("--eval / --max_ppl_increase: the quality report loads two 16-bit copies of the model onto "
-                           "one device, which a model that needs offloading does not fit; this script's export is "
-                           "checked by the fidelity check instead")
+    if args.eval or args.max_ppl_increase is not None or args.eval_samples != q.EVAL_SAMPLES:
+        raise q.UsageError("--eval / --eval_samples / --max_ppl_increase: this script does not run the quality "
+                           "report (it loads two 16-bit copies of the model onto one device; the export is checked by "
+                           "the fidelity check instead); after this run, on a machine that holds the model, run python "
+                           "quantize_nvfp4.py --verify OUT --eval --reference MODEL --dataset_yaml YAML "
+                           "[--max_ppl_increase PCT]")
     if not args.offload_folder:
         raise q.UsageError("no offload folder: pass --offload_folder DIR (a disk with room for the offloaded weights)")
     folder = Path(args.offload_folder).expanduser().resolve()
@@ -160,6 +167,7 @@ def holding_offload_lock(run_job):
     def locked(settings: q.Settings, offload: OffloadSettings):
         check_offload_folder(settings, offload)
         if settings.dry_run:
+            q.check_lock_free(offload.offload_folder, "--offload_folder")
             return run_job(settings, offload)
         with q.exclusive_lock(offload.offload_folder, "--offload_folder"):
             return run_job(settings, offload)
@@ -201,8 +209,9 @@ def read_progress(layerwise_dir: Path) -> dict | None:
     return progress if isinstance(progress, dict) and progress.get("format") == RESUME_FORMAT else None
 
 
-def check_resume(offload: OffloadSettings, fingerprint: dict) -> int | None:
-    """Refuse to silently reuse or silently discard earlier progress; returns the layer to resume after."""
+def check_resume(offload: OffloadSettings, fingerprint: dict, dry_run: bool = False) -> int | None:
+    """Refuse to silently reuse or silently discard earlier progress; returns the layer to resume after. A dry run
+    leaves a finished run's resume points where they are (the real run removes them)."""
     done = committed_layer(offload.layerwise_dir)
     job_file = offload.offload_folder / JOB_FILE
     if done is None:
@@ -212,7 +221,8 @@ def check_resume(offload: OffloadSettings, fingerprint: dict) -> int | None:
             if not (job_file.is_file() or (offload.layerwise_dir / PROGRESS_FILE).is_file()):
                 raise q.UsageError(f"{offload.layerwise_dir} exists but this script did not write it (no {JOB_FILE} "
                                    "beside it): move it away or choose another --offload_folder")
-            shutil.rmtree(offload.layerwise_dir)
+            if not dry_run:
+                shutil.rmtree(offload.layerwise_dir)
         return None
     if not offload.resume:
         raise q.UsageError(f"{offload.layerwise_dir} holds calibration progress from an earlier run (layers 0-{done} "
@@ -247,12 +257,16 @@ def commit_file(path: Path, write: Callable[[Any], None], durable: bool = True) 
     a process kill, the usual end of a long run, keeps the page cache; their checksums catch the rest.
     """
     temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        if durable:
-            os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a half-written temp file would only take the disk's room
+        raise
 
 
 def write_tensors(base: Path, tensors: list) -> None:
@@ -575,16 +589,19 @@ def device_label(device) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
+def existing_folder(folder: Path) -> Path:
+    """`folder`, or its parent while it is not made yet (a dry run never makes it): where its disk is measured."""
+    return folder if folder.exists() else folder.parent
+
+
 def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, offload: OffloadSettings) -> None:
     """Refuse to start when the offload folder's disk can't hold the offloaded weights, caches and output."""
     needed = placement.offload_disk_bytes
-    probe_dir = offload.offload_folder if offload.offload_folder.exists() else offload.offload_folder.parent
-    output_dir = settings.output_model.parent
-    same_disk = os.stat(probe_dir).st_dev == os.stat(output_dir).st_dev
+    probe_dir = existing_folder(offload.offload_folder)
+    output_dir = settings.output_model.parent if settings.output_model else None
+    same_disk = output_dir is not None and os.stat(probe_dir).st_dev == os.stat(output_dir).st_dev
     if same_disk:
         needed += job.checkpoint_bytes
-    else:
-        q.check_free_disk(output_dir, job.checkpoint_bytes)
     free = shutil.disk_usage(probe_dir).free
     if free < needed:
         raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
@@ -622,7 +639,7 @@ def check_gpu_placement(placement: Placement, job: q.Job, settings: q.Settings) 
 
 
 def print_placement(placement: Placement, offload: OffloadSettings) -> None:
-    free = shutil.disk_usage(offload.offload_folder).free
+    free = shutil.disk_usage(existing_folder(offload.offload_folder)).free
     q.log("offload plan (weights):")
     rows = [(device, placement.layers_per_device.get(device, 0), q.human_bytes(size))
             for device, size in sorted(placement.bytes_per_device.items(), key=lambda kv: ("cuda" not in kv[0], kv[0]))]
@@ -1025,21 +1042,23 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
 @holding_offload_lock
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     job = q.prepare_job(settings)
-    if job is None:
-        return 0
     fingerprint = job_fingerprint(settings, job, offload)
-    resume_after = check_resume(offload, fingerprint)
-    offload.offload_folder.mkdir(parents=True, exist_ok=True)
+    resume_after = check_resume(offload, fingerprint, settings.dry_run)
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)
     check_cpu_run_placement(placement, job, settings)
     check_gpu_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)
+    if settings.dry_run:
+        return q.dry_run_passed(settings, job, [
+            "the offload folder and its lock", "--resume", "the placement under --max_gpu_memory/--max_cpu_memory",
+            f"free disk for the offload folder (about {q.human_bytes(placement.offload_disk_bytes)})"])
+    offload.offload_folder.mkdir(parents=True, exist_ok=True)
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:
         q.log(f"--resume: layers 0-{resume_after} are already calibrated; continuing from layer {resume_after + 1}")
     load_start = time.perf_counter()
-    with q.disk_full_is_usage_error(offload.offload_folder, placement.offload_disk_bytes,
+    with q.write_errors_are_usage_errors(offload.offload_folder, placement.offload_disk_bytes,
                                     "offloaded weights and calibration checkpoints"):
         model = load_offloaded_model(settings, job, placement, offload)
         timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}

@@ -1,6 +1,7 @@
 """Issue 8: --kv_cache, --algorithm, mixture-of-experts coverage, and the model card."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,7 +384,11 @@ def test_uncalibrated_quantizer_stops_the_export(tiny_model):
 # --------------------------------------------------------------------------- model card
 def test_model_card(kv_runs, tiny_model):
     card = (kv_runs["fp8"] / "README.md").read_text()
-    assert card.startswith(f"---\nbase_model: {tiny_model}\n")
+    assert card.startswith("---\nlibrary_name: transformers\n")  # a local source names no hub model page
+    manifest = json.loads((kv_runs["fp8"] / q.MANIFEST_NAME).read_text())
+    assert manifest["source_model"] == str(Path(tiny_model).resolve())
+    hub_card = q.model_card({**manifest, "source_model": "org/base-model"}, "fp8")
+    assert hub_card.startswith("---\nbase_model: org/base-model\nlibrary_name: transformers\n")
     for fragment in ("| calibration algorithm | `local_hessian` |", "| KV cache | FP8 |", "| local_stories |",
                      "## Quality", "perplexity increase", 'quantization="modelopt_fp4"', "trtllm-serve ./fp8",
                      "`--kv-cache-dtype auto`"):

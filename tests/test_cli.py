@@ -129,7 +129,7 @@ def test_overwrite_replaces_existing_output(tiny_model, tmp_path):
     (out / "stale.txt").write_text("old")
     (out / q.MANIFEST_NAME).write_text("{}")  # a checkpoint this tool wrote: the only kind --overwrite replaces
     assert_usage_error(run_cli("--input_model", str(tiny_model), "--output_model", str(out),
-                               "--dataset_yaml", LOCAL_YAML), "not empty", "--overwrite")
+                               "--dataset_yaml", LOCAL_YAML), "holds a checkpoint this tool wrote", "pass --overwrite")
     assert (out / "stale.txt").exists()
     quantize(tiny_model, out, "--overwrite")
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
@@ -241,7 +241,7 @@ def bad_inputs(tmp_path):
     ("formatter", ["unknown formatter 'alpaca'", "allowed: raw_text"]),
     ("key", ["unknown key 'colour'", "datasets[0] (a)"]),
     ("path", ["dataset 'a'", "path not found"]),
-    ("empty", ["no calibration samples left"]),
+    ("empty", ["datasets[0] (a)", "contributes no calibration sample"]),
 ])
 def test_bad_calibration_input(tiny_model, tmp_path, bad_inputs, case, fragments):
     out = tmp_path / "out"

@@ -425,9 +425,10 @@ def test_refusals_before_loading(four_layer_model, tmp_path):
     """--eval would put two 16-bit copies of an offloaded model on one device; a foreign folder in the offload
     folder where the resume points go is not ours to delete."""
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval")
-    assert_usage_error(result, "--eval / --max_ppl_increase", "fidelity check")
+    assert_usage_error(result, "--eval / --eval_samples / --max_ppl_increase", "fidelity check",
+                       "python quantize_nvfp4.py --verify OUT --eval --reference MODEL")
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--verify", str(tmp_path / "out"))
-    assert_usage_error(result, "run them with quantize_nvfp4.py")
+    assert_usage_error(result, "run python quantize_nvfp4.py --verify DIR")
     foreign = tmp_path / "off" / offload.LAYERWISE_DIR
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("the user's")

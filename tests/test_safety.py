@@ -6,6 +6,7 @@ the CLI in a subprocess where the process boundary matters (locks, the working d
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_overwrite_refuses_a_dir_this_tool_did_not_write(capsys, tiny_model, tmp
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     line = main_error(capsys, args(tiny_model, out, "--overwrite"))
-    assert "--overwrite replaces only an empty dir or a checkpoint this tool wrote" in line
+    assert "holds files this tool did not write" in line and "with or without --overwrite" in line
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
@@ -118,7 +119,7 @@ def test_old_checkpoint_moved_aside_by_a_killed_overwrite_is_restored(tiny_model
     (old / q.MANIFEST_NAME).write_text("{}")
     (old / "model.safetensors").write_text("weights")
     result = run_cli(*args(tiny_model, tmp_path / "out"))  # restored first, then (rightly) not replaced
-    assert_usage_error(result, "not empty")
+    assert_usage_error(result, "holds a checkpoint this tool wrote", "pass --overwrite")
     assert "restored" in result.stderr and ".out.old-4242" in result.stderr
     assert (tmp_path / "out" / "model.safetensors").read_text() == "weights" and not old.exists()
 
@@ -132,7 +133,7 @@ def test_old_dir_without_manifest_is_not_restored_and_superseded_ones_go(tmp_pat
     assert stranger.exists() and not out.exists()  # no manifest: never restored
     out.mkdir()
     (out / "user.txt").write_text("not a checkpoint")
-    with pytest.raises(q.UsageError, match="not empty"):
+    with pytest.raises(q.UsageError, match="holds files this tool did not write"):
         q.check_output_dir(out, overwrite=False)
     assert stranger.exists()  # the output is not ours: nothing beside it is touched
     (out / "user.txt").unlink()
@@ -391,6 +392,54 @@ def test_disk_full_during_export_is_one_error_and_leaves_nothing(tiny_model, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("code, headline, remedy", [
+    (errno.EFBIG, "file too large", "raise `ulimit -f`"),
+    (errno.EDQUOT, "disk quota exceeded", "within your quota"),
+    (errno.EROFS, "read-only file system", "remount it writable"),
+])
+def test_other_write_errors_are_one_line_too(tmp_path, code, headline, remedy):
+    """A FAT32 drive or `ulimit -f` (EFBIG), a quota (EDQUOT): as the writer raises it, or wrapped by the resume
+    writer's thread, or in safetensors' words."""
+    from safetensors import SafetensorError
+
+    failures = [OSError(code, os.strerror(code)),
+                SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")]
+    try:
+        raise RuntimeError("writing a resume point failed") from OSError(code, os.strerror(code))
+    except RuntimeError as wrapped:
+        failures.append(wrapped)
+    for failure in failures:
+        with pytest.raises(q.UsageError, match=rf"^{headline} writing resume points to .*; .*{re.escape(remedy)}"):
+            with q.write_errors_are_usage_errors(tmp_path, 2**30, "resume points"):
+                raise failure
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_during_export_is_one_error_and_leaves_nothing(tiny_model, tmp_path):
+    """A real `ulimit -f` below the checkpoint's size: safetensors fails with EFBIG (Python ignores SIGXFSZ)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    result = subprocess.run([sys.executable, str(ROOT / "quantize_nvfp4.py"), *args(tiny_model, tmp_path / "out")],
+                            capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600)
+    assert_usage_error(result, "file too large writing the checkpoint", "raise `ulimit -f`")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_commit_leaves_no_temp_file(tmp_path):
+    def half_then_fail(handle):
+        handle.write(b"half")
+        raise OSError(errno.EFBIG, "File too large")
+
+    with pytest.raises(OSError):
+        offload.commit_file(tmp_path / "next_inputs.bin", half_then_fail)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_as_each_writer_reports_it(tmp_path, monkeypatch):
     from collections import namedtuple
 
@@ -400,19 +449,19 @@ def test_disk_full_as_each_writer_reports_it(tmp_path, monkeypatch):
             SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
     for exc in full:
         with pytest.raises(q.UsageError, match="disk full writing offloaded weights to .* about 1.00 GiB needed"):
-            with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
+            with q.write_errors_are_usage_errors(tmp_path, 2**30, "offloaded weights"):
                 raise exc
     torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     with pytest.raises(RuntimeError, match="unexpected pos"):  # a disk with room: not a full disk
-        with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
+        with q.write_errors_are_usage_errors(tmp_path, 2**30, "offloaded weights"):
             raise torch_save
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(q.shutil, "disk_usage", lambda folder: usage(2**30, 2**30, 0))
     with pytest.raises(q.UsageError, match="disk full"):  # torch.save says nothing more on a full disk
-        with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
+        with q.write_errors_are_usage_errors(tmp_path, 2**30, "offloaded weights"):
             raise torch_save
     with pytest.raises(PermissionError):
-        with q.disk_full_is_usage_error(tmp_path, 2**30, "offloaded weights"):
+        with q.write_errors_are_usage_errors(tmp_path, 2**30, "offloaded weights"):
             raise PermissionError(errno.EACCES, "denied")
 
 

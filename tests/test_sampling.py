@@ -129,7 +129,8 @@ def test_shortfall_warns_with_per_dataset_counts(tmp_path, tiny_model, tokenizer
 def test_no_samples_left_is_a_usage_error(tmp_path, tiny_model, tokenizer):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "hi"}, {"text": None}, {"other": 1}])
     path = write_yaml(tmp_path / "m.yaml", "datasets:\n  - name: a\n    path: a.jsonl\n")
-    with pytest.raises(q.UsageError, match="no calibration samples left after filtering"):
+    with pytest.raises(q.UsageError, match=r"datasets\[0\] \(a\): contributes no calibration sample: of 3 rows "
+                                           r"read, 2 lack a non-empty string column and the other 1 are shorter"):
         q.prepare_calibration_data(settings_for(path, tiny_model), tokenizer)
 
 
