@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import difflib
 import errno
 import fnmatch
 import functools
@@ -3546,8 +3547,52 @@ def list_configs() -> int:
 
 
 # --------------------------------------------------------------------------- main
+class CliParser(argparse.ArgumentParser):
+    """Both scripts' parser: a mistake is one `error:` line and exit status 2, not argparse's usage dump; every
+    option is also read with dashes for its underscores (--batch-size, --batch-size=4), and help shows one form."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", "Options also accept dashes for underscores: --batch-size = --batch_size.")
+        super().__init__(*args, **kwargs)
+
+    def option_names(self) -> list[str]:
+        # argparse keeps every option string, the argument groups' included, in this one mapping
+        return [name for name in self._option_string_actions if name.startswith("--")]
+
+    def underscored(self, arg: str) -> str:
+        """A dashed spelling of one of our options (or of its prefix) as argparse knows it; anything else as is."""
+        name, equals, value = arg.partition("=")
+        if not name.startswith("--") or "-" not in name[2:]:
+            return arg
+        spelled = "--" + name[2:].replace("-", "_")
+        known = any(option.startswith(spelled) for option in self.option_names())
+        return spelled + equals + value if known else arg
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self.underscored(arg) for arg in args], namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unknown_argument(extras))
+        return parsed
+
+    def unknown_argument(self, extras: list[str]) -> str:
+        option = next((arg for arg in extras if arg.startswith("-")), None)
+        if option is None:
+            return f"unexpected argument '{extras[0]}' (options start with --); see --help"
+        name = option.partition("=")[0]
+        close = difflib.get_close_matches("--" + name.lstrip("-").replace("-", "_"), self.option_names(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown option {name}{hint}; see --help"
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Quantize a Hugging Face causal LM to NVFP4 with NVIDIA ModelOpt.")
+    p = CliParser(description="Quantize a Hugging Face causal LM to NVFP4 with NVIDIA ModelOpt.")
     p.add_argument("--input_model", help="local model dir or hub ID (env INPUT_MODEL)")
     p.add_argument("--output_model", help="output dir for the NVFP4 checkpoint (env OUTPUT_MODEL)")
     p.add_argument("--dataset_yaml", help="calibration mix, e.g. Datasets/SWRP_Default.yaml")
