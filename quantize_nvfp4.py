@@ -292,6 +292,8 @@ def check_path_given(path: str, where: str) -> None:
 
 def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
     """Read and validate a dataset-mix YAML; local paths are resolved against its folder."""
+    if yaml_path.is_dir():
+        raise UsageError(yaml_is_directory(yaml_path))
     if not yaml_path.is_file():
         raise UsageError(f"dataset YAML not found: {yaml_path} (pass --dataset_yaml with an existing file)")
     try:
@@ -312,11 +314,52 @@ def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
         raise UsageError(f"{yaml_path}: 'datasets:' must be a non-empty list of dataset entries")
     specs = [parse_dataset_entry(entry, i, yaml_path) for i, entry in enumerate(entries)]
     check_unique_names(specs, entries, yaml_path)
-    for spec in specs:
+    for index, spec in enumerate(specs):
         local = yaml_path.parent / spec.path
         if not Path(spec.path).is_absolute() and local.exists():
             spec.path = str(local.resolve())
+        check_local_path(spec.path, [yaml_path.parent, Path.cwd()], f"{yaml_path}: datasets[{index}] ({spec.name})")
     return specs, parse_calibration_block(doc.get("calibration") or {}, yaml_path)
+
+
+def yaml_is_directory(path: Path) -> str:
+    found = sorted(path.glob("*.yaml"))[:3]
+    if not found:
+        return (f"--dataset_yaml {path} is a directory with no .yaml file in it; pass a YAML file such as "
+                f"{SAMPLES_YAML}")
+    return f"--dataset_yaml {path} is a directory; pass a YAML file such as {' or '.join(map(str, found))}"
+
+
+def looks_local(path: str, folders: Iterable[Path]) -> bool:
+    """A dataset `path:` that names a file or folder rather than a hub ID (org/name, no folder `org` here)."""
+    first = Path(path).expanduser().parts[0] if path.strip() else ""
+    return (path.startswith((".", "/", "~")) or Path(path).suffix.lower() in LOCAL_DATA_BUILDERS
+            or path.count("/") > 1 or any((folder / first).is_dir() for folder in folders))
+
+
+def check_local_path(path: str, folders: list[Path], where: str) -> None:
+    """A local-looking path that does not exist is a typo, not a hub ID: name the nearest files in its folder."""
+    candidates = [folder / Path(path).expanduser() for folder in folders]  # an absolute path stays itself
+    if not looks_local(path, folders) or any(c.exists() for c in candidates):
+        return
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    parent = next((c.parent for c in candidates if c.parent.is_dir()), None)
+    near = close_file_names(parent, name) if parent and name else []
+    shown = [path.rstrip("/")[: -len(name)] + n for n in near]
+    hint = f"did you mean {' or '.join(shown)}?" if near else \
+        f"relative paths are resolved against the YAML's folder {folders[0]}, then the working directory"
+    raise UsageError(f"{where}: no file matches {path} ({hint})")
+
+
+def close_file_names(folder: Path, name: str) -> list[str]:
+    """Up to 3 entries of `folder` that `name` may have meant: the same stem first, then close stems."""
+    by_stem: dict[str, list[str]] = {}
+    for entry in sorted(p.name for p in folder.iterdir()):
+        by_stem.setdefault(Path(entry).stem, []).append(entry)
+    stem = Path(name).stem
+    same_stem = [e for e in by_stem.get(stem, []) if e != name]
+    close = [e for s in difflib.get_close_matches(stem, list(by_stem), n=3) for e in by_stem[s] if e != name]
+    return list(dict.fromkeys(same_stem + close))[:3]
 
 
 def check_unique_names(specs: list[DatasetSpec], entries: list[dict], yaml_path: Path) -> None:
