@@ -681,6 +681,83 @@ def dataset_error(spec: DatasetSpec, exc: BaseException) -> UsageError:
     return UsageError(f"dataset '{spec.name}' ({spec.path}): cannot be loaded: {text[:300]}")
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # the hub libraries retry an unreachable hub for ~25 s before they say so
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # what huggingface_hub reads as set in HF_HUB_OFFLINE
+
+
+def hub_offline(*variables: str) -> bool:
+    return any(os.environ.get(v, "").upper() in TRUE_VALUES for v in ("HF_HUB_OFFLINE",) + variables)
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+@functools.cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub cannot be reached, or None: one HEAD request (through any proxy set), once per process. It runs
+    in a thread we stop waiting for, as a stalled DNS lookup ignores socket timeouts."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+            outcome.append(None)
+        except urllib.error.HTTPError as exc:  # an answer; a proxy that could not get one says 407 or 5xx
+            outcome.append(f"HTTP {exc.code} {exc.reason}" if exc.code == 407 or exc.code >= 500 else None)
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            outcome.append(getattr(reason, "strerror", None) or str(reason))
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def check_hub_source(kind: str, repo_id: str, cache: Path | None, cache_root: Path, offline: bool) -> None:
+    """A hub model or dataset (`cache`: its copy under `cache_root`, None when not there) is reachable, or offline
+    cached: said in seconds, before the hub libraries retry."""
+    if offline:
+        if cache is None:
+            raise UsageError(f"{kind} '{repo_id}' is not in the local Hugging Face cache ({cache_root}) and "
+                             f"HF_HUB_OFFLINE is set: unset it to download the {kind}, or pass a local path")
+        return
+    reason = hub_unreachable(hub_endpoint())
+    if reason is None:
+        return
+    unreachable = f"cannot reach the Hugging Face hub ({hub_endpoint()}: {reason}) to fetch {kind} '{repo_id}'"
+    if cache is not None:
+        raise UsageError(f"{unreachable}; it is in the local cache ({cache}): set HF_HUB_OFFLINE=1 to use that copy")
+    raise UsageError(f"{unreachable}: check the network or proxy; for a gated or private repo set HF_TOKEN; offline, "
+                     f"set HF_HUB_OFFLINE=1 with the {kind} in the local cache (HF_HOME)")
+
+
+def cached_dataset(repo_id: str) -> Path | None:
+    """Where datasets keeps a hub dataset it prepared once (what it reads offline), or None."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    *namespace, name = repo_id.split("/")
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(namespace + [camelcase_to_snakecase(name)])
+    return root if any(p.is_dir() for p in root.glob("*/*/*")) else None
+
+
+def check_hub_dataset(spec: DatasetSpec) -> None:
+    if Path(spec.path).expanduser().exists() or spec.path in LOCAL_DATA_BUILDERS.values():  # a builder + data_files
+        return
+    import datasets
+
+    check_hub_source("dataset", spec.path, cached_dataset(spec.path), Path(datasets.config.HF_DATASETS_CACHE),
+                     hub_offline("HF_DATASETS_OFFLINE"))
+
+
 def open_dataset(spec: DatasetSpec, token: str | None):
     """A datasets.Dataset or IterableDataset for one YAML entry: hub ID, save_to_disk folder, or files."""
     import datasets
@@ -700,18 +777,18 @@ def open_dataset(spec: DatasetSpec, token: str | None):
             check_data_file(Path(file), spec)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
                                      streaming=spec.streaming)
+    check_hub_dataset(spec)
     return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_files=spec.data_files,
                                  streaming=spec.streaming, token=token)
 
 
 def check_dataset_source(spec: DatasetSpec) -> None:
-    """Fail before anything loads when a local-looking dataset path is missing."""
+    """Fail before anything loads when a local-looking dataset path is missing, or a hub one out of reach."""
     path = Path(spec.path).expanduser()
-    looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_DATA_BUILDERS \
-        or spec.path.count("/") > 1
-    if looks_local and not path.exists():
+    if looks_local(spec.path, [Path.cwd()]) and not path.exists():
         raise UsageError(f"dataset '{spec.name}': path not found: {spec.path} "
                          "(relative paths are resolved against the YAML file's folder)")
+    check_hub_dataset(spec)
 
 
 def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=None) -> tuple[list, int]:
@@ -896,12 +973,25 @@ def load_model_config(settings: Settings):
     local = Path(settings.input_model).expanduser()
     if settings.input_model.startswith((".", "/", "~")) and not local.is_dir():
         raise UsageError(f"model not found: {settings.input_model} is not a directory")
+    if not local.is_dir():
+        check_hub_model(settings.input_model)
     try:
         return AutoConfig.from_pretrained(str(local) if local.is_dir() else settings.input_model,
                                           trust_remote_code=settings.trust_remote_code, token=settings.hf_token)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"model not found or unreadable: {settings.input_model}: {first_line}") from None
+
+
+def check_hub_model(repo_id: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a hub ID either
+        raise UsageError(f"model not found: {repo_id} is neither a local folder nor a hub ID ({exc})") from None
+    cached = Path(found).parent if isinstance(found, str) else None
+    check_hub_source("model", repo_id, cached, Path(constants.HF_HUB_CACHE), hub_offline())
 
 
 def safetensors_problems(path: Path) -> list[str]:
