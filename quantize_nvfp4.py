@@ -1063,8 +1063,19 @@ def load_tokenizer(settings: Settings):
         tokenizer = AutoTokenizer.from_pretrained(settings.input_model, trust_remote_code=settings.trust_remote_code,
                                                   token=settings.hf_token)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"tokenizer of {settings.input_model} cannot be loaded: {str(exc).splitlines()[0]}") from None
+        folder = Path(settings.input_model).expanduser()
+        if folder.is_dir() and not has_tokenizer_files(folder):
+            raise UsageError(f"no tokenizer in {folder}: expected tokenizer.json (or tokenizer.model / vocab.json + "
+                             "merges.txt) with tokenizer_config.json; copy them from the base model") from None
+        text = " ".join(str(exc).split()) or type(exc).__name__  # transformers' messages run over several lines
+        raise UsageError(f"tokenizer of {settings.input_model} cannot be loaded: {text[:400]}") from None
     return tokenizer
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """A vocabulary file of one of the forms transformers reads (tiktoken's included)."""
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tiktoken.model")) \
+        or all((folder / name).is_file() for name in ("vocab.json", "merges.txt"))
 
 
 def model_class(config, trust_remote_code: bool):
@@ -1127,11 +1138,30 @@ def resolve_skip_layers(model, patterns: list[str]) -> list[str]:
     for pattern in patterns:
         hits = [n for n in all_names if pattern_matches(n, pattern)]
         if not hits:
-            examples = ", ".join(linear_names[:3])
-            raise UsageError(f"--skip_layers pattern '{pattern}' matches no module of this model "
-                             f"(module names look like: {examples})")
+            near = nearest_modules(pattern, all_names)
+            nearest = f"; nearest: {', '.join(near)}" if near else ""
+            example = linear_names[0] if linear_names else all_names[0]
+            raise UsageError(f"--skip_layers '{pattern}' matches no module{nearest} (module names look like {example})")
         matched.extend(h for h in hits if h not in matched)
     return with_fused_siblings(matched, set(all_names))
+
+
+def nearest_modules(pattern: str, names: list[str], cutoff: float = 0.6) -> list[str]:
+    """Up to 3 module names a pattern that matched nothing was probably meant for: each scored by the closer of its
+    full name and its last components (as many as the pattern has, those under a `*` left out); the shortest first
+    among equals, as a pattern is more often meant for a block than for one of its leaves."""
+    parts = pattern.split(".")
+
+    def score(name: str) -> float:
+        full = difflib.SequenceMatcher(None, pattern, name).ratio()
+        tail = name.split(".")[-len(parts):]
+        if len(tail) < len(parts):
+            return full
+        kept = [(p, t) for p, t in zip(parts, tail) if p != "*"]
+        return max(full, difflib.SequenceMatcher(None, ".".join(p for p, _ in kept), ".".join(t for _, t in kept)).ratio())
+
+    scored = sorted(((score(n), n) for n in names), key=lambda pair: (-pair[0], len(pair[1])))
+    return [name for value, name in scored[:3] if value >= cutoff]
 
 
 def with_fused_siblings(names: list[str], all_names: set[str]) -> list[str]:
