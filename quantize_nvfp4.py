@@ -1158,7 +1158,8 @@ def nearest_modules(pattern: str, names: list[str], cutoff: float = 0.6) -> list
         if len(tail) < len(parts):
             return full
         kept = [(p, t) for p, t in zip(parts, tail) if p != "*"]
-        return max(full, difflib.SequenceMatcher(None, ".".join(p for p, _ in kept), ".".join(t for _, t in kept)).ratio())
+        last = difflib.SequenceMatcher(None, ".".join(p for p, _ in kept), ".".join(t for _, t in kept)).ratio()
+        return max(full, last)
 
     scored = sorted(((score(n), n) for n in names), key=lambda pair: (-pair[0], len(pair[1])))
     return [name for value, name in scored[:3] if value >= cutoff]
