@@ -4,10 +4,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
 
 import quantize_nvfp4 as q
 import quantize_nvfp4_offload as qo
-from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
 
 LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
 CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
@@ -248,5 +248,6 @@ def test_skip_layers_typo_shows_the_nearest_modules(skeleton, pattern, nearest):
 def test_skip_layers_nothing_near(capsys, tiny_model, tmp_path):
     line = usage_error(capsys, q.main, ["--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"),
                                         "--dataset_yaml", LOCAL_YAML, "--skip_layers", "xyzzy"])
-    assert line == "error: --skip_layers 'xyzzy' matches no module (module names look like model.layers.0.self_attn.q_proj)"
+    assert line == ("error: --skip_layers 'xyzzy' matches no module "
+                    "(module names look like model.layers.0.self_attn.q_proj)")
     nothing_written(tmp_path)
