@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import difflib
 import errno
 import fnmatch
 import functools
@@ -301,6 +302,8 @@ def check_path_given(path: str, where: str) -> None:
 
 def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
     """Read and validate a dataset-mix YAML; local paths are resolved against its folder."""
+    if yaml_path.is_dir():
+        raise UsageError(yaml_is_directory(yaml_path))
     if not yaml_path.is_file():
         raise UsageError(f"dataset YAML not found: {yaml_path} (pass --dataset_yaml with an existing file)")
     try:
@@ -321,11 +324,52 @@ def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
         raise UsageError(f"{yaml_path}: 'datasets:' must be a non-empty list of dataset entries")
     specs = [parse_dataset_entry(entry, i, yaml_path) for i, entry in enumerate(entries)]
     check_unique_names(specs, entries, yaml_path)
-    for spec in specs:
+    for index, spec in enumerate(specs):
         local = yaml_path.parent / spec.path
         if not Path(spec.path).is_absolute() and local.exists():
             spec.path = str(local.resolve())
+        check_local_path(spec.path, [yaml_path.parent, Path.cwd()], f"{yaml_path}: datasets[{index}] ({spec.name})")
     return specs, parse_calibration_block(doc.get("calibration") or {}, yaml_path)
+
+
+def yaml_is_directory(path: Path) -> str:
+    found = sorted(path.glob("*.yaml"))[:3]
+    if not found:
+        return (f"--dataset_yaml {path} is a directory with no .yaml file in it; pass a YAML file such as "
+                f"{SAMPLES_YAML}")
+    return f"--dataset_yaml {path} is a directory; pass a YAML file such as {' or '.join(map(str, found))}"
+
+
+def looks_local(path: str, folders: Iterable[Path]) -> bool:
+    """A dataset `path:` that names a file or folder rather than a hub ID (org/name, no folder `org` here)."""
+    first = Path(path).expanduser().parts[0] if path.strip() else ""
+    return (path.startswith((".", "/", "~")) or Path(path).suffix.lower() in LOCAL_DATA_BUILDERS
+            or path.count("/") > 1 or any((folder / first).is_dir() for folder in folders))
+
+
+def check_local_path(path: str, folders: list[Path], where: str) -> None:
+    """A local-looking path that does not exist is a typo, not a hub ID: name the nearest files in its folder."""
+    candidates = [folder / Path(path).expanduser() for folder in folders]  # an absolute path stays itself
+    if not looks_local(path, folders) or any(c.exists() for c in candidates):
+        return
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    parent = next((c.parent for c in candidates if c.parent.is_dir()), None)
+    near = close_file_names(parent, name) if parent and name else []
+    shown = [path.rstrip("/")[: -len(name)] + n for n in near]
+    hint = f"did you mean {' or '.join(shown)}?" if near else \
+        f"relative paths are resolved against the YAML's folder {folders[0]}, then the working directory"
+    raise UsageError(f"{where}: no file matches {path} ({hint})")
+
+
+def close_file_names(folder: Path, name: str) -> list[str]:
+    """Up to 3 entries of `folder` that `name` may have meant: the same stem first, then close stems."""
+    by_stem: dict[str, list[str]] = {}
+    for entry in sorted(p.name for p in folder.iterdir()):
+        by_stem.setdefault(Path(entry).stem, []).append(entry)
+    stem = Path(name).stem
+    same_stem = [e for e in by_stem.get(stem, []) if e != name]
+    close = [e for s in difflib.get_close_matches(stem, list(by_stem), n=3) for e in by_stem[s] if e != name]
+    return list(dict.fromkeys(same_stem + close))[:3]
 
 
 def check_unique_names(specs: list[DatasetSpec], entries: list[dict], yaml_path: Path) -> None:
@@ -672,6 +716,83 @@ def dataset_error(spec: DatasetSpec, exc: BaseException) -> UsageError:
     return UsageError(f"dataset '{spec.name}' ({spec.path}): cannot be loaded: {text[:300]}")
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # the hub libraries retry an unreachable hub for ~25 s before they say so
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # what huggingface_hub reads as set in HF_HUB_OFFLINE
+
+
+def hub_offline(*variables: str) -> bool:
+    return any(os.environ.get(v, "").upper() in TRUE_VALUES for v in ("HF_HUB_OFFLINE",) + variables)
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+@functools.cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub cannot be reached, or None: one HEAD request (through any proxy set), once per process. It runs
+    in a thread we stop waiting for, as a stalled DNS lookup ignores socket timeouts."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+            outcome.append(None)
+        except urllib.error.HTTPError as exc:  # an answer; a proxy that could not get one says 407 or 5xx
+            outcome.append(f"HTTP {exc.code} {exc.reason}" if exc.code == 407 or exc.code >= 500 else None)
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            outcome.append(getattr(reason, "strerror", None) or str(reason))
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def check_hub_source(kind: str, repo_id: str, cache: Path | None, cache_root: Path, offline: bool) -> None:
+    """A hub model or dataset (`cache`: its copy under `cache_root`, None when not there) is reachable, or offline
+    cached: said in seconds, before the hub libraries retry."""
+    if offline:
+        if cache is None:
+            raise UsageError(f"{kind} '{repo_id}' is not in the local Hugging Face cache ({cache_root}) and "
+                             f"HF_HUB_OFFLINE is set: unset it to download the {kind}, or pass a local path")
+        return
+    reason = hub_unreachable(hub_endpoint())
+    if reason is None:
+        return
+    unreachable = f"cannot reach the Hugging Face hub ({hub_endpoint()}: {reason}) to fetch {kind} '{repo_id}'"
+    if cache is not None:
+        raise UsageError(f"{unreachable}; it is in the local cache ({cache}): set HF_HUB_OFFLINE=1 to use that copy")
+    raise UsageError(f"{unreachable}: check the network or proxy; for a gated or private repo set HF_TOKEN; offline, "
+                     f"set HF_HUB_OFFLINE=1 with the {kind} in the local cache (HF_HOME)")
+
+
+def cached_dataset(repo_id: str) -> Path | None:
+    """Where datasets keeps a hub dataset it prepared once (what it reads offline), or None."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    *namespace, name = repo_id.split("/")
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(namespace + [camelcase_to_snakecase(name)])
+    return root if any(p.is_dir() for p in root.glob("*/*/*")) else None
+
+
+def check_hub_dataset(spec: DatasetSpec) -> None:
+    if Path(spec.path).expanduser().exists() or spec.path in LOCAL_DATA_BUILDERS.values():  # a builder + data_files
+        return
+    import datasets
+
+    check_hub_source("dataset", spec.path, cached_dataset(spec.path), Path(datasets.config.HF_DATASETS_CACHE),
+                     hub_offline("HF_DATASETS_OFFLINE"))
+
+
 def open_dataset(spec: DatasetSpec, token: str | None):
     """A datasets.Dataset or IterableDataset for one YAML entry: hub ID, save_to_disk folder, or files."""
     import datasets
@@ -691,18 +812,18 @@ def open_dataset(spec: DatasetSpec, token: str | None):
             check_data_file(Path(file), spec)
         return datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
                                      streaming=spec.streaming)
+    check_hub_dataset(spec)
     return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_files=spec.data_files,
                                  streaming=spec.streaming, token=token)
 
 
 def check_dataset_source(spec: DatasetSpec) -> None:
-    """Fail before anything loads when a local-looking dataset path is missing."""
+    """Fail before anything loads when a local-looking dataset path is missing, or a hub one out of reach."""
     path = Path(spec.path).expanduser()
-    looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_DATA_BUILDERS \
-        or spec.path.count("/") > 1
-    if looks_local and not path.exists():
+    if looks_local(spec.path, [Path.cwd()]) and not path.exists():
         raise UsageError(f"dataset '{spec.name}': path not found: {spec.path} "
                          "(relative paths are resolved against the YAML file's folder)")
+    check_hub_dataset(spec)
 
 
 def dataset_columns(spec: DatasetSpec, dataset, peek: int = 20) -> list[str]:
@@ -927,12 +1048,25 @@ def load_model_config(settings: Settings):
     local = Path(settings.input_model).expanduser()
     if settings.input_model.startswith((".", "/", "~")) and not local.is_dir():
         raise UsageError(f"model not found: {settings.input_model} is not a directory")
+    if not local.is_dir():
+        check_hub_model(settings.input_model)
     try:
         return AutoConfig.from_pretrained(str(local) if local.is_dir() else settings.input_model,
                                           trust_remote_code=settings.trust_remote_code, token=settings.hf_token)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"model not found or unreadable: {settings.input_model}: {first_line}") from None
+
+
+def check_hub_model(repo_id: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a hub ID either
+        raise UsageError(f"model not found: {repo_id} is neither a local folder nor a hub ID ({exc})") from None
+    cached = Path(found).parent if isinstance(found, str) else None
+    check_hub_source("model", repo_id, cached, Path(constants.HF_HUB_CACHE), hub_offline())
 
 
 def safetensors_problems(path: Path) -> list[str]:
@@ -1004,8 +1138,19 @@ def load_tokenizer(settings: Settings):
         tokenizer = AutoTokenizer.from_pretrained(settings.input_model, trust_remote_code=settings.trust_remote_code,
                                                   token=settings.hf_token)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"tokenizer of {settings.input_model} cannot be loaded: {str(exc).splitlines()[0]}") from None
+        folder = Path(settings.input_model).expanduser()
+        if folder.is_dir() and not has_tokenizer_files(folder):
+            raise UsageError(f"no tokenizer in {folder}: expected tokenizer.json (or tokenizer.model / vocab.json + "
+                             "merges.txt) with tokenizer_config.json; copy them from the base model") from None
+        text = " ".join(str(exc).split()) or type(exc).__name__  # transformers' messages run over several lines
+        raise UsageError(f"tokenizer of {settings.input_model} cannot be loaded: {text[:400]}") from None
     return tokenizer
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """A vocabulary file of one of the forms transformers reads (tiktoken's included)."""
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tiktoken.model")) \
+        or all((folder / name).is_file() for name in ("vocab.json", "merges.txt"))
 
 
 def model_class(config, trust_remote_code: bool):
@@ -1068,11 +1213,31 @@ def resolve_skip_layers(model, patterns: list[str]) -> list[str]:
     for pattern in patterns:
         hits = [n for n in all_names if pattern_matches(n, pattern)]
         if not hits:
-            examples = ", ".join(linear_names[:3])
-            raise UsageError(f"--skip_layers pattern '{pattern}' matches no module of this model "
-                             f"(module names look like: {examples})")
+            near = nearest_modules(pattern, all_names)
+            nearest = f"; nearest: {', '.join(near)}" if near else ""
+            example = linear_names[0] if linear_names else all_names[0]
+            raise UsageError(f"--skip_layers '{pattern}' matches no module{nearest} (module names look like {example})")
         matched.extend(h for h in hits if h not in matched)
     return with_fused_siblings(matched, set(all_names))
+
+
+def nearest_modules(pattern: str, names: list[str], cutoff: float = 0.6) -> list[str]:
+    """Up to 3 module names a pattern that matched nothing was probably meant for: each scored by the closer of its
+    full name and its last components (as many as the pattern has, those under a `*` left out); the shortest first
+    among equals, as a pattern is more often meant for a block than for one of its leaves."""
+    parts = pattern.split(".")
+
+    def score(name: str) -> float:
+        full = difflib.SequenceMatcher(None, pattern, name).ratio()
+        tail = name.split(".")[-len(parts):]
+        if len(tail) < len(parts):
+            return full
+        kept = [(p, t) for p, t in zip(parts, tail) if p != "*"]
+        last = difflib.SequenceMatcher(None, ".".join(p for p, _ in kept), ".".join(t for _, t in kept)).ratio()
+        return max(full, last)
+
+    scored = sorted(((score(n), n) for n in names), key=lambda pair: (-pair[0], len(pair[1])))
+    return [name for value, name in scored[:3] if value >= cutoff]
 
 
 def with_fused_siblings(names: list[str], all_names: set[str]) -> list[str]:
@@ -3678,8 +3843,52 @@ def list_configs() -> int:
 
 
 # --------------------------------------------------------------------------- main
+class CliParser(argparse.ArgumentParser):
+    """Both scripts' parser: a mistake is one `error:` line and exit status 2, not argparse's usage dump; every
+    option is also read with dashes for its underscores (--batch-size, --batch-size=4), and help shows one form."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", "Options also accept dashes for underscores: --batch-size = --batch_size.")
+        super().__init__(*args, **kwargs)
+
+    def option_names(self) -> list[str]:
+        # argparse keeps every option string, the argument groups' included, in this one mapping
+        return [name for name in self._option_string_actions if name.startswith("--")]
+
+    def underscored(self, arg: str) -> str:
+        """A dashed spelling of one of our options (or of its prefix) as argparse knows it; anything else as is."""
+        name, equals, value = arg.partition("=")
+        if not name.startswith("--") or "-" not in name[2:]:
+            return arg
+        spelled = "--" + name[2:].replace("-", "_")
+        known = any(option.startswith(spelled) for option in self.option_names())
+        return spelled + equals + value if known else arg
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self.underscored(arg) for arg in args], namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unknown_argument(extras))
+        return parsed
+
+    def unknown_argument(self, extras: list[str]) -> str:
+        option = next((arg for arg in extras if arg.startswith("-")), None)
+        if option is None:
+            return f"unexpected argument '{extras[0]}' (options start with --); see --help"
+        name = option.partition("=")[0]
+        close = difflib.get_close_matches("--" + name.lstrip("-").replace("-", "_"), self.option_names(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown option {name}{hint}; see --help"
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Quantize a Hugging Face causal LM to NVFP4 with NVIDIA ModelOpt.")
+    p = CliParser(description="Quantize a Hugging Face causal LM to NVFP4 with NVIDIA ModelOpt.")
     p.add_argument("--input_model", help="local model dir or hub ID (env INPUT_MODEL)")
     p.add_argument("--output_model", help="output dir for the NVFP4 checkpoint (env OUTPUT_MODEL)")
     p.add_argument("--dataset_yaml", help="calibration mix, e.g. Datasets/SWRP_Default.yaml")

@@ -172,7 +172,7 @@ def test_skip_layers_patterns(base_model):
     assert q.resolve_skip_layers(base_model, ["layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"]) == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.0.self_attn.k_proj",
         "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.gate_proj"]
-    with pytest.raises(q.UsageError, match="pattern 'down_porj' matches no module"):
+    with pytest.raises(q.UsageError, match="'down_porj' matches no module; nearest: model.layers.0.mlp.down_proj"):
         q.resolve_skip_layers(base_model, ["down_porj"])
 
 

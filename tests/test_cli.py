@@ -240,7 +240,7 @@ def bad_inputs(tmp_path):
     ("malformed", ["malformed YAML"]),
     ("formatter", ["unknown formatter 'alpaca'", "allowed: raw_text"]),
     ("key", ["unknown key 'colour'", "datasets[0] (a)"]),
-    ("path", ["dataset 'a'", "path not found"]),
+    ("path", ["datasets[0] (a)", "no file matches ./nowhere/data.jsonl"]),
     ("empty", ["datasets[0] (a)", "contributes no calibration sample"]),
 ])
 def test_bad_calibration_input(tiny_model, tmp_path, bad_inputs, case, fragments):

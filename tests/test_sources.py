@@ -65,10 +65,15 @@ def test_save_to_disk_dataset_and_dict(tmp_path):
         q.open_dataset(spec(tmp_path / "dd", split="validation"), None)
 
 
-def test_missing_local_path_fails_early(tmp_path):
+def test_missing_local_path_fails_early(tmp_path, monkeypatch):
+    import datasets
+
     with pytest.raises(q.UsageError, match="path not found"):
         q.check_dataset_source(spec(tmp_path / "missing.jsonl"))
-    q.check_dataset_source(spec("org/dataset"))  # a hub ID is left to the loader
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    with pytest.raises(q.UsageError, match="^dataset 'org/dataset' is not in the local Hugging Face cache"):
+        q.check_dataset_source(spec("org/dataset"))  # a hub ID goes to the hub check, not the local one
 
 
 def test_collect_texts_is_seeded(tmp_path):
