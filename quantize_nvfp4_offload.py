@@ -52,6 +52,8 @@ LAYER_LOOP_ALGORITHMS = (None, "max", "gptq") + q.SCALE_SEARCH  # None: the mode
 # GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
 # whole-model Hessian pass feeds each layer)
 STREAMS = ("outputs", "quantized_outputs")
+STAGE_PLACEMENT = "placement plan"                      # this script's phases, beside quantize_nvfp4.py's
+STAGE_LAYER_CALIBRATION = "calibration (layer by layer)"
 
 
 @dataclasses.dataclass
@@ -872,10 +874,9 @@ def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int
     """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once);
     with `rewritten` (GPTQ), their rewritten weights too."""
     from safetensors.torch import load_file
-    from tqdm import tqdm
 
     names = decoder_layer_names(model)
-    for index in tqdm(range(count), desc="restore calibrated layers", unit="layer", file=sys.stderr):
+    for index in q.Progress(range(count), desc="restore calibrated layers", unit="layer"):
         restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
         holder["searched"].update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
         if rewritten:
@@ -937,7 +938,6 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     """
     import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
-    from tqdm import tqdm
 
     insert_quantizers(model, config)
     q.install_calibration_hooks(model, holder)
@@ -978,7 +978,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     last_resume_point = time.perf_counter()
     try:
         prefetch.start(layers[start])
-        for index in tqdm(range(start, len(layers)), desc="calibrate layers", unit="layer", file=sys.stderr):
+        for index in q.Progress(range(start, len(layers)), desc="calibrate layers", unit="layer"):
             layer, loaded = layers[index], prefetch.take()
             if index + 1 < len(layers):
                 prefetch.start(layers[index + 1])
@@ -1018,6 +1018,7 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
     def calibrate(model, config: dict, holder: dict) -> None:
         calibrate_by_layer(model, config, holder, job.samples, settings, device, offload, resume_after)
 
+    q.stage(STAGE_LAYER_CALIBRATION)
     return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate)
 
 
@@ -1030,6 +1031,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     fingerprint = job_fingerprint(settings, job, offload)
     resume_after = check_resume(offload, fingerprint)
     offload.offload_folder.mkdir(parents=True, exist_ok=True)
+    q.stage(STAGE_PLACEMENT)
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)
     check_cpu_run_placement(placement, job, settings)
@@ -1038,6 +1040,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:
         q.log(f"--resume: layers 0-{resume_after} are already calibrated; continuing from layer {resume_after + 1}")
+    q.stage(q.STAGE_LOAD)
     load_start = time.perf_counter()
     with q.disk_full_is_usage_error(offload.offload_folder, placement.offload_disk_bytes,
                                     "offloaded weights and calibration checkpoints"):
@@ -1069,6 +1072,7 @@ def run_self_test(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    q.start_console(args.verbose)
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
     try:
         if args.list_configs:
@@ -1079,10 +1083,10 @@ def main(argv: list[str] | None = None) -> int:
         offload = build_offload_settings(args)
         return run_offload(q.build_settings(args, env), offload)
     except q.UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        q.print_error(str(exc))
         return q.EXIT_USAGE
     except q.ExportRejected as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        q.print_error(str(exc))
         return 1
 
 
