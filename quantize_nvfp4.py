@@ -23,6 +23,7 @@ import functools
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -866,8 +867,6 @@ def check_contributes(spec: DatasetSpec, where: str, columns: list[str], counts:
 
 def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=None) -> tuple[list, int]:
     """Up to `wanted` formatted texts from a shuffled dataset; returns (texts, rows skipped)."""
-    from tqdm import tqdm
-
     import datasets
 
     if isinstance(dataset, datasets.IterableDataset):
@@ -875,8 +874,7 @@ def collect_texts(spec: DatasetSpec, dataset, wanted: int, seed: int, tokenizer=
     else:
         dataset = dataset.shuffle(seed=seed)
     texts, skipped, template_failures = [], 0, []
-    with tqdm(total=wanted, desc=f"format {spec.name}", unit="sample", file=sys.stderr, leave=False,
-              disable=not on_main_rank()) as bar:
+    with Progress(total=wanted, desc=f"format {spec.name}", unit="sample") as bar:
         for row in read_rows(spec, dataset):
             if len(texts) >= wanted:
                 break
@@ -948,6 +946,7 @@ def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped:
 
 def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[int]], dict, list[list[int]]]:
     """YAML plan -> texts -> tokens -> calibration samples, stats for the manifest, and held-out samples."""
+    stage(STAGE_DATA)
     requests = plan_requests(settings.datasets, settings.max_samples, settings.oversample_ratio)
     texts, skipped, tokenized = {}, {}, {}
     for index, spec in enumerate(settings.datasets):
@@ -1837,12 +1836,9 @@ def searchable_linears(module, prefix: str) -> dict:
 def search_block_scales(linears: dict, holder: dict, access: Callable | None = None) -> None:
     """local_hessian's or four_over_six's search after the max pass: every block's FP8 scale, under the max
     global scale. The weights must be in place: `access(module)` puts them there, else the caller has."""
-    from tqdm import tqdm
-
     holder["hessian_input"] = None
     start = time.perf_counter()
-    for name, module in tqdm(linears.items(), desc="block scales", unit="linear", file=sys.stderr,
-                             disable=not on_main_rank() or not linears):
+    for name, module in Progress(linears.items(), desc="block scales", unit="linear"):
         if getattr(module.weight_quantizer, "_amax", None) is None:
             continue  # never calibrated: kept in 16 bits after calibration
         total = holder["hessians"].pop(name, None) if holder["hessians"] is not None else None
@@ -1861,6 +1857,10 @@ def search_model_block_scales(model, holder: dict) -> None:
     import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
+    names = sorted(holder["hessians"]) if holder["hessians"] is not None else \
+        [name for name in searchable_linears(model, "") if name not in holder["searched"]]
+    if names:  # none left after the offload loop
+        stage(STAGE_SEARCH)
     if current_ranks().distributed and holder["hessians"]:
         shared = {id(total): total for _, total in sorted(holder["hessians"].items())}
         for total in shared.values():
@@ -1868,8 +1868,6 @@ def search_model_block_scales(model, holder: dict) -> None:
             for tensor in total:
                 torch.distributed.all_reduce(tensor)
     modules = dict(model.named_modules())
-    names = sorted(holder["hessians"]) if holder["hessians"] is not None else \
-        [name for name in searchable_linears(model, "") if name not in holder["searched"]]
     search_block_scales({name: modules[name] for name in names}, holder,
                         access=lambda module: enable_weight_access_and_writeback(module, model, modules))
 
@@ -2163,7 +2161,6 @@ def plan_batches(forward, samples, settings: Settings, device: str, holder: dict
 def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, holder: dict) -> None:
     """The forward loop ModelOpt calls (once per pass of its algorithm): every sample once."""
     import torch
-    from tqdm import tqdm
 
     holder["pass"] = holder.get("pass", 0) + 1
     install_calibration_hooks(model, holder)
@@ -2173,8 +2170,8 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
         if "plan" not in holder:
             plan_batches(forward, samples, settings, device, holder)
         batches_run = list(holder["done"])
-        bar = tqdm(total=sum(lengths), desc="calibrate", unit="tok", unit_scale=True, file=sys.stderr,
-                   disable=not on_main_rank(), initial=sum(lengths[i] for b in batches_run for i in b))
+        bar = Progress(total=sum(lengths), desc="calibrate", unit="token", unit_scale=True,
+                       initial=sum(lengths[i] for b in batches_run for i in b))
         queue = deque(holder["plan"])
         while queue:
             batch = queue.popleft()
@@ -2212,9 +2209,14 @@ GPTQ_LINE = re.compile(r"^\[(?P<name>[^\]]+)\] Relative MSE error: (?P<error>\S+
 
 
 @contextlib.contextmanager
-def modelopt_report(holder: dict):
-    """ModelOpt's GPTQ prints one line per linear (Hessian-weighted relative error of its update): those go
-    to holder["gptq_relative_mse"] for the manifest instead of the console; every other line is printed."""
+def modelopt_report(holder: dict, gptq: bool = True):
+    """ModelOpt's prints on stdout around one of its calls. GPTQ's line per linear (Hessian-weighted relative error
+    of its update) goes to holder["gptq_relative_mse"] for the manifest instead of the console; the others
+    (Inserted N quantizers, Registered <class> to _QuantAttention ...) are printed with --verbose only. Without
+    `gptq` and with --verbose, stdout is left as it is: ModelOpt's lines show as they come."""
+    if CONSOLE.verbose and not gptq:
+        yield
+        return
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
@@ -2225,7 +2227,7 @@ def modelopt_report(holder: dict):
             match = GPTQ_LINE.match(line)
             if match:
                 errors[match["name"]] = float(match["error"])
-            else:
+            elif CONSOLE.verbose:
                 print(line)
         holder["gptq_relative_mse"] = errors
 
@@ -2252,7 +2254,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        with modelopt_report(holder) if settings.algorithm == "gptq" else contextlib.nullcontext():
+        with modelopt_report(holder, gptq=settings.algorithm == "gptq"):
             if calibrate is None:
                 mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
             else:
@@ -2680,6 +2682,7 @@ def existing_quality_report(args: argparse.Namespace, env: dict) -> tuple[dict, 
     _, _, holdout = prepare_calibration_data(settings, load_tokenizer(settings))
     if not holdout:
         raise UsageError("--eval: no held-out samples left after the calibration trim; raise --oversample_ratio")
+    stage(STAGE_QUALITY)
     return report_with_emulator(settings, config, Path(args.verify), holdout, pick_device()), settings
 
 
@@ -2954,11 +2957,10 @@ def token_metrics(reference_logits, quantized_logits, input_ids) -> dict:
 def quality_report(reference_fn, quantized_fn, holdout: list[list[int]], device: str, how: str) -> dict:
     """Perplexity, mean KL and top-1 agreement of the quantized model against the original on held-out text."""
     import torch
-    from tqdm import tqdm
 
     totals: dict = {}
     with torch.no_grad():
-        for sample in tqdm(holdout, desc="evaluate", unit="sample", file=sys.stderr):
+        for sample in Progress(holdout, desc="evaluate", unit="sample"):
             ids = torch.tensor([sample], device=device)
             for key, value in token_metrics(reference_fn(ids), quantized_fn(ids), ids).items():
                 totals[key] = totals.get(key, 0) + value
@@ -3009,8 +3011,7 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
     """Exit status for --max_ppl_increase: 1 when the quantized model is worse than allowed."""
     if report is None or max_increase is None or report["perplexity_increase_pct"] <= max_increase:
         return 0
-    print(f"error: perplexity rose {report['perplexity_increase_pct']}%, more than --max_ppl_increase {max_increase}%",
-          file=sys.stderr)
+    print_error(f"perplexity rose {report['perplexity_increase_pct']}%, more than --max_ppl_increase {max_increase}%")
     return 1
 
 
@@ -3114,14 +3115,12 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
     """Per quantized linear, one at a time: its output from the exported tensors against the source
     checkpoint's 16-bit weight on the captured inputs (capture_linear_io; `after` only where the export
     folded scales). Raises ExportRejected when a linear is far outside NVFP4's normal range (fidelity_limit)."""
-    from tqdm import tqdm
-
     reader, original = CheckpointReader(folder), CheckpointReader(source)
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     algo, group = quant["quant_algo"], int(quant["group_size"])
     errors, unchecked, modules = {}, [], modules_by_exported_name(model)
     names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
-    for name in tqdm(names, desc="fidelity", unit="linear", file=sys.stderr, disable=not on_main_rank()):
+    for name in Progress(names, desc="fidelity", unit="linear"):
         module_name, source_key = modules.get(name), f"{name}.weight"
         if module_name not in before or source_key not in original or (after is not None and module_name not in after):
             unchecked.append(name)
@@ -3630,12 +3629,13 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
     try:
+        stage(STAGE_EXPORT)
         before, after = (capture(False) if capture else None), None
         start = time.perf_counter()
         if settings.algorithm == "awq_lite":
             fold_awq_scales(model)
             after = capture(True) if capture else None
-        with warnings.catch_warnings(), text_forward(model):
+        with warnings.catch_warnings(), text_forward(model), modelopt_report({}, gptq=False):
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
@@ -3643,9 +3643,11 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
         write_tokenizer_and_extras(model, tokenizer, staging, settings)
         manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
+        stage(STAGE_VALIDATION)
         manifest["validation"] = validate_export(staging, expected, settings.mode, source)
         manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
         if capture:
+            stage(STAGE_FIDELITY)
             manifest["fidelity"] = check_fidelity(model, staging, source, before, after, device)
         report = report_fn(staging) if report_fn else None
         if report:
@@ -3677,14 +3679,140 @@ def on_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# The phases of a run, each announced by stage() as it starts (the offload script adds its own two)
+STAGE_CHECKS = "checks"
+STAGE_DATA = "calibration data"
+STAGE_LOAD = "loading weights"
+STAGE_CALIBRATION = "calibration"
+STAGE_SEARCH = "scale search"
+STAGE_EXPORT = "export"
+STAGE_VALIDATION = "checks of the written files"
+STAGE_FIDELITY = "fidelity check"
+STAGE_QUALITY = "quality report"
+PROGRESS_INTERVAL_S = 10.0  # off a terminal: at most one progress line per loop this often
+# Without --verbose: set before these libraries are imported (each reads them once, at import); a value the user
+# set is kept. transformers' progress bars follow huggingface_hub's switch.
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "DATASETS_VERBOSITY": "error",
+}
+QUIET_LOGGERS = ("accelerate", "modelopt", "datasets", "huggingface_hub", "torch.distributed")
+QUIET_WARNINGS_FROM = r"(transformers|torch|modelopt|accelerate)(\.|$)"  # modules whose Python warnings go unshown
+
+
+@dataclasses.dataclass
+class Console:
+    """What the console helpers share. Outside main() (tests, benches) libraries are left as they are."""
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    verbose: bool = True
+    bars: list = dataclasses.field(default_factory=list)  # open terminal bars, cleared before an error line
+
+
+CONSOLE = Console()
+
+
+def start_console(verbose: bool) -> None:
+    """At the start of main(): the run's clock for stage lines, and other libraries' output off unless verbose."""
+    CONSOLE.started, CONSOLE.verbose = time.perf_counter(), verbose
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Other libraries' logging, progress bars and deprecation / user warnings off; ModelOpt's prints on stdout
+    are captured where it is called (modelopt_report)."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_WARNINGS_FROM)
+
+
+def write_line(text: str) -> None:
+    """One whole line on stderr; open terminal bars are cleared for it and redrawn below it."""
+    if CONSOLE.bars:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
 def warn(message: str) -> None:
     if on_main_rank():
-        print(f"warning: {message}", file=sys.stderr)
+        write_line(f"warning: {message}")
 
 
 def log(message: str) -> None:
     if on_main_rank():
-        print(message, file=sys.stderr, flush=True)
+        write_line(message)
+
+
+def stage(name: str) -> None:
+    """One line as a phase of the run starts, with the seconds since main() began."""
+    log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {name}")
+
+
+def print_error(message: str) -> None:
+    """`error: message` from column 0 on every rank: open terminal bars are closed (cleared) first."""
+    for bar in list(CONSOLE.bars):
+        bar.close()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """One loop's progress on stderr, main rank only. On a terminal a tqdm bar that is cleared when done; else
+    a plain line through log() at most every PROGRESS_INTERVAL_S seconds, none for a loop done sooner.
+
+    Iterate over it (wrapping `iterable`), or call update(n) and close() (or use it in a with-block)."""
+
+    def __init__(self, iterable: Iterable | None = None, *, desc: str, unit: str, total: int | None = None,
+                 initial: int = 0, unit_scale: bool = False):
+        self.iterable, self.desc, self.unit, self.done = iterable, desc, unit, initial
+        self.total = len(iterable) if total is None else total
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        if on_main_rank() and sys.stderr.isatty() and self.total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
+                            leave=False, file=sys.stderr)
+            CONSOLE.bars.append(self)
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= PROGRESS_INTERVAL_S:
+            self.last_line = now
+            log(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({self.done / max(self.total, 1):.0%}), "
+                f"{now - self.started:.1f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            CONSOLE.bars.remove(self)
+            self.bar = None
 
 
 def print_plan(settings: Settings, stats: dict) -> None:
@@ -3755,7 +3883,8 @@ def build_tiny_tokenizer(folder: Path, corpus: list[str], vocab_size: int = 512)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
     fast.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -3933,6 +4062,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_ppl_increase", type=float, metavar="PCT",
                    help="exit 1 when perplexity rises more than PCT percent (implies --eval)")
     p.add_argument("--reference", metavar="MODEL", help="with --verify DIR --eval: the original model to compare with")
+    p.add_argument("--verbose", action="store_true",
+                   help="let other libraries print as they do (logging, warnings, progress bars, ModelOpt's lines)")
     return p
 
 
@@ -3969,6 +4100,7 @@ class Job:
 
 def prepare_job(settings: Settings) -> Job:
     """Every check the run makes before the weights load, and the calibration data: what a dry run runs."""
+    stage(STAGE_CHECKS)
     started = time.perf_counter()
     for spec in settings.datasets:
         check_dataset_source(spec)
@@ -4044,9 +4176,11 @@ def evaluation(model, settings: Settings, job: Job, device: str) -> Callable[[Pa
         return None
     in_process = None
     if device.startswith("cuda") and settings.algorithm != "gptq":
+        stage(STAGE_QUALITY)
         in_process = report_with_modelopt(model, job.holdout, device)  # before export touches the model
 
     def report(staging: Path) -> dict:
+        stage(STAGE_QUALITY)
         result = report_with_emulator(settings, job.config, staging, job.holdout, device)
         if in_process:
             result["modelopt_in_process"] = in_process
@@ -4063,9 +4197,11 @@ def run(settings: Settings) -> int:
     device_map = gpu_placement(settings, job, ranks.distributed)
     if settings.dry_run:
         return dry_run_passed(settings, job, ["the GPU placement"] if device.startswith("cuda") else [])
+    stage(STAGE_LOAD)
     load_start = time.perf_counter()
     model = load_model(settings, job.config, device, device_map)
     timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
+    stage(STAGE_CALIBRATION)
     calibration_run = quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id)
     status = 0
     if ranks.rank == 0:  # the others wait below, then exit 0
@@ -4101,6 +4237,7 @@ def gpu_placement(settings: Settings, job: Job, distributed: bool) -> str | None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    start_console(args.verbose)
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
     try:
         if args.list_configs:
@@ -4118,10 +4255,10 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed()
         return run(settings)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return EXIT_USAGE
     except ExportRejected as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
 
 

@@ -53,6 +53,8 @@ LAYER_LOOP_ALGORITHMS = (None, "max", "gptq") + q.SCALE_SEARCH  # None: the mode
 # GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
 # whole-model Hessian pass feeds each layer)
 STREAMS = ("outputs", "quantized_outputs")
+STAGE_PLACEMENT = "placement plan"                      # this script's phases, beside quantize_nvfp4.py's
+STAGE_LAYER_CALIBRATION = "calibration (layer by layer)"
 
 
 @dataclasses.dataclass
@@ -889,10 +891,9 @@ def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int
     """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once);
     with `rewritten` (GPTQ), their rewritten weights too."""
     from safetensors.torch import load_file
-    from tqdm import tqdm
 
     names = decoder_layer_names(model)
-    for index in tqdm(range(count), desc="restore calibrated layers", unit="layer", file=sys.stderr):
+    for index in q.Progress(range(count), desc="restore calibrated layers", unit="layer"):
         restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
         holder["searched"].update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
         if rewritten:
@@ -954,7 +955,6 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     """
     import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
-    from tqdm import tqdm
 
     insert_quantizers(model, config)
     q.install_calibration_hooks(model, holder)
@@ -995,7 +995,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     last_resume_point = time.perf_counter()
     try:
         prefetch.start(layers[start])
-        for index in tqdm(range(start, len(layers)), desc="calibrate layers", unit="layer", file=sys.stderr):
+        for index in q.Progress(range(start, len(layers)), desc="calibrate layers", unit="layer"):
             layer, loaded = layers[index], prefetch.take()
             if index + 1 < len(layers):
                 prefetch.start(layers[index + 1])
@@ -1035,6 +1035,7 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
     def calibrate(model, config: dict, holder: dict) -> None:
         calibrate_by_layer(model, config, holder, job.samples, settings, device, offload, resume_after)
 
+    q.stage(STAGE_LAYER_CALIBRATION)
     return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate)
 
 
@@ -1044,6 +1045,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     job = q.prepare_job(settings)
     fingerprint = job_fingerprint(settings, job, offload)
     resume_after = check_resume(offload, fingerprint, settings.dry_run)
+    q.stage(STAGE_PLACEMENT)
     placement = plan_placement(job, settings, offload)
     print_placement(placement, offload)
     check_cpu_run_placement(placement, job, settings)
@@ -1057,9 +1059,10 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:
         q.log(f"--resume: layers 0-{resume_after} are already calibrated; continuing from layer {resume_after + 1}")
+    q.stage(q.STAGE_LOAD)
     load_start = time.perf_counter()
     with q.write_errors_are_usage_errors(offload.offload_folder, placement.offload_disk_bytes,
-                                    "offloaded weights and calibration checkpoints"):
+                                         "offloaded weights and calibration checkpoints"):
         model = load_offloaded_model(settings, job, placement, offload)
         timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
         device = execution_device(placement)
@@ -1088,6 +1091,7 @@ def run_self_test(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    q.start_console(args.verbose)
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
     try:
         if args.list_configs:
@@ -1098,10 +1102,10 @@ def main(argv: list[str] | None = None) -> int:
         offload = build_offload_settings(args)
         return run_offload(q.build_settings(args, env), offload)
     except q.UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        q.print_error(str(exc))
         return q.EXIT_USAGE
     except q.ExportRejected as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        q.print_error(str(exc))
         return 1
 
 

@@ -167,7 +167,8 @@ def test_gptq_runs_on_static_max_blocks_all_layers_at_once(mode):
     assert json.dumps(mtq.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG, default=str) == before
 
 
-def test_modelopt_gptq_report_goes_to_the_manifest(capsys):
+def test_modelopt_gptq_report_goes_to_the_manifest(capsys, monkeypatch):
+    monkeypatch.setattr(q.CONSOLE, "verbose", True)  # ModelOpt's other lines are shown with --verbose only
     holder = {}
     with q.modelopt_report(holder):
         print("[model.layers.0.self_attn.q_proj] Relative MSE error: 3.32e-03, n_hessian_samples: 65536")

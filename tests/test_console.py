@@ -1,0 +1,129 @@
+"""The console: one stage line per phase, other libraries quiet unless --verbose, progress without carriage
+returns off a terminal, and error lines that start their own line."""
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import quantize_nvfp4 as q
+import quantize_nvfp4_offload as qo
+
+NOISE = ("Inserted", "Registered <class", "Generating train split", "deprecated", "\r")
+MAIN_STAGES = (q.STAGE_CHECKS, q.STAGE_DATA, q.STAGE_LOAD, q.STAGE_CALIBRATION, q.STAGE_SEARCH, q.STAGE_EXPORT,
+               q.STAGE_VALIDATION, q.STAGE_FIDELITY)
+OFFLOAD_STAGES = (q.STAGE_CHECKS, q.STAGE_DATA, qo.STAGE_PLACEMENT, q.STAGE_LOAD, qo.STAGE_LAYER_CALIBRATION,
+                  q.STAGE_EXPORT, q.STAGE_VALIDATION, q.STAGE_FIDELITY)
+
+
+def self_test(script: str, *extra: str) -> subprocess.CompletedProcess:
+    """The script's self-test with stdout and stderr on pipes, and no switch of ours or the user's that quiets
+    the libraries beforehand (the script must do it)."""
+    quieting = set(q.QUIET_ENVIRONMENT) | {"TQDM_DISABLE"}
+    env = {k: v for k, v in os.environ.items() if k not in quieting} | {"HF_HUB_OFFLINE": "1",
+                                                                         "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / script), "--self_test", *extra], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def stages(text: str) -> list[str]:
+    return [m["name"] for m in re.finditer(r"^\[\s*\d+\.\d s\] (?P<name>.+)$", text, re.MULTILINE)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, expected", [("quantize_nvfp4.py", MAIN_STAGES),
+                                              ("quantize_nvfp4_offload.py", OFFLOAD_STAGES)])
+def test_self_test_console_shows_stages_and_nothing_else(script, expected):
+    result = self_test(script)
+    for noise in NOISE:
+        assert noise not in result.stdout + result.stderr, noise
+    assert stages(result.stderr) == list(expected), result.stderr
+    assert "summary" in result.stderr
+
+
+@pytest.mark.slow
+def test_verbose_lets_modelopt_print():
+    result = self_test("quantize_nvfp4.py", "--verbose")
+    assert "Inserted" in result.stdout
+    assert q.STAGE_CALIBRATION in stages(result.stderr)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """time.monotonic, moved by hand."""
+    now = [1000.0]
+    monkeypatch.setattr(q.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_progress_off_a_terminal_is_rate_limited_plain_lines(capsys, clock):
+    bar = q.Progress(total=512, desc="calibrate", unit="sample")
+    for step in range(1, 513):
+        clock[0] += 0.1  # 51.2 s in all: a line at 10, 20, 30, 40 and 50 s
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 5, err
+    assert re.fullmatch(r"calibrate: 100/512 samples \(20%\), 10\.0 s", lines[0]), lines[0]
+
+
+def test_progress_off_a_terminal_says_nothing_for_a_short_loop(capsys, clock):
+    for _ in q.Progress(range(50), desc="fidelity", unit="linear"):
+        clock[0] += 0.1
+    assert capsys.readouterr().err == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def use_terminal(monkeypatch) -> Terminal:
+    """stderr as a terminal (in the test's call: pytest puts its own stderr back after the fixtures), and a
+    console of its own (main() sets the shared one up)."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(q, "CONSOLE", q.Console())
+    return terminal
+
+
+def test_an_error_while_a_bar_is_open_starts_its_own_line(monkeypatch):
+    terminal = use_terminal(monkeypatch)
+
+    def run(settings):
+        bar = q.Progress(total=10, desc="calibrate", unit="token")
+        bar.update(3)
+        raise q.UsageError("out of something")
+
+    monkeypatch.setattr(q, "build_settings", lambda args, env: None)
+    monkeypatch.setattr(q, "init_distributed", lambda: None)
+    monkeypatch.setattr(q, "run", run)
+    monkeypatch.setattr(q, "quiet_libraries", lambda: None)
+    assert q.main(["--input_model", "m", "--output_model", "out"]) == q.EXIT_USAGE
+    text = terminal.getvalue()
+    assert "calibrate" in text  # the bar was drawn
+    before, after = text.split("error: out of something", 1)
+    assert before.endswith(("\r", "\n")), repr(before[-80:])
+    assert after == "\n" and not q.CONSOLE.bars
+
+
+def test_the_quality_gate_error_starts_its_own_line(monkeypatch):
+    terminal = use_terminal(monkeypatch)
+    bar = q.Progress(total=10, desc="evaluate", unit="sample")
+    bar.update(1)
+    assert q.quality_gate({"perplexity_increase_pct": 9.0}, 5.0) == 1
+    before, _ = terminal.getvalue().split("error: perplexity rose 9.0%", 1)
+    assert before.endswith(("\r", "\n")), repr(before[-80:])
+
+
+def test_stage_line_format(capsys, monkeypatch):
+    monkeypatch.setattr(q.CONSOLE, "started", q.time.perf_counter() - 12.34)
+    q.stage(q.STAGE_EXPORT)
+    assert re.fullmatch(r"\[   12\.\d s\] export\n", capsys.readouterr().err)
