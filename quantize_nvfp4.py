@@ -2140,6 +2140,8 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
     quant = hf.get("quantization") or {}
     problems = [f"hf_quant_config.json: missing key quantization.{k} [config: vLLM requires it]"
                 for k in ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules") if k not in quant]
+    problems += [f"hf_quant_config.json: exclude pattern {p!r} holds a control character and matches no module "
+                 "[config: exclude_modules]" for p in quant.get("exclude_modules") or [] if not p.isprintable()]
     algo = quant.get("quant_algo")
     if algo not in QUANT_ALGO_GROUP_SIZE:
         problems.append(f"hf_quant_config.json: quant_algo {algo!r} is not one of {', '.join(QUANT_ALGO_GROUP_SIZE)} "
@@ -2266,10 +2268,41 @@ def original_tensors(skeleton, source: Path | None) -> tuple[dict[str, list[int]
     return {key: list(t.shape) for key, t in state.items()}, "config"
 
 
+# On-disk fused expert stacks [experts, ...] that ModelOpt's export writes one linear per expert, under the names
+# vLLM's NVFP4 loaders map: `{experts}.{e}.{projection}.` + weight, weight_scale, weight_scale_2, input_scale
+# (granitemoehybrid.py get_expert_mapping; qwen3_vl_moe.py load_weights, whose fused-stack path loads
+# unquantized weights only). Projections are stacked along the output, in this order.
+EXPERT_STACK_SPLITS = (  # (on-disk key, per-expert module prefix, projections)
+    (re.compile(r"(.*\.block_sparse_moe)\.input_linear\.weight"), r"\1.experts", ("gate_proj", "up_proj")),
+    (re.compile(r"(.*\.block_sparse_moe)\.output_linear\.weight"), r"\1.experts", ("down_proj",)),
+    (re.compile(r"(.*\.mlp\.experts)\.gate_up_proj"), r"\1", ("gate_proj", "up_proj")),
+    (re.compile(r"(.*\.mlp\.experts)\.down_proj"), r"\1", ("down_proj",)),
+)
+
+
+def expert_stack_linears(key: str, shape: list[int], hidden: int) -> dict[str, tuple[int, int]] | None:
+    """The per-expert linears (name -> [out, in]) an on-disk fused expert stack is written as; None for other keys.
+
+    Checkpoints store stacks as [experts, out, in] (Granite) or [experts, in, out] (Qwen3-VL-MoE); the hidden
+    size, the input of gate/up and the output of down, tells which (both read the same when it is ambiguous).
+    """
+    for pattern, prefix, projections in EXPERT_STACK_SPLITS:
+        match = pattern.fullmatch(key)
+        if match is None or len(shape) != 3:
+            continue
+        experts, rows, columns = shape
+        rows_are_outputs = columns == hidden if projections != ("down_proj",) else rows == hidden
+        out_f, in_f = (rows, columns) if rows_are_outputs else (columns, rows)
+        return {f"{match.expand(prefix)}.{e}.{p}": (out_f // len(projections), in_f)
+                for e in range(experts) for p in projections}
+    return None
+
+
 def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader, algo: str,
-                            tied: set[str]) -> tuple[set[str], set[str], list[str]]:
-    """Every original tensor is written as NVFP4 (a linear's weight, or a 3-D expert stack) or carried over
-    with its shape. Returns (what was quantized, every key the checkpoint may hold, problems)."""
+                            tied: set[str], hidden: int) -> tuple[set[str], set[str], list[str]]:
+    """Every original tensor is written as NVFP4 (a linear's weight, a 3-D expert stack, or a fused expert
+    stack split per expert: expert_stack_linears) or carried over with its shape. Returns (what was quantized,
+    every key the checkpoint may hold, problems)."""
     scalars = ("weight_scale_2",) + (() if algo == "W4A16_NVFP4" else ("input_scale",))
     quantized, expected, problems = set(), set(), []
     for key, shape in originals.items():
@@ -2286,22 +2319,33 @@ def check_against_originals(originals: dict[str, list[int]], reader: CheckpointR
             expected.add(key)
             if reader.shape(key) != shape:
                 problems.append(f"{key}: shape {reader.shape(key)}, the original has {shape} [tensors: carried over]")
+        elif (split := expert_stack_linears(key, shape, hidden)) is not None:
+            quantized |= set(split)
+            expected |= {f"{m}.{s}" for m in split for s in ("weight", "weight_scale") + scalars}
+            problems += [p for m, linear in split.items() for p in check_linear(reader, m, linear, algo)]
         elif key not in tied:
             problems.append(f"{key}: missing [tensors: complete]")
     return quantized, expected, problems
 
 
 def export_names(model) -> Callable[[str], str]:
-    """In-memory module name -> the name the export writes: transformers' load-time renames reversed, by
-    the same ModelOpt function export_hf_checkpoint uses (identity when the model was not renamed)."""
+    """In-memory module name -> the name the export writes: ModelOpt's reverse rename rules applied to the
+    module's `.weight` key, as export_hf_checkpoint applies them to tensor keys (identity when the model was
+    not renamed, or when ModelOpt cannot reverse its conversion and keeps the in-memory names).
+
+    Not ModelOpt's build_reverse_name_mapper: it appends a sentinel starting with `modelopt` to the name, which
+    unanchored rules rewrite (NemotronH's `model.` -> `backbone.` turns it into `backbone.pt_name_sentinel`).
+    """
     from modelopt.torch.export.quant_aware_conversion import (QuantConversionUnsupportedError,
-                                                              build_reverse_name_mapper)
+                                                              _apply_rename_rules, _build_reverse_rules,
+                                                              _compile_rename_rules)
 
     try:
-        mapper = build_reverse_name_mapper(model)
+        _, rules, _ = _build_reverse_rules(model)
     except QuantConversionUnsupportedError:  # the export then keeps the in-memory names as well
-        mapper = None
-    return mapper or (lambda name: name)
+        return lambda name: name
+    compiled = _compile_rename_rules(rules)
+    return lambda name: _apply_rename_rules(f"{name}.weight", compiled)[: -len(".weight")]
 
 
 def check_kv_scales(reader: CheckpointReader, kv_algo: str | None, linears: Iterable[str]) -> tuple[list[str], set]:
@@ -2349,7 +2393,8 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     originals, checked_against = original_tensors(skeleton, source)
     tie = any(getattr(c, "tie_word_embeddings", False) for c in (config, config.get_text_config()))  # either may say
     tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
-    quantized, expected, more = check_against_originals(originals, reader, algo, tied)
+    hidden = config.get_text_config().hidden_size
+    quantized, expected, more = check_against_originals(originals, reader, algo, tied, hidden)
     in_memory = set(quantized_in_memory)
     problems += more + [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(in_memory - quantized)]
     if in_memory:  # after an export: nothing written as NVFP4 that ModelOpt left in 16 bits
@@ -3179,6 +3224,22 @@ def relabel_folded_awq(folder: Path, mode: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+NAME_SENTINEL = re.compile(r"\.\x00[^*]*")  # what is left of ModelOpt's name-mapper sentinel, up to a wildcard
+
+
+def strip_name_sentinels(folder: Path) -> None:
+    """ModelOpt maps exclude_modules to on-disk names with a sentinel (`.\\x00modelopt_name_sentinel`) appended and
+    stripped again; an unanchored rename (NemotronH's `model.` -> `backbone.`) rewrites the sentinel, which then
+    stays in the pattern, so it matches nothing and the runtimes would load excluded layers as FP4. What precedes
+    the sentinel is the mapped name."""
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
+    for holder, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        holder[key] = [NAME_SENTINEL.sub("", p) for p in holder.get(key) or []]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 UNLOADED_FILE = "model-not-loaded-by-transformers.safetensors"
 
 
@@ -3348,6 +3409,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
+        strip_name_sentinels(staging)
         source = source_checkpoint_dir(settings)
         manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
         write_tokenizer_and_extras(model, tokenizer, staging, settings)
