@@ -2268,27 +2268,32 @@ def original_tensors(skeleton, source: Path | None) -> tuple[dict[str, list[int]
     return {key: list(t.shape) for key, t in state.items()}, "config"
 
 
-# On-disk fused expert stacks [experts, ...] that ModelOpt's export writes one linear per expert, under the names
-# vLLM's NVFP4 loaders map: `{experts}.{e}.{projection}.` + weight, weight_scale, weight_scale_2, input_scale
-# (granitemoehybrid.py get_expert_mapping; qwen3_vl_moe.py load_weights, whose fused-stack path loads
-# unquantized weights only). Projections are stacked along the output, in this order.
-EXPERT_STACK_SPLITS = (  # (on-disk key, per-expert module prefix, projections)
-    (re.compile(r"(.*\.block_sparse_moe)\.input_linear\.weight"), r"\1.experts", ("gate_proj", "up_proj")),
-    (re.compile(r"(.*\.block_sparse_moe)\.output_linear\.weight"), r"\1.experts", ("down_proj",)),
-    (re.compile(r"(.*\.mlp\.experts)\.gate_up_proj"), r"\1", ("gate_proj", "up_proj")),
-    (re.compile(r"(.*\.mlp\.experts)\.down_proj"), r"\1", ("down_proj",)),
+# On-disk fused expert stacks [experts, ...] that ModelOpt's export writes one linear per expert, for the
+# architectures whose vLLM NVFP4 loader maps exactly those names: `{experts}.{e}.{projection}.` + weight,
+# weight_scale, weight_scale_2, input_scale (granitemoehybrid.py get_expert_mapping; qwen3_vl_moe.py
+# load_weights, whose fused-stack path loads unquantized weights only). GraniteMoe's own loader maps w1/w3/w2
+# instead, so it is not listed: its export is refused rather than shipped unloadable.
+# Projections are stacked along the output, in this order.
+GRANITE_HYBRID, QWEN3_VL_MOE = ("GraniteMoeHybridForCausalLM",), ("Qwen3VLMoeForConditionalGeneration",)
+EXPERT_STACK_SPLITS = (  # (architectures, on-disk key, per-expert module prefix, projections)
+    (GRANITE_HYBRID, re.compile(r"(.*\.block_sparse_moe)\.input_linear\.weight"), r"\1.experts",
+     ("gate_proj", "up_proj")),
+    (GRANITE_HYBRID, re.compile(r"(.*\.block_sparse_moe)\.output_linear\.weight"), r"\1.experts", ("down_proj",)),
+    (QWEN3_VL_MOE, re.compile(r"(.*\.mlp\.experts)\.gate_up_proj"), r"\1", ("gate_proj", "up_proj")),
+    (QWEN3_VL_MOE, re.compile(r"(.*\.mlp\.experts)\.down_proj"), r"\1", ("down_proj",)),
 )
 
 
-def expert_stack_linears(key: str, shape: list[int], hidden: int) -> dict[str, tuple[int, int]] | None:
+def expert_stack_linears(key: str, shape: list[int], hidden: int,
+                         architecture: str | None) -> dict[str, tuple[int, int]] | None:
     """The per-expert linears (name -> [out, in]) an on-disk fused expert stack is written as; None for other keys.
 
     Checkpoints store stacks as [experts, out, in] (Granite) or [experts, in, out] (Qwen3-VL-MoE); the hidden
     size, the input of gate/up and the output of down, tells which (both read the same when it is ambiguous).
     """
-    for pattern, prefix, projections in EXPERT_STACK_SPLITS:
+    for architectures, pattern, prefix, projections in EXPERT_STACK_SPLITS:
         match = pattern.fullmatch(key)
-        if match is None or len(shape) != 3:
+        if architecture not in architectures or match is None or len(shape) != 3:
             continue
         experts, rows, columns = shape
         rows_are_outputs = columns == hidden if projections != ("down_proj",) else rows == hidden
@@ -2299,7 +2304,8 @@ def expert_stack_linears(key: str, shape: list[int], hidden: int) -> dict[str, t
 
 
 def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader, algo: str,
-                            tied: set[str], hidden: int) -> tuple[set[str], set[str], list[str]]:
+                            tied: set[str], hidden: int,
+                            architecture: str | None) -> tuple[set[str], set[str], list[str]]:
     """Every original tensor is written as NVFP4 (a linear's weight, a 3-D expert stack, or a fused expert
     stack split per expert: expert_stack_linears) or carried over with its shape. Returns (what was quantized,
     every key the checkpoint may hold, problems)."""
@@ -2319,7 +2325,7 @@ def check_against_originals(originals: dict[str, list[int]], reader: CheckpointR
             expected.add(key)
             if reader.shape(key) != shape:
                 problems.append(f"{key}: shape {reader.shape(key)}, the original has {shape} [tensors: carried over]")
-        elif (split := expert_stack_linears(key, shape, hidden)) is not None:
+        elif (split := expert_stack_linears(key, shape, hidden, architecture)) is not None:
             quantized |= set(split)
             expected |= {f"{m}.{s}" for m in split for s in ("weight", "weight_scale") + scalars}
             problems += [p for m, linear in split.items() for p in check_linear(reader, m, linear, algo)]
@@ -2394,7 +2400,8 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     tie = any(getattr(c, "tie_word_embeddings", False) for c in (config, config.get_text_config()))  # either may say
     tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
     hidden = config.get_text_config().hidden_size
-    quantized, expected, more = check_against_originals(originals, reader, algo, tied, hidden)
+    architecture = (config.architectures or [None])[0]
+    quantized, expected, more = check_against_originals(originals, reader, algo, tied, hidden, architecture)
     in_memory = set(quantized_in_memory)
     problems += more + [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(in_memory - quantized)]
     if in_memory:  # after an export: nothing written as NVFP4 that ModelOpt left in 16 bits
@@ -2576,29 +2583,38 @@ def use_eager_experts(model) -> None:
             config._experts_implementation = "eager"
 
 
-def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
-                          group: int) -> list:
-    """transformers 5's fused experts [E, 2I, H] / [E, H, I], exported one linear per expert (`key(e, proj)` is
-    its exported name): dequantized FP4 weights into the 3-D tensors, and each projection's input quantized
-    with the max of its experts' input scales, as vLLM's FlashInfer MoE takes it."""
+FUSED_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",),
+                            "down_proj": ("down_proj",)}
+
+
+def fused_expert_stacks(module) -> dict[str, tuple[str, ...]]:
+    """transformers 5's fused experts, gated ([E, 2I, H] gate_up_proj) or not (NemotronH's [E, I, H] up_proj), with
+    [E, H, I] down_proj: each 3-D parameter and the per-expert linears ModelOpt's export splits it into."""
     import torch
 
-    experts, inner = module.gate_up_proj.shape[0], module.down_proj.shape[2]
-    if module.gate_up_proj.shape[1] != 2 * inner:
-        raise RuntimeError(f"{key(0, 'gate_proj')}: the emulator supports per-expert exports of [E, 2I, H] experts only")
+    stacks = {name: parts for name, parts in FUSED_EXPERT_PROJECTIONS.items()
+              if isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).dim() == 3}
+    return stacks if "down_proj" in stacks and len(stacks) == 2 else {}
 
-    def weight(e: int, proj: str):
-        return exported_weight(reader, key(e, proj), group)
 
+def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
+                          group: int) -> list:
+    """transformers 5's fused experts (fused_expert_stacks), exported one linear per expert (`key(e, proj)` is
+    its exported name): dequantized FP4 weights into the 3-D tensors, and each stack's input quantized with
+    the max of its experts' input scales, as vLLM's FlashInfer MoE takes it."""
+    import torch
+
+    stacks = fused_expert_stacks(module)
+    experts = module.down_proj.shape[0]
     with torch.no_grad():
-        for e in range(experts):
-            module.gate_up_proj[e].copy_(torch.cat([weight(e, "gate_proj"), weight(e, "up_proj")]))
-            module.down_proj[e].copy_(weight(e, "down_proj"))
+        for stack, parts in stacks.items():
+            for e in range(experts):
+                getattr(module, stack)[e].copy_(torch.cat([exported_weight(reader, key(e, p), group) for p in parts]))
     if algo == "W4A16_NVFP4":
         return []
-    scales = {proj: torch.stack([reader.tensor(f"{key(e, proj)}.input_scale").float().reshape(())
-                                 for e in range(experts)]).max() for proj in ("gate_proj", "down_proj")}
-    return quantize_expert_inputs(module, scales["gate_proj"], scales["down_proj"], algo)
+    scales = {stack: torch.stack([reader.tensor(f"{key(e, parts[0])}.input_scale").float().reshape(())
+                                  for e in range(experts)]).max() for stack, parts in stacks.items()}
+    return quantize_expert_inputs(module, scales, algo)
 
 
 def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: str, group: int) -> list:
@@ -2617,18 +2633,18 @@ def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: s
                 param[e].copy_(dequantized(f"{prefix}.{proj}", e))
     if algo == "W4A16_NVFP4":
         return []
-    return quantize_expert_inputs(module, reader.tensor(f"{prefix}.gate_up_proj_input_scale").float(),
-                                  reader.tensor(f"{prefix}.down_proj_input_scale").float(), algo)
+    return quantize_expert_inputs(module, {proj: reader.tensor(f"{prefix}.{proj}_input_scale").float()
+                                           for proj in ("gate_up_proj", "down_proj")}, algo)
 
 
-def quantize_expert_inputs(module, gate_up_scale, down_scale, algo: str) -> list:
-    """During the experts' forward, quantize the input of every product with gate_up_proj or down_proj,
-    whichever op the implementation uses (F.linear per expert, matmul, @, bmm)."""
+def quantize_expert_inputs(module, stack_scales: dict, algo: str) -> list:
+    """During the experts' forward, quantize the input of every product with one of the 3-D stacks
+    (parameter name -> input scale), whichever op the implementation uses (F.linear per expert, matmul, @, bmm)."""
     import torch
 
     quantize = input_fake_quant(algo)
-    scales = {module.gate_up_proj.untyped_storage().data_ptr(): gate_up_scale.reshape(()),
-              module.down_proj.untyped_storage().data_ptr(): down_scale.reshape(())}
+    scales = {getattr(module, stack).untyped_storage().data_ptr(): scale.reshape(())
+              for stack, scale in stack_scales.items()}
     ops = {(torch.nn.functional, "linear"): torch.nn.functional.linear, (torch, "matmul"): torch.matmul,
            (torch, "bmm"): torch.bmm, (torch.Tensor, "__matmul__"): torch.Tensor.__matmul__}
 
@@ -2707,11 +2723,10 @@ def emulate_checkpoint(model, folder: Path) -> list:
         if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
             hooks += emulate_expert_stacks(module, prefix, reader, algo, group)
             applied |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
-        elif is_fused_experts(module) and f"{to_disk(f'{name}.0.gate_proj')}.weight_scale" in reader:
+        elif (stacks := fused_expert_stacks(module)) and f"{to_disk(f'{name}.0.down_proj')}.weight_scale" in reader:
             key = lambda e, proj, n=name: to_disk(f"{n}.{e}.{proj}")  # noqa: E731
             hooks += emulate_fused_experts(module, key, reader, algo, group)
-            applied |= {key(e, p) for e in range(module.gate_up_proj.shape[0])
-                        for p in ("gate_proj", "up_proj", "down_proj")}
+            applied |= {key(e, p) for e in range(module.down_proj.shape[0]) for parts in stacks.values() for p in parts}
         elif f"{prefix}.weight_scale" in reader and hasattr(module, "weight"):
             hooks += emulate_linear(module, prefix, reader, algo, group)
             applied.add(prefix)
