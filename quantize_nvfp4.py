@@ -3239,7 +3239,7 @@ def relabel_folded_awq(folder: Path, mode: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-NAME_SENTINEL = re.compile(r"\.\x00[^*]*")  # what is left of ModelOpt's name-mapper sentinel, up to a wildcard
+NAME_SENTINEL = re.compile(r"\.\x00[^*]*?(?=(\.?\*)?$)")  # ModelOpt's name-mapper sentinel, before a '*' or '.*' end
 
 
 def strip_name_sentinels(folder: Path) -> None:

@@ -35,6 +35,7 @@ def assert_matches_source(source: Path, out: Path) -> dict:
     return written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_architecture_quantizes_verifies_and_evaluates(architecture, tiny_model, tmp_path):
     source = save_tiny_architecture(architecture, tmp_path / "source", tiny_model)
