@@ -2597,6 +2597,17 @@ def fused_expert_stacks(module) -> dict[str, tuple[str, ...]]:
     return stacks if "down_proj" in stacks and len(stacks) == 2 else {}
 
 
+def exported_experts(module, name: str, reader: CheckpointReader, to_disk: Callable[[str], str]) -> set[str]:
+    """The exported per-expert linears of fused experts `name`, when the files hold every one of them; else empty
+    (the module is then left out, and emulate_checkpoint reports what it missed)."""
+    stacks = fused_expert_stacks(module)
+    if not stacks:
+        return set()
+    names = {to_disk(f"{name}.{e}.{p}") for e in range(module.down_proj.shape[0]) for parts in stacks.values()
+             for p in parts}
+    return names if all(f"{n}.weight_scale" in reader for n in names) else set()
+
+
 def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
                           group: int) -> list:
     """transformers 5's fused experts (fused_expert_stacks), exported one linear per expert (`key(e, proj)` is
@@ -2723,10 +2734,10 @@ def emulate_checkpoint(model, folder: Path) -> list:
         if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
             hooks += emulate_expert_stacks(module, prefix, reader, algo, group)
             applied |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
-        elif (stacks := fused_expert_stacks(module)) and f"{to_disk(f'{name}.0.down_proj')}.weight_scale" in reader:
+        elif experts := exported_experts(module, name, reader, to_disk):
             key = lambda e, proj, n=name: to_disk(f"{n}.{e}.{proj}")  # noqa: E731
             hooks += emulate_fused_experts(module, key, reader, algo, group)
-            applied |= {key(e, p) for e in range(module.down_proj.shape[0]) for parts in stacks.values() for p in parts}
+            applied |= experts
         elif f"{prefix}.weight_scale" in reader and hasattr(module, "weight"):
             hooks += emulate_linear(module, prefix, reader, algo, group)
             applied.add(prefix)
