@@ -2382,6 +2382,8 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
     quant = hf.get("quantization") or {}
     problems = [f"hf_quant_config.json: missing key quantization.{k} [config: vLLM requires it]"
                 for k in ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules") if k not in quant]
+    problems += [f"hf_quant_config.json: exclude pattern {p!r} holds a control character and matches no module "
+                 "[config: exclude_modules]" for p in quant.get("exclude_modules") or [] if not p.isprintable()]
     algo = quant.get("quant_algo")
     if algo not in QUANT_ALGO_GROUP_SIZE:
         problems.append(f"hf_quant_config.json: quant_algo {algo!r} is not one of {', '.join(QUANT_ALGO_GROUP_SIZE)} "
@@ -2508,10 +2510,47 @@ def original_tensors(skeleton, source: Path | None) -> tuple[dict[str, list[int]
     return {key: list(t.shape) for key, t in state.items()}, "config"
 
 
+# On-disk fused expert stacks [experts, ...] that ModelOpt's export writes one linear per expert, for the
+# architectures whose vLLM NVFP4 loader maps exactly those names: `{experts}.{e}.{projection}.` + weight,
+# weight_scale, weight_scale_2, input_scale (granitemoehybrid.py get_expert_mapping; qwen3_vl_moe.py
+# load_weights, whose fused-stack path loads unquantized weights only). GraniteMoe's own loader maps w1/w3/w2
+# instead, so it is not listed: its export is refused rather than shipped unloadable.
+# Projections are stacked along the output, in this order.
+GRANITE_HYBRID, QWEN3_VL_MOE = ("GraniteMoeHybridForCausalLM",), ("Qwen3VLMoeForConditionalGeneration",)
+EXPERT_STACK_SPLITS = (  # (architectures, on-disk key, per-expert module prefix, projections)
+    (GRANITE_HYBRID, re.compile(r"(.*\.block_sparse_moe)\.input_linear\.weight"), r"\1.experts",
+     ("gate_proj", "up_proj")),
+    (GRANITE_HYBRID, re.compile(r"(.*\.block_sparse_moe)\.output_linear\.weight"), r"\1.experts", ("down_proj",)),
+    (QWEN3_VL_MOE, re.compile(r"(.*\.mlp\.experts)\.gate_up_proj"), r"\1", ("gate_proj", "up_proj")),
+    (QWEN3_VL_MOE, re.compile(r"(.*\.mlp\.experts)\.down_proj"), r"\1", ("down_proj",)),
+)
+
+
+def expert_stack_linears(key: str, shape: list[int], hidden: int,
+                         architecture: str | None) -> dict[str, tuple[int, int]] | None:
+    """The per-expert linears (name -> [out, in]) an on-disk fused expert stack is written as; None for other keys.
+
+    Checkpoints store stacks as [experts, out, in] (Granite) or [experts, in, out] (Qwen3-VL-MoE); the hidden
+    size, the input of gate/up and the output of down, tells which (both read the same when it is ambiguous).
+    """
+    for architectures, pattern, prefix, projections in EXPERT_STACK_SPLITS:
+        match = pattern.fullmatch(key)
+        if architecture not in architectures or match is None or len(shape) != 3:
+            continue
+        experts, rows, columns = shape
+        rows_are_outputs = columns == hidden if projections != ("down_proj",) else rows == hidden
+        out_f, in_f = (rows, columns) if rows_are_outputs else (columns, rows)
+        return {f"{match.expand(prefix)}.{e}.{p}": (out_f // len(projections), in_f)
+                for e in range(experts) for p in projections}
+    return None
+
+
 def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader, algo: str,
-                            tied: set[str]) -> tuple[set[str], set[str], list[str]]:
-    """Every original tensor is written as NVFP4 (a linear's weight, or a 3-D expert stack) or carried over
-    with its shape. Returns (what was quantized, every key the checkpoint may hold, problems)."""
+                            tied: set[str], hidden: int,
+                            architecture: str | None) -> tuple[set[str], set[str], list[str]]:
+    """Every original tensor is written as NVFP4 (a linear's weight, a 3-D expert stack, or a fused expert
+    stack split per expert: expert_stack_linears) or carried over with its shape. Returns (what was quantized,
+    every key the checkpoint may hold, problems)."""
     scalars = ("weight_scale_2",) + (() if algo == "W4A16_NVFP4" else ("input_scale",))
     quantized, expected, problems = set(), set(), []
     for key, shape in originals.items():
@@ -2528,22 +2567,33 @@ def check_against_originals(originals: dict[str, list[int]], reader: CheckpointR
             expected.add(key)
             if reader.shape(key) != shape:
                 problems.append(f"{key}: shape {reader.shape(key)}, the original has {shape} [tensors: carried over]")
+        elif (split := expert_stack_linears(key, shape, hidden, architecture)) is not None:
+            quantized |= set(split)
+            expected |= {f"{m}.{s}" for m in split for s in ("weight", "weight_scale") + scalars}
+            problems += [p for m, linear in split.items() for p in check_linear(reader, m, linear, algo)]
         elif key not in tied:
             problems.append(f"{key}: missing [tensors: complete]")
     return quantized, expected, problems
 
 
 def export_names(model) -> Callable[[str], str]:
-    """In-memory module name -> the name the export writes: transformers' load-time renames reversed, by
-    the same ModelOpt function export_hf_checkpoint uses (identity when the model was not renamed)."""
+    """In-memory module name -> the name the export writes: ModelOpt's reverse rename rules applied to the
+    module's `.weight` key, as export_hf_checkpoint applies them to tensor keys (identity when the model was
+    not renamed, or when ModelOpt cannot reverse its conversion and keeps the in-memory names).
+
+    Not ModelOpt's build_reverse_name_mapper: it appends a sentinel starting with `modelopt` to the name, which
+    unanchored rules rewrite (NemotronH's `model.` -> `backbone.` turns it into `backbone.pt_name_sentinel`).
+    """
     from modelopt.torch.export.quant_aware_conversion import (QuantConversionUnsupportedError,
-                                                              build_reverse_name_mapper)
+                                                              _apply_rename_rules, _build_reverse_rules,
+                                                              _compile_rename_rules)
 
     try:
-        mapper = build_reverse_name_mapper(model)
+        _, rules, _ = _build_reverse_rules(model)
     except QuantConversionUnsupportedError:  # the export then keeps the in-memory names as well
-        mapper = None
-    return mapper or (lambda name: name)
+        return lambda name: name
+    compiled = _compile_rename_rules(rules)
+    return lambda name: _apply_rename_rules(f"{name}.weight", compiled)[: -len(".weight")]
 
 
 def check_kv_scales(reader: CheckpointReader, kv_algo: str | None, linears: Iterable[str]) -> tuple[list[str], set]:
@@ -2591,7 +2641,9 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     originals, checked_against = original_tensors(skeleton, source)
     tie = any(getattr(c, "tie_word_embeddings", False) for c in (config, config.get_text_config()))  # either may say
     tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
-    quantized, expected, more = check_against_originals(originals, reader, algo, tied)
+    hidden = config.get_text_config().hidden_size
+    architecture = (config.architectures or [None])[0]
+    quantized, expected, more = check_against_originals(originals, reader, algo, tied, hidden, architecture)
     in_memory = set(quantized_in_memory)
     problems += more + [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(in_memory - quantized)]
     if in_memory:  # after an export: nothing written as NVFP4 that ModelOpt left in 16 bits
@@ -2774,29 +2826,49 @@ def use_eager_experts(model) -> None:
             config._experts_implementation = "eager"
 
 
-def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
-                          group: int) -> list:
-    """transformers 5's fused experts [E, 2I, H] / [E, H, I], exported one linear per expert (`key(e, proj)` is
-    its exported name): dequantized FP4 weights into the 3-D tensors, and each projection's input quantized
-    with the max of its experts' input scales, as vLLM's FlashInfer MoE takes it."""
+FUSED_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",),
+                            "down_proj": ("down_proj",)}
+
+
+def fused_expert_stacks(module) -> dict[str, tuple[str, ...]]:
+    """transformers 5's fused experts, gated ([E, 2I, H] gate_up_proj) or not (NemotronH's [E, I, H] up_proj), with
+    [E, H, I] down_proj: each 3-D parameter and the per-expert linears ModelOpt's export splits it into."""
     import torch
 
-    experts, inner = module.gate_up_proj.shape[0], module.down_proj.shape[2]
-    if module.gate_up_proj.shape[1] != 2 * inner:
-        raise RuntimeError(f"{key(0, 'gate_proj')}: the emulator supports per-expert exports of [E, 2I, H] experts only")
+    stacks = {name: parts for name, parts in FUSED_EXPERT_PROJECTIONS.items()
+              if isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).dim() == 3}
+    return stacks if "down_proj" in stacks and len(stacks) == 2 else {}
 
-    def weight(e: int, proj: str):
-        return exported_weight(reader, key(e, proj), group)
 
+def exported_experts(module, name: str, reader: CheckpointReader, to_disk: Callable[[str], str]) -> set[str]:
+    """The exported per-expert linears of fused experts `name`, when the files hold every one of them; else empty
+    (the module is then left out, and emulate_checkpoint reports what it missed)."""
+    stacks = fused_expert_stacks(module)
+    if not stacks:
+        return set()
+    names = {to_disk(f"{name}.{e}.{p}") for e in range(module.down_proj.shape[0]) for parts in stacks.values()
+             for p in parts}
+    return names if all(f"{n}.weight_scale" in reader for n in names) else set()
+
+
+def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
+                          group: int) -> list:
+    """transformers 5's fused experts (fused_expert_stacks), exported one linear per expert (`key(e, proj)` is
+    its exported name): dequantized FP4 weights into the 3-D tensors, and each stack's input quantized with
+    the max of its experts' input scales, as vLLM's FlashInfer MoE takes it."""
+    import torch
+
+    stacks = fused_expert_stacks(module)
+    experts = module.down_proj.shape[0]
     with torch.no_grad():
-        for e in range(experts):
-            module.gate_up_proj[e].copy_(torch.cat([weight(e, "gate_proj"), weight(e, "up_proj")]))
-            module.down_proj[e].copy_(weight(e, "down_proj"))
+        for stack, parts in stacks.items():
+            for e in range(experts):
+                getattr(module, stack)[e].copy_(torch.cat([exported_weight(reader, key(e, p), group) for p in parts]))
     if algo == "W4A16_NVFP4":
         return []
-    scales = {proj: torch.stack([reader.tensor(f"{key(e, proj)}.input_scale").float().reshape(())
-                                 for e in range(experts)]).max() for proj in ("gate_proj", "down_proj")}
-    return quantize_expert_inputs(module, scales["gate_proj"], scales["down_proj"], algo)
+    scales = {stack: torch.stack([reader.tensor(f"{key(e, parts[0])}.input_scale").float().reshape(())
+                                  for e in range(experts)]).max() for stack, parts in stacks.items()}
+    return quantize_expert_inputs(module, scales, algo)
 
 
 def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: str, group: int) -> list:
@@ -2815,18 +2887,18 @@ def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: s
                 param[e].copy_(dequantized(f"{prefix}.{proj}", e))
     if algo == "W4A16_NVFP4":
         return []
-    return quantize_expert_inputs(module, reader.tensor(f"{prefix}.gate_up_proj_input_scale").float(),
-                                  reader.tensor(f"{prefix}.down_proj_input_scale").float(), algo)
+    return quantize_expert_inputs(module, {proj: reader.tensor(f"{prefix}.{proj}_input_scale").float()
+                                           for proj in ("gate_up_proj", "down_proj")}, algo)
 
 
-def quantize_expert_inputs(module, gate_up_scale, down_scale, algo: str) -> list:
-    """During the experts' forward, quantize the input of every product with gate_up_proj or down_proj,
-    whichever op the implementation uses (F.linear per expert, matmul, @, bmm)."""
+def quantize_expert_inputs(module, stack_scales: dict, algo: str) -> list:
+    """During the experts' forward, quantize the input of every product with one of the 3-D stacks
+    (parameter name -> input scale), whichever op the implementation uses (F.linear per expert, matmul, @, bmm)."""
     import torch
 
     quantize = input_fake_quant(algo)
-    scales = {module.gate_up_proj.untyped_storage().data_ptr(): gate_up_scale.reshape(()),
-              module.down_proj.untyped_storage().data_ptr(): down_scale.reshape(())}
+    scales = {getattr(module, stack).untyped_storage().data_ptr(): scale.reshape(())
+              for stack, scale in stack_scales.items()}
     ops = {(torch.nn.functional, "linear"): torch.nn.functional.linear, (torch, "matmul"): torch.matmul,
            (torch, "bmm"): torch.bmm, (torch.Tensor, "__matmul__"): torch.Tensor.__matmul__}
 
@@ -2905,11 +2977,10 @@ def emulate_checkpoint(model, folder: Path) -> list:
         if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
             hooks += emulate_expert_stacks(module, prefix, reader, algo, group)
             applied |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
-        elif is_fused_experts(module) and f"{to_disk(f'{name}.0.gate_proj')}.weight_scale" in reader:
+        elif experts := exported_experts(module, name, reader, to_disk):
             key = lambda e, proj, n=name: to_disk(f"{n}.{e}.{proj}")  # noqa: E731
             hooks += emulate_fused_experts(module, key, reader, algo, group)
-            applied |= {key(e, p) for e in range(module.gate_up_proj.shape[0])
-                        for p in ("gate_proj", "up_proj", "down_proj")}
+            applied |= experts
         elif f"{prefix}.weight_scale" in reader and hasattr(module, "weight"):
             hooks += emulate_linear(module, prefix, reader, algo, group)
             applied.add(prefix)
@@ -3461,6 +3532,22 @@ def relabel_folded_awq(folder: Path, mode: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+NAME_SENTINEL = re.compile(r"\.\x00[^*]*?(?=(\.?\*)?$)")  # ModelOpt's name-mapper sentinel, before a '*' or '.*' end
+
+
+def strip_name_sentinels(folder: Path) -> None:
+    """ModelOpt maps exclude_modules to on-disk names with a sentinel (`.\\x00modelopt_name_sentinel`) appended and
+    stripped again; an unanchored rename (NemotronH's `model.` -> `backbone.`) rewrites the sentinel, which then
+    stays in the pattern, so it matches nothing and the runtimes would load excluded layers as FP4. What precedes
+    the sentinel is the mapped name."""
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
+    for holder, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        holder[key] = [NAME_SENTINEL.sub("", p) for p in holder.get(key) or []]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 UNLOADED_FILE = "model-not-loaded-by-transformers.safetensors"
 
 
@@ -3639,6 +3726,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
+        strip_name_sentinels(staging)
         source = source_checkpoint_dir(settings)
         manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
         write_tokenizer_and_extras(model, tokenizer, staging, settings)

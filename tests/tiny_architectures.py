@@ -50,6 +50,15 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", {**TEXT, "moe_num_experts": 4, "moe_k": 2,
                                                        "moe_intermediate_size": 64, "moe_layer_start_index": 1,
                                                        "moe_num_shared_experts": 0}),
+    "GraniteMoeHybridForCausalLM": ("GraniteMoeHybridConfig", {
+        **TEXT, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64,
+        "shared_intermediate_size": 64, "layer_types": ["mamba", "attention"], "mamba_n_heads": 4,
+        "mamba_d_head": 32, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_expand": 2}),
+    "NemotronHForCausalLM": ("NemotronHConfig", {
+        **TEXT, "num_hidden_layers": 4, "layers_block_type": ["mamba", "attention", "mlp", "moe"],
+        "mamba_num_heads": 4, "mamba_head_dim": 32, "ssm_state_size": 16, "n_groups": 1, "expand": 2,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "moe_shared_expert_intermediate_size": 64, "n_group": 1, "topk_group": 1}),
     "Gemma3ForConditionalGeneration": ("Gemma3Config", {
         "text_config": {**TEXT, "sliding_window": 64}, "vision_config": VISION_SIGLIP, "mm_tokens_per_image": 4,
         "image_token_index": 5, "boi_token_index": 6, "eoi_token_index": 7}),
@@ -64,6 +73,13 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
         "vision_config": {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
                           "out_hidden_size": 64, "fullatt_block_indexes": [0], "window_size": 32},
         "image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 7}),
+    "Qwen3VLMoeForConditionalGeneration": ("Qwen3VLMoeConfig", {
+        "text_config": {**TEXT, **MOE, "moe_intermediate_size": 96, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}},
+        "vision_config": {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                          "out_hidden_size": 64, "deepstack_visual_indexes": [0], "num_position_embeddings": 16,
+                          "patch_size": 16},
+        "image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 7}),
     "Llama4ForConditionalGeneration": ("Llama4Config", {
         "text_config": {**TEXT, "intermediate_size_mlp": 128, "num_local_experts": 4, "num_experts_per_tok": 1,
                         "interleave_moe_layer_step": 1, "attention_chunk_size": 64, "no_rope_layers": [1, 1]},
@@ -72,6 +88,10 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                           "projector_input_dim": 64, "projector_output_dim": 64, "vision_output_dim": 64},
         "image_token_index": 5}),
 }
+
+# Fused expert stacks the hub checkpoints store as [experts, in, out] and transformers as [experts, out, in]: its
+# save_pretrained keeps the in-memory orientation, so the tiny source is rewritten the way the hub ships it
+HUB_TRANSPOSED_STACKS = {"Qwen3VLMoeForConditionalGeneration": (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")}
 
 
 def build_config(architecture: str):
@@ -91,7 +111,19 @@ def save_tiny_architecture(architecture: str, folder: Path, tokenizer_dir: Path,
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(build_config(architecture)).to(torch.bfloat16)
     model.save_pretrained(str(folder))
+    transpose_hub_stacks(folder, HUB_TRANSPOSED_STACKS.get(architecture, ()))
     for f in tokenizer_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, folder / f.name)
     return folder
+
+
+def transpose_hub_stacks(folder: Path, suffixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if not suffixes:
+        return
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v.transpose(1, 2).contiguous() if k.endswith(suffixes) else v for k, v in tensors.items()},
+              str(path), metadata={"format": "pt"})
