@@ -63,29 +63,50 @@ MODES = {
 }
 # --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
-# --algorithm -> ModelOpt's calibration algorithm; or the ModelOpt preset config whose algorithm and
-# weight-quantizer block settings are merged into the mode's config; or (preset, algorithm): that preset's
-# static weight blocks under another algorithm. All but max and SCALE_SEARCH's run a fake-quantized forward
-# (CUDA only); those with static weight blocks also need Triton.
+ALL_MODES = tuple(MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One --algorithm: what ModelOpt runs, what it needs, and where it is offered. Every check, default and help
+    text about algorithms derives from ALGORITHMS."""
+    summary: str                        # what it does, for --help
+    method: dict | None = None          # ModelOpt's calibration algorithm; None: the preset's own
+    preset: str | None = None           # a ModelOpt config whose static weight-block settings are merged in
+    modes: tuple[str, ...] = ("nvfp4", "weight_only")  # the modes it was exported and verified in
+    default_for: tuple[str, ...] = ()   # the modes whose default it is
+    cuda: bool = True                   # fake-quantized forwards on ModelOpt's CUDA kernels
+    scale_search: bool = False          # the max pass, then our block-scale search (a torch path beside Triton's)
+    layer_loop: bool = False            # the offload script's layer loop runs it
+
+    @property
+    def needs_triton(self) -> bool:
+        """ModelOpt's static FP4 block kernels: a preset's weight blocks under a CUDA-only algorithm."""
+        return self.cuda and self.preset is not None
+
+
 ALGORITHMS = {
-    "max": {"method": "max"},
-    "awq_lite": {"method": "awq_lite"},                        # per-channel smoothing scales, searched per layer
-    "awq_clip": {"method": "awq_clip"},                        # clipped per-block weight ranges, searched
-    "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",              # FP8 block scales minimizing the weight's error
+    "max": Algorithm("one pass, each block's scale from its max", {"method": "max"}, modes=ALL_MODES,
+                     default_for=("w4a8", "weight_only"), cuda=False, layer_loop=True),
     # ModelOpt's local_hessian recipe (each block's FP8 scale minimizing its output error dwᵀHdw on the inputs'
     # per-block Hessians), with the Hessians summed in the one max pass instead of a second, quantized forward
-    "local_hessian": ("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", {"method": "max"}),
+    "local_hessian": Algorithm("block scales searched to minimize each block's output error",
+                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", default_for=("nvfp4",),
+                               cuda=False, scale_search=True, layer_loop=True),
     # ModelOpt's four_over_six recipe (each block's largest value on FP4's 6 or its 4, whichever rounds the block
     # with less squared error; FP8 scales normalized to 256 so that 1.5x fits), searched after the one max pass
-    "four_over_six": ("NVFP4_FOUR_OVER_SIX_CFG", {"method": "max"}),
+    "four_over_six": Algorithm("each block's max on FP4's 6 or 4, whichever rounds it better", {"method": "max"},
+                               "NVFP4_FOUR_OVER_SIX_CFG", cuda=False, scale_search=True, layer_loop=True),
     # GPTQ's Hessian-guided rounding with error feedback, on static max block scales, all layers at once
     # (ModelOpt's layer-by-layer mode replays each layer's inputs; measured no better here, and 10x slower)
-    "gptq": ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", {"method": "gptq", "fused": True, "layerwise": {"enable": False}}),
+    "gptq": Algorithm("Hessian-guided rounding with error feedback",
+                      {"method": "gptq", "fused": True, "layerwise": {"enable": False}},
+                      "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", layer_loop=True),
+    "mse": Algorithm("FP8 block scales minimizing the weight's error", None, "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG"),
+    "awq_clip": Algorithm("clipped per-block weight ranges, searched", {"method": "awq_clip"}),
+    "awq_lite": Algorithm("per-channel smoothing scales, searched per layer", {"method": "awq_lite"}),
 }
-# W4A4's default: better than max in every bench_algorithms.py run, for a few seconds of search (README)
-DEFAULT_ALGORITHMS = {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "max"}
-SCALE_SEARCH = ("local_hessian", "four_over_six")  # max pass, then our block-scale search (runs on CPU too)
-ALGORITHM_MODES = ("nvfp4", "weight_only")  # the modes each non-max algorithm was exported and verified in
+DEFAULT_ALGORITHMS = {mode: name for name, a in ALGORITHMS.items() for mode in a.default_for}
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
@@ -416,13 +437,13 @@ def validate_calibration_numbers(values: dict) -> None:
 
 
 def check_algorithm(algorithm: str, mode: str) -> None:
-    """Algorithms with quantized forwards run on ModelOpt's CUDA kernels only: refuse them early."""
-    if algorithm == "max":
-        return
-    if mode not in ALGORITHM_MODES:
-        raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm max, or "
-                         f"the default W4A4 mode or --weight_only")
-    if algorithm in SCALE_SEARCH:  # our search has a torch path beside the Triton one
+    """What the algorithm needs, before anything loads: a mode it was verified in, CUDA, Triton."""
+    needs = ALGORITHMS[algorithm]
+    if mode not in needs.modes:
+        offered = [name for name, a in ALGORITHMS.items() if mode in a.modes]
+        raise UsageError(f"--algorithm {algorithm} is not available with --{mode}: use --algorithm "
+                         f"{' or '.join(offered)}, or the default W4A4 mode")
+    if not needs.cuda:
         return
     import importlib.util
 
@@ -430,10 +451,25 @@ def check_algorithm(algorithm: str, mode: str) -> None:
 
     if not torch.cuda.is_available():
         raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
-                         "CUDA kernels); on this machine use --algorithm max")
-    if not isinstance(ALGORITHMS[algorithm], dict) and importlib.util.find_spec("triton") is None:
+                         f"CUDA kernels); on this machine use --algorithm {' or '.join(cpu_algorithms())}")
+    if needs.needs_triton and importlib.util.find_spec("triton") is None:
         raise UsageError(f"--algorithm {algorithm} needs Triton (ModelOpt's static FP4 block kernels): "
                          "pip install triton, or use --algorithm max")
+
+
+def cpu_algorithms() -> list[str]:
+    return [name for name, a in ALGORITHMS.items() if not a.cuda]
+
+
+def algorithm_help() -> str:
+    """--algorithm's help, from the table: each name, what it does, and its needs and defaults."""
+    parts = []
+    for name, a in ALGORITHMS.items():
+        notes = [f"default for {', '.join(MODES[m][1] if m != 'nvfp4' else 'W4A4' for m in a.default_for)}"] \
+            if a.default_for else []
+        notes += ["CUDA GPU"] if a.cuda else []
+        parts.append(f"{name} ({a.summary}{'; ' if notes else ''}{'; '.join(notes)})")
+    return "calibration algorithm: " + "; ".join(parts)
 
 
 def check_eval_plan(args: argparse.Namespace, calibration: dict) -> None:
@@ -1352,7 +1388,7 @@ def build_quant_config(mode: str, unquantized: list[str], kv_cache: str = "none"
                 entry["cfg"] = {**entry["cfg"], "block_sizes": {**entry["cfg"]["block_sizes"], **blocks}}
     if moe_calibration == "all":
         algo["moe_calib_experts_ratio"] = 1.0
-    config["algorithm"] = algo if len(algo) > 1 or algorithm != "max" else "max"
+    config["algorithm"] = algo
     return config
 
 
@@ -1360,13 +1396,12 @@ def algorithm_preset(algorithm: str) -> tuple[dict, dict | None]:
     """Deep copies of --algorithm's ModelOpt algorithm and, for presets, its weight block settings."""
     import modelopt.torch.quantization as mtq
 
-    source = ALGORITHMS[algorithm]
-    if isinstance(source, dict):
-        return copy.deepcopy(source), None
-    preset, algo = source if isinstance(source, tuple) else (source, getattr(mtq, source)["algorithm"])
-    entries = getattr(mtq, preset)["quant_cfg"]
-    weight = next(e for e in entries if e.get("quantizer_name") == "*weight_quantizer" and e.get("cfg"))
-    return copy.deepcopy(dict(algo)), copy.deepcopy(dict(weight["cfg"]["block_sizes"]))
+    chosen = ALGORITHMS[algorithm]
+    if chosen.preset is None:
+        return copy.deepcopy(chosen.method), None
+    preset = getattr(mtq, chosen.preset)
+    weight = next(e for e in preset["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer" and e.get("cfg"))
+    return copy.deepcopy(dict(chosen.method or preset["algorithm"])), copy.deepcopy(dict(weight["cfg"]["block_sizes"]))
 
 
 def load_model(settings: Settings, config, device: str, device_map: str | dict | None = None, **kwargs):
@@ -2245,7 +2280,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
     holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq", "searched": set(),
-                    "search": settings.algorithm if settings.algorithm in SCALE_SEARCH else None,
+                    "search": settings.algorithm if ALGORITHMS[settings.algorithm].scale_search else None,
                     "hessians": {} if settings.algorithm == "local_hessian" else None}
     start_coverage(model, holder)
     on_gpu = device.startswith("cuda")
@@ -4129,9 +4164,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--weight_only", action="store_true", help="W4A16_NVFP4_CFG: FP4 weights, 16-bit activations")
     p.add_argument("--kv_cache", choices=tuple(KV_CACHE_CONFIGS), default="none",
                    help="quantize the KV cache: fp8 (vLLM, TensorRT-LLM) or nvfp4 (Blackwell runtimes); default none")
-    p.add_argument("--algorithm", choices=tuple(ALGORITHMS),
-                   help="calibration algorithm (default: local_hessian for W4A4, max for --w4a8 and --weight_only; "
-                        "all but these two and four_over_six need a CUDA GPU, see README)")
+    p.add_argument("--algorithm", choices=tuple(ALGORITHMS), help=algorithm_help())
     p.add_argument("--moe_calibration", choices=MOE_CALIBRATION, default="routed",
                    help="mixture-of-experts: calibrate experts on the tokens routed to them (default), or every "
                         "expert on every token (all: slower, no expert left uncalibrated)")

@@ -48,7 +48,7 @@ RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most 
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
 PREFETCH_NEXT_LAYER = True                   # load the next offloaded layer while this one computes (bench A/B)
 QUALITY_OPTIONS = ("verify", "reference", "eval", "eval_samples", "max_ppl_increase")  # quantize_nvfp4.py's alone
-LAYER_LOOP_ALGORITHMS = (None, "max", "gptq") + q.SCALE_SEARCH  # None: the mode's default
+LAYER_LOOP_ALGORITHMS = [name for name, a in q.ALGORITHMS.items() if a.layer_loop]
 # The activations the layer loop carries from layer to layer: the 16-bit model's (max calibrates on them), and for
 # GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
 # whole-model Hessian pass feeds each layer)
@@ -134,10 +134,10 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
-    if args.algorithm not in LAYER_LOOP_ALGORITHMS:
-        raise q.UsageError(f"--algorithm {args.algorithm}: this script's layer loop calibrates with max, "
-                           "local_hessian, four_over_six or gptq (mse searches with quantized forwards of the whole "
-                           "model, awq_* fold scales across layers); use quantize_nvfp4.py on a GPU that holds the "
+    if args.algorithm is not None and args.algorithm not in LAYER_LOOP_ALGORITHMS:
+        raise q.UsageError(f"--algorithm {args.algorithm}: this script's layer loop calibrates with "
+                           f"{', '.join(LAYER_LOOP_ALGORITHMS)} (the others search with quantized forwards of the "
+                           "whole model or fold scales across layers); use quantize_nvfp4.py on a GPU that holds the "
                            "model")
     if args.eval or args.max_ppl_increase is not None or args.eval_samples != q.EVAL_SAMPLES:
         raise q.UsageError("--eval / --eval_samples / --max_ppl_increase: this script does not run the quality "

@@ -219,7 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_len", type=int, help=f"longest sample (default {FULL_RUN['max_len']})")
     p.add_argument("--median_len", type=int, help=f"median sample length (default {FULL_RUN['median_len']})")
     p.add_argument("--gpu_cap", type=offload.parse_memory, default="6GiB", help="GPU memory for weights (default 6GiB)")
-    p.add_argument("--algorithm", default="max", choices=[a for a in offload.LAYER_LOOP_ALGORITHMS if a],
+    p.add_argument("--algorithm", default="max", choices=offload.LAYER_LOOP_ALGORITHMS,
                    help="calibration algorithm of (a) and (c) (default max)")
     p.add_argument("--original_samples", type=int, default=0, help="time (b) on this many samples, then scale (0: skip)")
     p.add_argument("--checkpoint_every", type=offload.parse_checkpoint_every, nargs="+", default=[None, 8],

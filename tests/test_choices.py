@@ -144,7 +144,7 @@ def test_algorithm_configs_never_mutate_modelopt_globals():
     weight = next(e for e in mse["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
     assert weight["cfg"]["block_sizes"]["type"] == "static"
     assert q.build_quant_config("nvfp4", [], algorithm="awq_lite")["algorithm"] == {"method": "awq_lite"}
-    assert q.build_quant_config("nvfp4", [])["algorithm"] == "max"
+    assert q.build_quant_config("nvfp4", [])["algorithm"] == {"method": "max"}
     assert q.build_quant_config("nvfp4", [], moe_calibration="all")["algorithm"] == \
         {"method": "max", "moe_calib_experts_ratio": 1.0}
     assert json.dumps(mtq.NVFP4_DEFAULT_CFG, default=str) == before
@@ -252,7 +252,36 @@ def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
                          LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
                          script=ROOT / "quantize_nvfp4_offload.py")
         assert_usage_error(result, f"--algorithm {algorithm}: this script's layer loop calibrates with max, "
-                                   "local_hessian, four_over_six or gptq")
+                                   "local_hessian, four_over_six, gptq")
+
+
+def test_algorithm_facts_come_from_the_table(monkeypatch):
+    """Defaults, --help, the CUDA refusal and the offload script's choices all derive from ALGORITHMS."""
+    import quantize_nvfp4_offload as offload
+
+    assert q.DEFAULT_ALGORITHMS == {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "max"}
+    assert offload.LAYER_LOOP_ALGORITHMS == [n for n, a in q.ALGORITHMS.items() if a.layer_loop]
+    text = q.algorithm_help()
+    for name, algorithm in q.ALGORITHMS.items():
+        assert f"{name} ({algorithm.summary}" in text
+    assert "local_hessian (block scales searched to minimize each block's output error; default for W4A4)" in text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, algorithm in q.ALGORITHMS.items():
+        if algorithm.cuda:
+            with pytest.raises(q.UsageError, match=f"use --algorithm {' or '.join(q.cpu_algorithms())}"):
+                q.check_algorithm(name, "nvfp4")
+        else:
+            q.check_algorithm(name, "nvfp4")
+    with pytest.raises(q.UsageError, match="not available with --w4a8: use --algorithm max, or the default"):
+        q.check_algorithm("local_hessian", "w4a8")
+    offered = ", ".join(offload.LAYER_LOOP_ALGORITHMS)
+    for name, algorithm in q.ALGORITHMS.items():
+        args = offload.build_parser().parse_args(["--offload_folder", str(ROOT / "off"), "--algorithm", name])
+        if algorithm.layer_loop:
+            offload.build_offload_settings(args)
+        else:
+            with pytest.raises(q.UsageError, match=f"layer loop calibrates with {offered} "):
+                offload.build_offload_settings(args)
 
 
 @pytest.mark.parametrize("flags, expected", [([], "local_hessian"), (["--w4a8"], "max"), (["--weight_only"], "max"),
