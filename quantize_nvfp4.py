@@ -1701,11 +1701,20 @@ def sum_block_hessian(name: str, holder: dict):
     return hook
 
 
-def fp4_magnitude(scaled):
-    """|x| / scale rounded to an E2M1 magnitude, ties broken as ModelOpt's scale-sweep kernels break them."""
+def round_to_e2m1(x):
+    """x rounded to the nearest FP4 E2M1 value, sign kept, magnitudes above 6 saturating. A tie goes to the even
+    code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4): that is how ModelOpt's exporter
+    rounds weights (NVFP4QTensor._cast_fp4), so the scale search and the fidelity check score what is written, and
+    how the runtimes' kernels round activations (PTX cvt.rn.satfinite.e2m1x2), so --eval's emulator computes what
+    they compute. window_sweep_kernel repeats the rule in Triton."""
+    import torch
+
+    magnitude = x.abs()
     steps = ((0.25, 0.5, False), (0.75, 0.5, True), (1.25, 0.5, False), (1.75, 0.5, True), (2.5, 1.0, False),
-             (3.5, 1.0, True), (5.0, 2.0, False))  # (threshold, step, inclusive)
-    return sum(step * ((scaled >= edge) if inclusive else (scaled > edge)).float() for edge, step, inclusive in steps)
+             (3.5, 1.0, True), (5.0, 2.0, False))  # (threshold, step, inclusive: the tie rounds up to even)
+    rounded = sum(step * ((magnitude >= edge) if inclusive else (magnitude > edge)).to(x.dtype)
+                  for edge, step, inclusive in steps)
+    return torch.sign(x) * rounded
 
 
 def rounding_error(blocks, scale):
@@ -1714,7 +1723,7 @@ def rounding_error(blocks, scale):
     import torch
 
     safe = torch.where(scale > 0, scale, 1.0)
-    return blocks - torch.where(scale > 0, torch.sign(blocks) * fp4_magnitude(blocks.abs() / safe) * safe, 0.0)
+    return blocks - torch.where(scale > 0, round_to_e2m1(blocks / safe) * safe, 0.0)
 
 
 def sweep_candidates(global_amax, device):
@@ -1789,7 +1798,7 @@ def window_sweep_kernel():
             index = start + step
             scale = tl.load(scales_ptr + index)[:, None]
             safe = tl.where(scale > 0, scale, 1.0)
-            s = magnitude / safe  # rounded to E2M1 as fp4_magnitude rounds it
+            s = magnitude / safe  # rounded to E2M1 as round_to_e2m1 rounds it, ties to even
             fp4 = tl.where(s <= 0.25, 0.0, tl.where(s < 0.75, 0.5, tl.where(s <= 1.25, 1.0, tl.where(
                 s < 1.75, 1.5, tl.where(s <= 2.5, 2.0, tl.where(s < 3.5, 3.0, tl.where(s <= 5.0, 4.0, 6.0)))))))
             error = tl.where(scale > 0, sign * (magnitude - fp4 * safe), w)
@@ -2809,17 +2818,7 @@ def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
 
 # --------------------------------------------------------------------------- quality report
 REPORT_NAME = "quality_report.json"
-E2M1_GRID = E2M1_VALUES[:8]  # the non-negative half
 E4M3_MAX = 448.0
-
-
-def round_to_e2m1(x):
-    """Nearest FP4 E2M1 value (magnitudes above 6 saturate), sign kept."""
-    import torch
-
-    grid = torch.tensor(E2M1_GRID, device=x.device)
-    index = torch.bucketize(x.abs().clamp(max=6.0), (grid[1:] + grid[:-1]) / 2)
-    return torch.sign(x) * grid[index]
 
 
 def fake_quant_nvfp4_input(x, input_scale, group: int = 16):

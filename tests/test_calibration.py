@@ -248,10 +248,18 @@ def test_decoder_layer_hook_recovers_the_padding_mask(attn):
 
 
 # --------------------------------------------------------------------------- local_hessian: one pass, then a search
-def test_fp4_magnitude_rounds_and_breaks_ties_as_modelopts_kernels():
+def test_e2m1_rounding_breaks_ties_to_even_as_modelopts_exporter():
+    """Every tie and its neighbours, both signs: round_to_e2m1 equals the codes ModelOpt's export writes."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
     scaled = torch.tensor([0.0, 0.25, 0.26, 0.75, 1.0, 1.25, 1.26, 1.75, 2.5, 2.6, 3.5, 5.0, 5.01, 9.0])
     expected = [0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 3.0, 4.0, 4.0, 6.0, 6.0]
-    assert q.fp4_magnitude(scaled).tolist() == expected
+    assert q.round_to_e2m1(scaled).tolist() == expected
+    assert q.round_to_e2m1(-scaled).tolist() == [-v for v in expected]
+    values = torch.cat([scaled, -scaled[1:]])
+    codes = NVFP4QTensor._cast_fp4(values.clone())
+    exported = torch.tensor(q.E2M1_VALUES)[codes.long()]
+    assert torch.equal(q.round_to_e2m1(values), exported)
 
 
 def block_losses(weight, global_amax, hessian, block_amax):
@@ -260,7 +268,7 @@ def block_losses(weight, global_amax, hessian, block_amax):
 
     blocks = weight.float().reshape(weight.shape[0], -1, 16)
     scale = fp8_eager(block_amax.reshape(blocks.shape[:2]) / 6.0, global_amax / 6.0)[..., None]
-    error = blocks - torch.sign(blocks) * q.fp4_magnitude(blocks.abs() / scale) * scale
+    error = blocks - q.round_to_e2m1(blocks / scale) * scale
     return torch.einsum("cnb,nbd,cnd->cn", error, hessian, error)
 
 
@@ -342,7 +350,7 @@ def four_over_six_errors(weight, global_amax, block_amax):
 
     blocks = weight.float().reshape(weight.shape[0], -1, 16)
     scale = fp8_eager(block_amax.reshape(blocks.shape[:2]) / 6.0, global_amax * 448.0 / 256.0 / 6.0)[..., None]
-    quantized = torch.where(scale > 0, torch.sign(blocks) * q.fp4_magnitude(blocks.abs() / scale) * scale, 0.0)
+    quantized = torch.where(scale > 0, q.round_to_e2m1(blocks / scale) * scale, 0.0)
     return (blocks - quantized).square().sum(-1)
 
 
