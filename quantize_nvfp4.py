@@ -40,6 +40,12 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+try:  # CUDA builds of torch bring Triton, for our scale-search kernel; the CPU path needs none
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
 # --------------------------------------------------------------------------- constants
 SCRIPT_DIR = Path(__file__).resolve().parent
 SAMPLES_YAML = SCRIPT_DIR / "Datasets" / "Local_Example.yaml"
@@ -168,7 +174,6 @@ WRITE_ERRNO_REMEDIES = {
     errno.EROFS: "remount it writable or choose another disk",
     errno.EIO: "the disk reported an I/O error: check it (dmesg) or choose another disk",
 }
-FAIL_RANK_ENV = "NVFP4_TEST_FAIL_RANK"  # tests only: this rank raises during calibration
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
 # copied byte for byte from the source into the output (the tokenizer as calibration left it would carry its truncation)
 SOURCE_FILES = TOKENIZER_FILES + (
@@ -445,14 +450,12 @@ def check_algorithm(algorithm: str, mode: str) -> None:
                          f"{' or '.join(offered)}, or the default W4A4 mode")
     if not needs.cuda:
         return
-    import importlib.util
-
     import torch
 
     if not torch.cuda.is_available():
         raise UsageError(f"--algorithm {algorithm} needs a CUDA GPU (ModelOpt runs its search on fake-quantized "
                          f"CUDA kernels); on this machine use --algorithm {' or '.join(cpu_algorithms())}")
-    if needs.needs_triton and importlib.util.find_spec("triton") is None:
+    if needs.needs_triton and triton is None:
         raise UsageError(f"--algorithm {algorithm} needs Triton (ModelOpt's static FP4 block kernels): "
                          "pip install triton, or use --algorithm max")
 
@@ -1771,17 +1774,12 @@ def hessian_sweep_reference(weight, global_amax, hessian, block_amax):
     return best.reshape(-1)
 
 
-@functools.cache
-def window_sweep_kernel():
-    """The same sweep as a Triton kernel: a program takes 32 rows of one input block, whose Hessian it loads once.
-    (ModelOpt's own kernel tries all 126 candidates in every block.)"""
-    global tl  # the kernel's names resolve in this module's globals when it compiles
-    import triton
-    import triton.language as tl
-
+if triton is not None:  # a module-level function: Triton resolves a kernel's names in its module's globals
     @triton.jit
-    def kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
-               BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    def window_sweep_kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
+                            BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+        """hessian_sweep_reference as a kernel: a program takes 32 rows of one input block, whose Hessian it loads
+        once, and tries only their window of candidates (ModelOpt's own kernel tries all 126 in every block)."""
         pid = tl.program_id(0)
         column = pid % inputs
         row = (pid // inputs) * ROWS + tl.arange(0, ROWS)
@@ -1808,20 +1806,17 @@ def window_sweep_kernel():
             best = tl.where(better, index, best)
         tl.store(best_ptr + block, tl.load(amaxes_ptr + best, mask=valid, other=0.0), mask=valid)
 
-    return kernel
-
 
 def hessian_sweep_kernel(weight, global_amax, hessian, block_amax):
     """hessian_sweep_reference's choice, from window_sweep_kernel."""
     import torch
-    import triton
 
     amaxes, scales = sweep_candidates(global_amax, weight.device)
     rows, inputs = weight.shape[0], weight.shape[1] // HESSIAN_BLOCK
     starts, width = window_starts(block_amax.reshape(rows, inputs).to(weight.device), amaxes)
     best = torch.empty(rows * inputs, dtype=torch.float32, device=weight.device)
     with torch.cuda.device(weight.device):
-        window_sweep_kernel()[(triton.cdiv(rows, 32) * inputs,)](
+        window_sweep_kernel[(triton.cdiv(rows, 32) * inputs,)](
             weight.detach().contiguous().view(-1), hessian.float().contiguous().view(-1), starts.contiguous().view(-1),
             scales.contiguous(), amaxes.contiguous(), best, rows, inputs, BLOCK=HESSIAN_BLOCK, WIDTH=width, ROWS=32,
             num_warps=4)
@@ -1830,9 +1825,7 @@ def hessian_sweep_kernel(weight, global_amax, hessian, block_amax):
 
 def hessian_sweep(weight, global_amax, hessian, block_amax):
     """Each block's amax from the windowed sweep: the Triton kernel on CUDA, the reference elsewhere."""
-    import importlib.util
-
-    if weight.is_cuda and importlib.util.find_spec("triton") is not None:
+    if weight.is_cuda and triton is not None:
         return hessian_sweep_kernel(weight, global_amax, hessian, block_amax)
     return hessian_sweep_reference(weight, global_amax, hessian, block_amax)
 
@@ -2198,8 +2191,6 @@ def plan_batches(forward, samples, settings: Settings, device: str, holder: dict
     holder["plan"] = [[rest[j] for j in batch] for batch in grouped]
     if ranks.distributed:
         holder["plan"] = rank_share(holder["plan"], lengths, ranks.rank, ranks.world)
-    if os.environ.get(FAIL_RANK_ENV) == str(ranks.rank):
-        raise RuntimeError(f"simulated failure on rank {ranks.rank} ({FAIL_RANK_ENV})")
 
 
 def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, holder: dict) -> None:

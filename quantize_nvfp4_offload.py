@@ -43,10 +43,8 @@ INPUTS_FILE = "next_inputs"                  # .bin: the next layer's inputs as 
 REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as GPTQ rewrote them; disk-offloaded ones are
                                              # read from here from then on (the source checkpoint is never touched)
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
-FAIL_AFTER_ENV = "NVFP4_TEST_FAIL_AFTER_LAYER"  # tests only: fail once this layer's resume point is committed
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
-PREFETCH_NEXT_LAYER = True                   # load the next offloaded layer while this one computes (bench A/B)
 QUALITY_OPTIONS = ("verify", "reference", "eval", "eval_samples", "max_ppl_increase")  # quantize_nvfp4.py's alone
 LAYER_LOOP_ALGORITHMS = [name for name, a in q.ALGORITHMS.items() if a.layer_loop]
 # The activations the layer loop carries from layer to layer: the 16-bit model's (max calibrates on them), and for
@@ -966,7 +964,6 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     gptq = gptq_kwargs(config) if algorithm_of(config)["method"] == "gptq" else None
     max_kwargs = None if gptq else max_calibrate_kwargs(config)
     streams = STREAMS if gptq else STREAMS[:1]
-    fail_after = os.environ.get(FAIL_AFTER_ENV)
     start, form, run = (0 if resume_after is None else resume_after + 1), {"form": None}, {}
     loop_start = time.perf_counter()
     if start:
@@ -991,7 +988,7 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                                                             keep_outputs=index + 1 < len(layers))})
 
     writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
-    prefetch, pending = LayerPrefetcher(device, enabled=PREFETCH_NEXT_LAYER), {}
+    prefetch, pending = LayerPrefetcher(device), {}
     last_resume_point = time.perf_counter()
     try:
         prefetch.start(layers[start])
@@ -1015,9 +1012,6 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
                 writer.progress["output_form"] = form["form"]
                 writer.submit(index, pending, [t for stream in streams for t in run[stream]])
                 pending, last_resume_point = {}, time.perf_counter()
-                if fail_after is not None and index >= int(fail_after):
-                    writer.wait()
-                    raise RuntimeError(f"simulated failure after layer {index} ({FAIL_AFTER_ENV}={fail_after})")
     except BaseException:
         prefetch.close()
         writer.finish_after_failure()

@@ -105,7 +105,9 @@ def in_gpu(folder: Path, samples, args, export_to: Path | None = None) -> dict:
 
 def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | None, export_to: Path | None = None,
               prefetch: bool = True) -> dict:
-    offload.PREFETCH_NEXT_LAYER = prefetch
+    prefetcher = offload.LayerPrefetcher
+    if not prefetch:  # the A/B: the loop's own prefetcher, switched off
+        offload.LayerPrefetcher = lambda device: prefetcher(device, enabled=False)
     settings = settings_for(folder, samples, args)
     job = job_for(settings, samples)
     opts = offload.OffloadSettings(work / f"offload-{checkpoint_every or 'auto'}-{prefetch}", args.gpu_cap,
@@ -121,6 +123,7 @@ def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | N
 
     calib_s, stats = timed(lambda: q.quantize_model(model, settings, job.unquantized, samples, device, PAD_ID,
                                                     calibrate=calibrate), args.device)
+    offload.LayerPrefetcher = prefetcher
     export_s = export(model, export_to)
     del model
     shutil.rmtree(opts.offload_folder)

@@ -10,6 +10,8 @@ import torch
 import quantize_nvfp4 as q
 from conftest import ROOT, SCRIPT, run_cli
 
+FAULTS = ROOT / "tests" / "faults.py"
+
 DATA = ("--dataset_yaml", str(ROOT / "Datasets" / "Local_Example.yaml"), "--max_samples", "32", "--max_seq_len", "192",
         "--batch_size", "4")
 
@@ -20,10 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, env=None):
-    full_env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+def torchrun(*args, fail_rank=None):
+    """The script under torchrun, two processes; with `fail_rank`, that rank fails during calibration."""
+    full_env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    script = [str(SCRIPT)] if fail_rank is None else [str(FAULTS), "--fail_rank", str(fail_rank), str(SCRIPT)]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), *args],
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script, *args],
                           capture_output=True, text=True, env=full_env, timeout=300)
 
 
@@ -46,7 +50,7 @@ def test_two_processes_write_the_same_checkpoint_as_one(tiny_model, tmp_path):
 
 def test_a_failing_rank_fails_the_job_without_hanging(tiny_model, tmp_path):
     result = torchrun("--input_model", str(tiny_model), "--output_model", str(tmp_path / "out"), *DATA,
-                      env={q.FAIL_RANK_ENV: "1"})
+                      fail_rank=1)
     assert result.returncode != 0
     assert "simulated failure on rank 1" in result.stderr
     assert not (tmp_path / "out").exists()

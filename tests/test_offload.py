@@ -6,12 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import faults
 import quantize_nvfp4 as q
 import quantize_nvfp4_offload as offload
 from conftest import ROOT, assert_usage_error, run_cli
 from test_calibration import SAMPLES, amax_by_quantizer, settings, tiny_fp32_model
 
 OFFLOAD_SCRIPT = ROOT / "quantize_nvfp4_offload.py"
+FAULTS = ROOT / "tests" / "faults.py"
 # --batch_size 4: several padded batches, so the layer-by-layer replay has to exclude padding too
 DATA = ("--dataset_yaml", str(q.SAMPLES_YAML), "--max_samples", "24", "--max_seq_len", "192", "--batch_size", "4")
 # On a GPU machine the embeddings go to the GPU, two layers to RAM, the rest to disk (accelerate keeps room for a
@@ -35,9 +37,13 @@ def in_memory_checkpoint(four_layer_model, tmp_path_factory):
     return out
 
 
-def offload_cli(model, out, folder, *extra, env=None):
-    return run_cli("--input_model", str(model), "--output_model", str(out), "--offload_folder", str(folder),
-                   *DATA, *CPU_CAP, *extra, script=OFFLOAD_SCRIPT, env=env)
+def offload_cli(model, out, folder, *extra, env=None, fail_after_layer=None):
+    """The offload script in a subprocess; with `fail_after_layer`, killed once that layer's resume point is in."""
+    args = ["--input_model", str(model), "--output_model", str(out), "--offload_folder", str(folder), *DATA, *CPU_CAP,
+            *extra]
+    if fail_after_layer is None:
+        return run_cli(*args, script=OFFLOAD_SCRIPT, env=env)
+    return run_cli("--fail_after_layer", str(fail_after_layer), str(OFFLOAD_SCRIPT), *args, script=FAULTS, env=env)
 
 
 def assert_identical(a: Path, b: Path):
@@ -91,7 +97,7 @@ def test_offloaded_max_checkpoint_is_identical_to_in_memory(four_layer_model, in
 
 def test_killed_run_resumes_from_its_checkpoints(four_layer_model, in_memory_checkpoint, tmp_path):
     folder, out = tmp_path / "offload", tmp_path / "out"
-    killed = offload_cli(four_layer_model, out, folder, "--clean_offload", env={offload.FAIL_AFTER_ENV: "1"})
+    killed = offload_cli(four_layer_model, out, folder, "--clean_offload", fail_after_layer=1)
     assert killed.returncode != 0 and "simulated failure after layer 1" in killed.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["offload"]  # nothing half-written
     assert offload.committed_layer(folder / offload.LAYERWISE_DIR) == 1  # and --clean_offload kept the progress
@@ -121,7 +127,7 @@ def test_four_over_six_offloaded_and_resumed_equals_in_memory_and_stores_each_bl
                      "--algorithm", "four_over_six")
     assert result.returncode == 0, result.stderr[-3000:]
     killed = offload_cli(four_layer_model, out, folder, "--algorithm", "four_over_six",
-                         env={offload.FAIL_AFTER_ENV: "1"})
+                         fail_after_layer=1)
     assert killed.returncode != 0 and "simulated failure after layer 1" in killed.stderr
     resumed = offload_cli(four_layer_model, out, folder, "--algorithm", "four_over_six", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -246,7 +252,7 @@ def test_layer_loop_resumes_from_its_background_resume_point(tmp_path):
     expected_stats = by_layer(reference, run_settings, tmp_path / "uninterrupted", every=2)
     killed = tiny_moe_model()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(offload.FAIL_AFTER_ENV, "1")
+        faults.fail_after_layer(1, patch.setattr)
         with pytest.raises(RuntimeError, match="simulated failure after layer 1"):
             by_layer(killed, run_settings, folder, every=2)
     layerwise = folder / offload.LAYERWISE_DIR
@@ -351,7 +357,7 @@ def test_offloaded_gptq_killed_and_resumed_equals_in_memory(gptq_kernels_here, f
     assert q.main([*common, "--output_model", str(memory)]) == 0
     offloaded = [*common, "--output_model", str(out), "--offload_folder", str(folder), *CPU_CAP]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(offload.FAIL_AFTER_ENV, "2")
+        faults.fail_after_layer(2, patch.setattr)
         with pytest.raises(RuntimeError, match="simulated failure after layer 2"):
             offload.main(offloaded)
     layerwise = folder / offload.LAYERWISE_DIR
