@@ -35,8 +35,9 @@ import tempfile
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import yaml
 
@@ -160,9 +161,9 @@ FOUR_OVER_SIX_FP8_MAX = 256.0    # ModelOpt's FP8 block-scale normalization for 
 HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
                                  # scale with least weight error (with H = 0 every scale ties and the smallest wins)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations live)
+DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations)
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
-BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python), in tokens: batching trades it for padding
+BATCH_OVERHEAD_TOKENS = 1024     # one forward's fixed cost (launches, Python) in tokens: batching trades it for padding
 AUTO_BUDGET_FRACTION = 0.90      # of total GPU memory when no --gpu_memory_budget is given
 DISK_MARGIN = 1.10               # export writes temp files beside the output
 # errno of a failed write of our own files -> what to do (the error also names the disk and what was needed)
@@ -1527,6 +1528,40 @@ def placement_for(weight_bytes: int, gpu_budgets: list[int]) -> str:
 
 
 # --------------------------------------------------------------------------- calibration
+@dataclasses.dataclass
+class ExpertCoverage:
+    """One MoE block's routing during calibration, counted by count_routed_tokens."""
+    experts: int
+    top_k: int
+    forward_pass: int | None = None   # the pass the counts are from: an algorithm's second pass starts them anew
+    counts: Any = None                # tokens routed to each expert (a tensor)
+
+
+@dataclasses.dataclass
+class CalibrationState:
+    """What one calibration shares between its forward loop, hooks, calibrators and block-scale search. The
+    offload script's layer loop runs instead of calibrate_batches and fills the same fields: batches_run,
+    forward_seconds and cap."""
+    pad_id: int
+    search: str | None = None             # the algorithm whose block-scale search follows the max pass
+    hessians: dict | None = None          # local_hessian: linear -> [per-block Σ x xᵀ, real rows]
+    zero_linear_padding: bool = False     # GPTQ sums every input row into its Hessians: padding is zeroed first
+    coverage: dict[str, ExpertCoverage] = dataclasses.field(default_factory=dict)
+    mask: Any = None                      # the batch's real-token mask, refined by each decoder layer
+    hessian_input: tuple | None = None    # (input, its sums): linears fed the same tensor share one sum
+    handles: list | None = None           # our hooks while they are installed
+    forward_pass: int = 0                 # ModelOpt's calls of the forward loop (an algorithm may make two)
+    done: list = dataclasses.field(default_factory=list)  # batches run while planning (the memory probe)
+    plan: list | None = None              # this rank's batches, planned on the first pass
+    cap: float | None = None              # padded tokens per batch, at most
+    batches_run: list | None = None       # the first pass's batches, for the statistics
+    forward_seconds: float = 0.0
+    oom_retries: int = 0
+    peak_before_probe: int = 0            # bytes: the probe's peak, which the reset after it would lose
+    searched: set = dataclasses.field(default_factory=set)
+    search_seconds: float = 0.0
+
+
 def calibration_forward(model) -> Callable:
     """The cheapest forward that still runs every quantized linear: no KV cache, no full logits.
 
@@ -1595,7 +1630,7 @@ def masked_amax(x, mask, layout: str = "rows"):
     return torch.maximum(high, -low)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sync_free_max_calibrator():
     """ModelOpt's MaxCalibrator without its per-call GPU syncs, and blind to padded activation rows.
 
@@ -1607,14 +1642,14 @@ def sync_free_max_calibrator():
     from modelopt.torch.quantization.calib import MaxCalibrator
 
     class SyncFreeMaxCalibrator(MaxCalibrator):
-        def __init__(self, original: MaxCalibrator, mask_source: dict | None, layout: str = "rows"):
+        def __init__(self, original: MaxCalibrator, mask_source: CalibrationState | None, layout: str = "rows"):
             self.__dict__.update(original.__dict__)
             self._mask_source = mask_source  # activations only: a weight is never masked
             self._layout = layout
 
         @torch.no_grad()
         def collect(self, x):
-            mask = self._mask_source.get("mask") if self._mask_source is not None else None
+            mask = self._mask_source.mask if self._mask_source is not None else None
             amax = masked_amax(x, mask, self._layout).detach()
             if self._calib_amax is None or x.device.type == "meta":  # meta: as MaxCalibrator does
                 self._calib_amax = amax
@@ -1653,19 +1688,19 @@ def token_mask(attention, rows: tuple, current):
     return current
 
 
-def mask_from_attention(holder: dict):
-    """A decoder-layer pre-hook keeping holder['mask'] right, also when the offload script calls layers itself."""
+def mask_from_attention(state: CalibrationState):
+    """A decoder-layer pre-hook keeping state.mask right, also when the offload script calls layers itself."""
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if "attention_mask" in kwargs and hidden is not None:
-            holder["mask"] = token_mask(kwargs["attention_mask"], tuple(hidden.shape[:-1]), holder.get("mask"))
+            state.mask = token_mask(kwargs["attention_mask"], tuple(hidden.shape[:-1]), state.mask)
     return hook
 
 
-def zero_padding(holder: dict):
+def zero_padding(state: CalibrationState):
     """A pre-hook zeroing padded rows of a linear's input, for quantizers with other calibrators."""
     def hook(module, args):
-        row_mask = mask_for_rows(args[0], holder.get("mask")) if args else None
+        row_mask = mask_for_rows(args[0], state.mask) if args else None
         if row_mask is None:
             return None
         return (args[0] * row_mask.unsqueeze(-1),) + args[1:]
@@ -1680,7 +1715,7 @@ def block_searchable(module) -> bool:
             and weight is not None and weight.dim() == 2 and weight.shape[1] % HESSIAN_BLOCK == 0)
 
 
-def sum_block_hessian(name: str, holder: dict):
+def sum_block_hessian(name: str, state: CalibrationState):
     """A linear's pre-hook adding its real input rows x to the per-block sums Σ x_b x_bᵀ (fp32, as ModelOpt).
 
     Linears fed the same tensor (q/k/v, gate/up) share one sum, computed once: the hook keeps the last input.
@@ -1688,11 +1723,11 @@ def sum_block_hessian(name: str, holder: dict):
     import torch
 
     def hook(module, args):
-        x, sums, last = args[0], holder["hessians"], holder.get("hessian_input")
+        x, sums, last = args[0], state.hessians, state.hessian_input
         if last is not None and last[0] is x:
             sums[name] = last[1]
             return
-        rows, row_mask = x.reshape(-1, x.shape[-1]).float(), mask_for_rows(x, holder.get("mask"))
+        rows, row_mask = x.reshape(-1, x.shape[-1]).float(), mask_for_rows(x, state.mask)
         count = row_mask.sum() if row_mask is not None else x.numel() // x.shape[-1]
         if row_mask is not None:
             rows = rows * row_mask.reshape(-1, 1)
@@ -1700,7 +1735,7 @@ def sum_block_hessian(name: str, holder: dict):
         total = sums.setdefault(name, [0, 0])
         total[0] = total[0] + torch.einsum("tbi,tbj->bij", blocks, blocks)
         total[1] = total[1] + count
-        holder["hessian_input"] = (x, total)
+        state.hessian_input = (x, total)
     return hook
 
 
@@ -1870,42 +1905,42 @@ def searchable_linears(module, prefix: str) -> dict:
             if block_searchable(linear)}
 
 
-def search_block_scales(linears: dict, holder: dict, access: Callable | None = None) -> None:
+def search_block_scales(linears: dict, state: CalibrationState, access: Callable | None = None) -> None:
     """local_hessian's or four_over_six's search after the max pass: every block's FP8 scale, under the max
     global scale. The weights must be in place: `access(module)` puts them there, else the caller has."""
-    holder["hessian_input"] = None
+    state.hessian_input = None
     start = time.perf_counter()
     for name, module in Progress(linears.items(), desc="block scales", unit="linear"):
         if getattr(module.weight_quantizer, "_amax", None) is None:
             continue  # never calibrated: kept in 16 bits after calibration
-        total = holder["hessians"].pop(name, None) if holder["hessians"] is not None else None
-        if holder["hessians"] is not None and total is None:
+        total = state.hessians.pop(name, None) if state.hessians is not None else None
+        if state.hessians is not None and total is None:
             continue  # local_hessian, a linear that saw no tokens: max's scales stay
         with access(module) if access else contextlib.nullcontext():
-            best = searched_block_amax(module, holder["search"], total)
+            best = searched_block_amax(module, state.search, total)
         module.weight_quantizer.amax = best.reshape(module.weight_quantizer.amax.shape)
-        holder["searched"].add(name)
-    holder["search_seconds"] = holder.get("search_seconds", 0.0) + time.perf_counter() - start
+        state.searched.add(name)
+    state.search_seconds = state.search_seconds + time.perf_counter() - start
 
 
-def search_model_block_scales(model, holder: dict) -> None:
+def search_model_block_scales(model, state: CalibrationState) -> None:
     """After the max pass: every linear not searched yet (the offload loop searches its layers as it goes). Across
     ranks, every rank first sums every rank's Hessians, so all search alike."""
     import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
-    names = sorted(holder["hessians"]) if holder["hessians"] is not None else \
-        [name for name in searchable_linears(model, "") if name not in holder["searched"]]
+    names = sorted(state.hessians) if state.hessians is not None else \
+        [name for name in searchable_linears(model, "") if name not in state.searched]
     if names:  # none left after the offload loop
         stage(STAGE_SEARCH)
-    if current_ranks().distributed and holder["hessians"]:
-        shared = {id(total): total for _, total in sorted(holder["hessians"].items())}
+    if current_ranks().distributed and state.hessians:
+        shared = {id(total): total for _, total in sorted(state.hessians.items())}
         for total in shared.values():
             total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
             for tensor in total:
                 torch.distributed.all_reduce(tensor)
     modules = dict(model.named_modules())
-    search_block_scales({name: modules[name] for name in names}, holder,
+    search_block_scales({name: modules[name] for name in names}, state,
                         access=lambda module: enable_weight_access_and_writeback(module, model, modules))
 
 
@@ -1957,7 +1992,7 @@ def routed_indices(router, output):
     return torch.topk(logits.float(), top_k, dim=-1).indices
 
 
-def count_routed_tokens(name: str, holder: dict):
+def count_routed_tokens(name: str, state: CalibrationState):
     """A router forward hook: tokens per expert, real tokens only, from the last pass through this block.
 
     ModelOpt's "all experts" calibration calls the router once more with top_k raised to every expert;
@@ -1967,46 +2002,46 @@ def count_routed_tokens(name: str, holder: dict):
 
     def hook(router, inputs, output):
         indices = routed_indices(router, output)
-        entry = holder["coverage"].get(name)
-        if indices is None or entry is None or indices.shape[-1] != entry["top_k"]:
+        entry = state.coverage.get(name)
+        if indices is None or entry is None or indices.shape[-1] != entry.top_k:
             return
-        if entry["pass"] != holder.get("pass"):  # an algorithm's second pass
-            entry["pass"] = holder.get("pass")
-            entry["counts"] = torch.zeros(entry["experts"], dtype=torch.long, device=indices.device)
-        keep = mask_for_rows(inputs[0], holder.get("mask")) if inputs else None
+        if entry.forward_pass != state.forward_pass:  # an algorithm's second pass
+            entry.forward_pass = state.forward_pass
+            entry.counts = torch.zeros(entry.experts, dtype=torch.long, device=indices.device)
+        keep = mask_for_rows(inputs[0], state.mask) if inputs else None
         chosen = indices if keep is None else indices[keep.reshape(-1) > 0]
-        entry["counts"] += torch.bincount(chosen.reshape(-1).long(), minlength=entry["experts"])[: entry["experts"]]
+        entry.counts += torch.bincount(chosen.reshape(-1).long(), minlength=entry.experts)[: entry.experts]
     return hook
 
 
-def start_coverage(model, holder: dict) -> None:
+def expert_blocks(model) -> dict[str, ExpertCoverage]:
     """One entry per MoE block: its expert count and top_k, counted by count_routed_tokens."""
-    holder["coverage"] = {}
+    blocks = {}
     for name, block, router in moe_blocks(model):
         top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None)
         if isinstance(top_k, int):
-            holder["coverage"][name] = {"experts": expert_count(block, router), "top_k": top_k, "pass": None,
-                                        "counts": None}
+            blocks[name] = ExpertCoverage(expert_count(block, router), top_k)
+    return blocks
 
 
-def expert_coverage(holder: dict, moe_calibration: str) -> dict | None:
+def expert_coverage(state: CalibrationState, moe_calibration: str) -> dict | None:
     """Per MoE block: tokens routed to each expert and the experts no calibration token was routed to."""
     import torch
 
-    coverage = holder.get("coverage") or {}
+    coverage = state.coverage
     if not coverage:
         return None
     layers = {}
     for name, entry in coverage.items():
-        counts = entry["counts"]
+        counts = entry.counts
         if counts is None:
-            counts = torch.zeros(entry["experts"], dtype=torch.long)
+            counts = torch.zeros(entry.experts, dtype=torch.long)
         if current_ranks().distributed:
             import torch.distributed as dist
 
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         tokens = counts.cpu().tolist()
-        layers[name] = {"experts": entry["experts"], "top_k": entry["top_k"], "tokens_per_expert": tokens,
+        layers[name] = {"experts": entry.experts, "top_k": entry.top_k, "tokens_per_expert": tokens,
                         "unrouted_experts": [i for i, n in enumerate(tokens) if n == 0]}
     unrouted = sum(len(v["unrouted_experts"]) for v in layers.values())
     return {"moe_calibration": moe_calibration, "moe_blocks": len(layers), "unrouted_experts": unrouted,
@@ -2088,7 +2123,7 @@ def decoder_layers(model):
     return LayerActivationCollector.get_decoder_layers(model)
 
 
-def install_calibration_hooks(model, holder: dict) -> None:
+def install_calibration_hooks(model, state: CalibrationState) -> None:
     """Once per quantize call: sync-free calibrators, and the padding mask kept current for them.
 
     The mask is set by run_batch and, because the offload script's layer loop calls each decoder
@@ -2099,41 +2134,41 @@ def install_calibration_hooks(model, holder: dict) -> None:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    if "handles" in holder:
+    if state.handles is not None:
         return
     calibrator_class, handles = sync_free_max_calibrator(), []
     for name, quantizer in list(model.named_modules()):
         if isinstance(quantizer, TensorQuantizer) and max_collectable(quantizer):
             masked, layout = quantizer_role(name)
-            quantizer._calibrator = calibrator_class(quantizer._calibrator, holder if masked else None, layout)
+            quantizer._calibrator = calibrator_class(quantizer._calibrator, state if masked else None, layout)
     for module in list(model.modules()):
         input_quantizer = getattr(module, "input_quantizer", None)
         other_calibrator = getattr(input_quantizer, "is_enabled", False) and \
             not isinstance(input_quantizer._calibrator, calibrator_class)
         # GPTQ's Hessians sum every input row of every quantized linear: padding would count
-        hessian = holder.get("zero_linear_padding") and getattr(getattr(module, "weight_quantizer", None),
+        hessian = state.zero_linear_padding and getattr(getattr(module, "weight_quantizer", None),
                                                                 "is_enabled", False)
         if other_calibrator or hessian:
-            handles.append(module.register_forward_pre_hook(zero_padding(holder)))
-    if holder.get("hessians") is not None:
+            handles.append(module.register_forward_pre_hook(zero_padding(state)))
+    if state.hessians is not None:
         for name, module in list(model.named_modules()):
             if block_searchable(module):
-                handles.append(module.register_forward_pre_hook(sum_block_hessian(name, holder)))
+                handles.append(module.register_forward_pre_hook(sum_block_hessian(name, state)))
     for name, block, router in moe_blocks(model):
-        handles.append(block.register_forward_pre_hook(zero_padding(holder)))
-        handles.append(router.register_forward_hook(count_routed_tokens(name, holder)))
+        handles.append(block.register_forward_pre_hook(zero_padding(state)))
+        handles.append(router.register_forward_hook(count_routed_tokens(name, state)))
     for layer in decoder_layers(model) or []:
-        handles.append(layer.register_forward_pre_hook(mask_from_attention(holder), with_kwargs=True))
-    holder["handles"] = handles
+        handles.append(layer.register_forward_pre_hook(mask_from_attention(state), with_kwargs=True))
+    state.handles = handles
 
 
-def remove_calibration_hooks(holder: dict) -> None:
-    for handle in holder.pop("handles", []):
+def remove_calibration_hooks(state: CalibrationState) -> None:
+    for handle in state.handles or []:
         handle.remove()
-    holder["mask"] = holder["hessian_input"] = None
+    state.handles = state.mask = state.hessian_input = None
 
 
-def gpu_token_budget(forward, samples, device, budget_gib: float | None, holder: dict):
+def gpu_token_budget(forward, samples, device, budget_gib: float | None, state: CalibrationState):
     """Run the longest sample alone, measure peak memory per token, size batches to the budget.
 
     Returns (max_batch_tokens, probe_index). The probe is real calibration work, not wasted.
@@ -2147,18 +2182,18 @@ def gpu_token_budget(forward, samples, device, budget_gib: float | None, holder:
     if budget <= base:
         raise UsageError(f"--gpu_memory_budget {budget / 2**30:.1f} GiB is below the weights' "
                          f"{base / 2**30:.1f} GiB on {device}: raise it or use quantize_nvfp4_offload.py")
-    holder["peak_before_probe"] = torch.cuda.max_memory_allocated(device)  # the reset below would lose it
+    state.peak_before_probe = torch.cuda.max_memory_allocated(device)  # the reset below would lose it
     torch.cuda.reset_peak_memory_stats(device)
-    run_batch(forward, samples, [probe], device, holder)
+    run_batch(forward, samples, [probe], device, state)
     per_token = max(torch.cuda.max_memory_allocated(device) - base, 1) / len(samples[probe])
     tokens = int((budget - base) * 0.9 / per_token)
     return max(len(samples[probe]), min(tokens, MAX_BATCH_TOKENS)), probe
 
 
-def run_batch(forward, samples, indices, device, holder: dict) -> None:
-    input_ids, mask = padded_batch(samples, indices, holder["pad_id"])
+def run_batch(forward, samples, indices, device, state: CalibrationState) -> None:
+    input_ids, mask = padded_batch(samples, indices, state.pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
-    holder["mask"] = mask
+    state.mask = mask
     forward(input_ids=input_ids, attention_mask=mask)
 
 
@@ -2171,52 +2206,53 @@ def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
     return batch[:half], batch[half:]
 
 
-def plan_batches(forward, samples, settings: Settings, device: str, holder: dict) -> None:
+def plan_batches(forward, samples, settings: Settings, device: str, state: CalibrationState) -> None:
     """Decide the batches once; an algorithm's later passes run the same ones.
 
     On a GPU in auto mode the longest sample runs first, alone, to size the batches (it is real
     calibration work and is not run again). Elsewhere the budget is DEFAULT_BATCH_TOKENS.
     """
     lengths = [len(s) for s in samples]
-    holder.update(done=[], cap=DEFAULT_BATCH_TOKENS if settings.batch_size is None else math.inf)
+    state.done, state.cap = [], DEFAULT_BATCH_TOKENS if settings.batch_size is None else math.inf
     ranks = current_ranks()
     if settings.batch_size is None and device.startswith("cuda"):
-        holder["cap"], probe = gpu_token_budget(forward, samples, device, settings.gpu_memory_budget, holder)
-        holder["done"] = [[probe]]  # every rank ran it: max is idempotent, so that changes nothing
+        state.cap, probe = gpu_token_budget(forward, samples, device, settings.gpu_memory_budget, state)
+        state.done = [[probe]]  # every rank ran it: max is idempotent, so that changes nothing
         if ranks.distributed:  # one plan for all ranks: the smallest budget
-            holder["cap"] = all_reduce_min(holder["cap"], device)
-    skip = {i for batch in holder["done"] for i in batch}
+            state.cap = all_reduce_min(state.cap, device)
+    skip = {i for batch in state.done for i in batch}
     rest = [i for i in range(len(samples)) if i not in skip]
-    grouped = group_batches([lengths[i] for i in rest], settings.batch_size, holder["cap"])
-    holder["plan"] = [[rest[j] for j in batch] for batch in grouped]
+    grouped = group_batches([lengths[i] for i in rest], settings.batch_size, state.cap)
+    state.plan = [[rest[j] for j in batch] for batch in grouped]
     if ranks.distributed:
-        holder["plan"] = rank_share(holder["plan"], lengths, ranks.rank, ranks.world)
+        state.plan = rank_share(state.plan, lengths, ranks.rank, ranks.world)
 
 
-def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str, holder: dict) -> None:
+def calibrate_batches(model, samples: list[list[int]], settings: Settings, device: str,
+                      state: CalibrationState) -> None:
     """The forward loop ModelOpt calls (once per pass of its algorithm): every sample once."""
     import torch
 
-    holder["pass"] = holder.get("pass", 0) + 1
-    install_calibration_hooks(model, holder)
+    state.forward_pass = state.forward_pass + 1
+    install_calibration_hooks(model, state)
     forward, lengths = calibration_forward(model), [len(s) for s in samples]
     loop_start = time.perf_counter()
     with torch.no_grad():
-        if "plan" not in holder:
-            plan_batches(forward, samples, settings, device, holder)
-        batches_run = list(holder["done"])
+        if state.plan is None:
+            plan_batches(forward, samples, settings, device, state)
+        batches_run = list(state.done)
         bar = Progress(total=sum(lengths), desc="calibrate", unit="token", unit_scale=True,
                        initial=sum(lengths[i] for b in batches_run for i in b))
-        queue = deque(holder["plan"])
+        queue = deque(state.plan)
         while queue:
             batch = queue.popleft()
-            if len(batch) > 1 and padded_tokens(lengths, batch) > holder["cap"]:  # after an OOM
+            if len(batch) > 1 and padded_tokens(lengths, batch) > state.cap:  # after an OOM
                 queue.extendleft(reversed(split_batch(batch)))
                 continue
             try:
-                run_batch(forward, samples, batch, device, holder)
+                run_batch(forward, samples, batch, device, state)
             except torch.OutOfMemoryError:
-                handle_out_of_memory(batch, lengths, holder)
+                handle_out_of_memory(batch, lengths, state)
                 queue.extendleft(reversed(split_batch(batch)))
                 continue
             batches_run.append(batch)
@@ -2224,19 +2260,20 @@ def calibrate_batches(model, samples: list[list[int]], settings: Settings, devic
         bar.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
-    holder["forward_seconds"] = holder.get("forward_seconds", 0.0) + time.perf_counter() - loop_start
-    holder.setdefault("batches_run", batches_run)
+    state.forward_seconds = state.forward_seconds + time.perf_counter() - loop_start
+    if state.batches_run is None:  # the first pass's, for the statistics
+        state.batches_run = batches_run
 
 
-def handle_out_of_memory(batch: list[int], lengths: list[int], holder: dict) -> None:
+def handle_out_of_memory(batch: list[int], lengths: list[int], state: CalibrationState) -> None:
     """Halve the batch and lower the cap for the rest of the run; a lone sample can't be split."""
     import torch
 
     if len(batch) == 1:
         raise UsageError(f"CUDA out of memory on a single {lengths[batch[0]]}-token sample: "
                          "lower --max_seq_len or use quantize_nvfp4_offload.py") from None
-    holder["oom_retries"] = holder.get("oom_retries", 0) + 1
-    holder["cap"] = padded_tokens(lengths, batch) // 2
+    state.oom_retries = state.oom_retries + 1
+    state.cap = padded_tokens(lengths, batch) // 2
     torch.cuda.empty_cache()
 
 
@@ -2244,60 +2281,59 @@ GPTQ_LINE = re.compile(r"^\[(?P<name>[^\]]+)\] Relative MSE error: (?P<error>\S+
 
 
 @contextlib.contextmanager
-def modelopt_report(holder: dict, gptq: bool = True):
-    """ModelOpt's prints on stdout around one of its calls. GPTQ's line per linear (Hessian-weighted relative error
-    of its update) goes to holder["gptq_relative_mse"] for the manifest instead of the console; the others
-    (Inserted N quantizers, Registered <class> to _QuantAttention ...) are printed with --verbose only. Without
-    `gptq` and with --verbose, stdout is left as it is: ModelOpt's lines show as they come."""
+def modelopt_report(gptq: bool = True):
+    """ModelOpt's prints on stdout around one of its calls. Yields a dict that receives, when the block ends, GPTQ's
+    line per linear (Hessian-weighted relative error of its update) for the manifest instead of the console; the
+    others (Inserted N quantizers, Registered <class> to _QuantAttention ...) are printed with --verbose only.
+    Without `gptq` and with --verbose, stdout is left as it is: ModelOpt's lines show as they come."""
+    errors: dict[str, float] = {}
     if CONSOLE.verbose and not gptq:
-        yield
+        yield errors
         return
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            yield
+            yield errors
     finally:
-        errors = {}
         for line in captured.getvalue().splitlines():
             match = GPTQ_LINE.match(line)
             if match:
                 errors[match["name"]] = float(match["error"])
             elif CONSOLE.verbose:
                 print(line)
-        holder["gptq_relative_mse"] = errors
 
 
 def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
-                   calibrate: Callable[[Any, dict, dict], None] | None = None) -> dict:
+                   calibrate: Callable[[Any, dict, CalibrationState], None] | None = None) -> dict:
     """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
 
-    `calibrate(model, config, holder)` replaces that call (the offload script's layer loop); it must
-    fill holder's "batches_run", "forward_seconds" and "cap" as calibrate_batches does.
+    `calibrate(model, config, state)` replaces that call (the offload script's layer loop); it must
+    fill the state's batches_run, forward_seconds and cap as calibrate_batches does.
     """
     import modelopt.torch.quantization as mtq
     import torch
 
     config = build_quant_config(settings.mode, unquantized, settings.kv_cache, settings.algorithm,
                                 settings.moe_calibration)
-    holder: dict = {"pad_id": pad_id, "zero_linear_padding": settings.algorithm == "gptq", "searched": set(),
-                    "search": settings.algorithm if ALGORITHMS[settings.algorithm].scale_search else None,
-                    "hessians": {} if settings.algorithm == "local_hessian" else None}
-    start_coverage(model, holder)
+    searches = ALGORITHMS[settings.algorithm].scale_search
+    state = CalibrationState(pad_id, search=settings.algorithm if searches else None,
+                             hessians={} if settings.algorithm == "local_hessian" else None,
+                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model))
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        with modelopt_report(holder, gptq=settings.algorithm == "gptq"):
+        with modelopt_report(gptq=settings.algorithm == "gptq") as gptq_relative_mse:
             if calibrate is None:
-                mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, holder))
+                mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, state))
             else:
-                calibrate(model, config, holder)
-            if holder["search"]:
-                search_model_block_scales(model, holder)
+                calibrate(model, config, state)
+            if state.search:
+                search_model_block_scales(model, state)
     finally:
-        remove_calibration_hooks(holder)
+        remove_calibration_hooks(state)
     if current_ranks().distributed:
         check_ranks_agree(model, device)
     if on_gpu:
@@ -2307,20 +2343,19 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     check_calibrated(model)
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
-             "forward_seconds": round(holder["forward_seconds"], 2), "batches": len(holder["batches_run"]),
-             "padding_fraction": round(padding_fraction(lengths, holder["batches_run"]), 4),
-             "max_batch_tokens": holder["cap"] if settings.batch_size is None else None,
-             "oom_retries": holder.get("oom_retries", 0), "processes": current_ranks().world,
+             "forward_seconds": round(state.forward_seconds, 2), "batches": len(state.batches_run),
+             "padding_fraction": round(padding_fraction(lengths, state.batches_run), 4),
+             "max_batch_tokens": state.cap if settings.batch_size is None else None,
+             "oom_retries": state.oom_retries, "processes": current_ranks().world,
              "kept_16_bit_unreached": unreached}
-    if holder["search"]:
-        stats["scale_search"] = {"linears": len(holder["searched"]),
-                                 "seconds": round(holder.get("search_seconds", 0.0), 2)}
-    if holder.get("gptq_relative_mse"):
-        stats["gptq_relative_mse"] = holder["gptq_relative_mse"]
+    if state.search:
+        stats["scale_search"] = {"linears": len(state.searched), "seconds": round(state.search_seconds, 2)}
+    if gptq_relative_mse:
+        stats["gptq_relative_mse"] = gptq_relative_mse
     if on_gpu:
-        peak = max(torch.cuda.max_memory_allocated(device), holder.get("peak_before_probe", 0))
+        peak = max(torch.cuda.max_memory_allocated(device), state.peak_before_probe)
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
-    coverage = expert_coverage(holder, settings.moe_calibration)
+    coverage = expert_coverage(state, settings.moe_calibration)
     if coverage:
         stats["moe_expert_coverage"] = coverage
     return stats
@@ -2363,8 +2398,9 @@ class CheckpointReader:
         self.handles = {f: safe_open(str(folder / f), "pt") for f in files}
         self.location = {key: f for f, h in self.handles.items() for key in h.keys()}
         if weight_map is not None:
-            self.problems += [f"{key}: listed in the index in {f}, which {'lacks it' if f in self.handles else 'is missing'}"
-                              f" [index: complete]" for key, f in weight_map.items() if self.location.get(key) != f]
+            self.problems += [f"{key}: listed in the index in {f}, which "
+                              f"{'lacks it' if f in self.handles else 'is missing'} [index: complete]"
+                              for key, f in weight_map.items() if self.location.get(key) != f]
             self.problems += [f"{key}: in {f} but not in model.safetensors.index.json [index: complete]"
                               for key, f in self.location.items() if key not in weight_map]
         elif len(files) > 1:
@@ -2619,9 +2655,12 @@ def export_names(model) -> Callable[[str], str]:
     Not ModelOpt's build_reverse_name_mapper: it appends a sentinel starting with `modelopt` to the name, which
     unanchored rules rewrite (NemotronH's `model.` -> `backbone.` turns it into `backbone.pt_name_sentinel`).
     """
-    from modelopt.torch.export.quant_aware_conversion import (QuantConversionUnsupportedError,
-                                                              _apply_rename_rules, _build_reverse_rules,
-                                                              _compile_rename_rules)
+    from modelopt.torch.export.quant_aware_conversion import (
+        QuantConversionUnsupportedError,
+        _apply_rename_rules,
+        _build_reverse_rules,
+        _compile_rename_rules,
+    )
 
     try:
         _, rules, _ = _build_reverse_rules(model)
@@ -2712,9 +2751,12 @@ def unloaded_keys(cls, keys: Iterable[str]) -> list[str]:
 def check_carried_unloaded(reader: CheckpointReader, extra: set[str], cls, patterns: list[str]) -> tuple[set, list]:
     """Tensors the model class skips on load (multi-token prediction) may ride along, in 16 bits and excluded."""
     carried = set(unloaded_keys(cls, extra))
+    def excluded(module: str) -> bool:
+        return vllm_excludes(module, patterns) and trtllm_excludes(module, patterns)
+
     problems = [f"{k}: carried over but not excluded, or not 16-bit; vLLM would load it as FP4 [exclude: consistent]"
-                for k in sorted(carried) if reader.dtype(k) not in SIXTEEN_BIT + ("F32",)
-                or not (vllm_excludes(k.rpartition(".")[0], patterns) and trtllm_excludes(k.rpartition(".")[0], patterns))]
+                for k in sorted(carried)
+                if reader.dtype(k) not in SIXTEEN_BIT + ("F32",) or not excluded(k.rpartition(".")[0])]
     return carried, problems
 
 
@@ -3088,9 +3130,12 @@ def report_with_emulator(settings: Settings, config, folder: Path, holdout: list
     emulated = load_model(settings, config, device)
     emulate_checkpoint(emulated, folder)
     applied = sum(1 for k in CheckpointReader(folder).location if k.endswith("weight_scale"))
-    return {"quantized_tensors_emulated": applied} | quality_report(lambda ids: text_generator(reference)(input_ids=ids, use_cache=False).logits,
-                          lambda ids: text_generator(emulated)(input_ids=ids, use_cache=False).logits, holdout, device,
-                          "reference NVFP4 emulator reading the exported files")
+    def logits(model) -> Callable:
+        return lambda ids: text_generator(model)(input_ids=ids, use_cache=False).logits
+
+    report = quality_report(logits(reference), logits(emulated), holdout, device,
+                            "reference NVFP4 emulator reading the exported files")
+    return {"quantized_tensors_emulated": applied} | report
 
 
 def print_quality(report: dict) -> None:
@@ -3567,8 +3612,8 @@ def strip_name_sentinels(folder: Path) -> None:
     the sentinel is the mapped name."""
     hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
     hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
-    for holder, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
-        holder[key] = [NAME_SENTINEL.sub("", p) for p in holder.get(key) or []]
+    for section, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        section[key] = [NAME_SENTINEL.sub("", p) for p in section.get(key) or []]
     hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -3602,8 +3647,8 @@ def add_exclusions(folder: Path, patterns: list[str]) -> None:
     """Append exclude patterns to hf_quant_config.json and config.json's quantization_config, which must agree."""
     hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
     hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
-    for holder, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
-        holder[key] = list(holder.get(key) or []) + [p for p in patterns if p not in (holder.get(key) or [])]
+    for section, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        section[key] = list(section.get(key) or []) + [p for p in patterns if p not in (section.get(key) or [])]
     hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -3612,7 +3657,8 @@ MODEL_CARD_NAME = "README.md"
 RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and which runtimes load them")
     "NVFP4": "vLLM: native FP4 GEMMs on Blackwell (SM100/103/12x); on Turing to Hopper it runs weight-only through "
              "Marlin. TensorRT-LLM: Blackwell.",
-    "W4A16_NVFP4": "vLLM 2026 releases (Marlin, SM >= 75) and recent TensorRT-LLM builds; older ones reject W4A16_NVFP4.",
+    "W4A16_NVFP4": "vLLM 2026 releases (Marlin, SM >= 75) and recent TensorRT-LLM builds; older ones reject "
+                   "W4A16_NVFP4.",
     "W4A8_NVFP4_FP8": "TensorRT-LLM on Blackwell only; vLLM does not load W4A8_NVFP4_FP8.",
 }
 KV_NOTES = {
@@ -3747,7 +3793,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expe
         if settings.algorithm == "awq_lite":
             fold_awq_scales(model)
             after = capture(True) if capture else None
-        with warnings.catch_warnings(), text_forward(model), modelopt_report({}, gptq=False):
+        with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False):
             warnings.simplefilter("ignore", UserWarning)
             export_hf_checkpoint(model, export_dir=str(staging))
         relabel_folded_awq(staging, settings.mode)
@@ -3977,7 +4023,8 @@ def print_summary(manifest: dict, output: Path) -> None:
     fidelity = manifest.get("fidelity")
     if fidelity and fidelity["worst"]:
         name, error = next(iter(fidelity["worst"].items()))
-        rows.append(("fidelity: worst linear", f"{error} {name} (median {fidelity['median']}, limit {fidelity['limit']})"))
+        rows.append(("fidelity: worst linear",
+                     f"{error} {name} (median {fidelity['median']}, limit {fidelity['limit']})"))
     coverage = calib.get("moe_expert_coverage")
     if coverage:
         rows.append(("MoE experts with no routed token", f"{coverage['unrouted_experts']} "
@@ -4069,7 +4116,8 @@ def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.
         reference = original[f"{name}.weight"].float()
         rel = (torch.linalg.norm(restored - reference) / torch.linalg.norm(reference)).item()
         if not 0 < rel < max_rel_error:
-            raise RuntimeError(f"{name}: dequantized weight has relative error {rel:.4f}, expected (0, {max_rel_error})")
+            raise RuntimeError(f"{name}: dequantized weight has relative error {rel:.4f}, "
+                               f"expected (0, {max_rel_error})")
 
 
 # --------------------------------------------------------------------------- list configs
@@ -4134,10 +4182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_model", help="local model dir or hub ID (env INPUT_MODEL)")
     p.add_argument("--output_model", help="output dir for the NVFP4 checkpoint (env OUTPUT_MODEL)")
     p.add_argument("--dataset_yaml", help="calibration mix, e.g. Datasets/SWRP_Default.yaml")
-    p.add_argument("--max_samples", type=int, help=f"calibration samples (default {CALIBRATION_DEFAULTS['max_samples']})")
+    p.add_argument("--max_samples", type=int,
+                   help=f"calibration samples (default {CALIBRATION_DEFAULTS['max_samples']})")
     p.add_argument("--max_seq_len", type=int, help=f"tokens per sample (default {CALIBRATION_DEFAULTS['max_seq_len']})")
     p.add_argument("--oversample_ratio", type=float,
-                   help=f"load this many times max_samples before filtering (default {CALIBRATION_DEFAULTS['oversample_ratio']})")
+                   help="load this many times max_samples before filtering "
+                        f"(default {CALIBRATION_DEFAULTS['oversample_ratio']})")
     p.add_argument("--seed", type=int, help=f"sample selection seed (default {CALIBRATION_DEFAULTS['seed']})")
     p.add_argument("--min_token_length", type=int,
                    help=f"drop samples shorter than this (default {CALIBRATION_DEFAULTS['min_token_length']})")
@@ -4145,7 +4195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per calibration forward; auto (default) sizes batches in tokens to the GPU budget; "
                         "overrides the YAML's calibration.batch_size")
     p.add_argument("--gpu_memory_budget", type=float, metavar="GiB",
-                   help=f"cap for weights + calibration activations (default {AUTO_BUDGET_FRACTION * 100:.0f}%% of the GPU)")
+                   help="cap for weights + calibration activations "
+                        f"(default {AUTO_BUDGET_FRACTION * 100:.0f}%% of the GPU)")
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="load dtype; auto = the checkpoint's (float32 loads as bfloat16)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code from the hub")

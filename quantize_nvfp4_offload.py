@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import quantize_nvfp4 as q
 
@@ -90,7 +91,8 @@ def parse_memory(text: str) -> int:
     try:
         value = int(text) if text.isdigit() else convert_file_size_to_int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 80GiB, 500MB or a number of bytes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a size like 80GiB, 500MB or a number of bytes, "
+                                         f"got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"a memory cap must be positive, got {text!r}")
     return value
@@ -104,7 +106,8 @@ def parse_checkpoint_every(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = q.build_parser()
-    parser.description = "Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 (offloaded, layer by layer)."
+    parser.description = ("Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 "
+                          "(offloaded, layer by layer).")
     for action in parser._actions:  # what this script refuses is not offered
         if action.dest in QUALITY_OPTIONS:
             action.help = argparse.SUPPRESS
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max_cpu_memory", type=parse_memory, metavar="SIZE",
                        help="weights in CPU RAM before spilling to disk (default: accelerate's estimate of free RAM)")
     group.add_argument("--clean_offload", action="store_true",
-                       help="delete what this script put in --offload_folder after a successful run (never after a failed one)")
+                       help="delete what this script put in --offload_folder after a successful run "
+                            "(never after a failed one)")
     group.add_argument("--resume", action="store_true", help="continue a killed run from its per-layer checkpoints")
     group.add_argument("--checkpoint_every", type=parse_checkpoint_every, default=None, metavar="auto|N",
                        help=f"a resume point every N layers, or (auto, the default) after the first layer that ends "
@@ -493,7 +497,8 @@ def max_memory_map(offload: OffloadSettings, reserve_bytes: int) -> dict:
         cap = offload.max_gpu_memory or room
         if cap > room:
             raise q.UsageError(f"--max_gpu_memory {cap / 2**30:.1f} GiB leaves no room on GPU {gpu} "
-                               f"({total / 2**30:.1f} GiB) for calibration activations ({reserve_bytes / 2**30:.1f} GiB): "
+                               f"({total / 2**30:.1f} GiB) for calibration activations "
+                               f"({reserve_bytes / 2**30:.1f} GiB): "
                                f"use at most {max(room, 0) / 2**30:.1f} GiB, or lower --max_samples/--max_seq_len")
         caps[gpu] = max(cap, 0)
     caps["cpu"] = offload.max_cpu_memory or defaults["cpu"]
@@ -607,7 +612,8 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
         raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
                            f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
                            f"{', GPTQ-rewritten weights' if placement.rewritten_bytes else ''}"
-                           f"{', the output' if same_disk else ''}); point it at a larger disk or raise --max_cpu_memory")
+                           f"{', the output' if same_disk else ''}); "
+                           "point it at a larger disk or raise --max_cpu_memory")
 
 
 def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settings) -> None:
@@ -719,8 +725,8 @@ def replaced_forwards(layers, forwards: dict[int, Callable]):
                 layers[i].forward = forward
 
 
-def capture_layer_calls(model, layers, samples, batches, device: str, holder: dict, form: dict, record_from: int,
-                        run_first: bool) -> tuple[dict[int, list], list]:
+def capture_layer_calls(model, layers, samples, batches, device: str, state: q.CalibrationState, form: dict,
+                        record_from: int, run_first: bool) -> tuple[dict[int, list], list]:
     """Each batch through the model's own forward with decoder layers replaced by recorders.
 
     Records, per batch, what the model hands each layer from `record_from` on besides the hidden
@@ -752,20 +758,20 @@ def capture_layer_calls(model, layers, samples, batches, device: str, holder: di
         with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
             for batch in batches:
                 with contextlib.suppress(StopForward):
-                    q.run_batch(forward, samples, batch, device, holder)
+                    q.run_batch(forward, samples, batch, device, state)
     finally:
         if hook is not None:
             hook.remove()
     return calls, reached
 
 
-def layer_pass(layer, inputs: list, calls: list, masks: list, holder: dict, keep_outputs: bool) -> list:
+def layer_pass(layer, inputs: list, calls: list, masks: list, state: q.CalibrationState, keep_outputs: bool) -> list:
     """Every batch through one decoder layer; its hidden-state outputs are the next layer's inputs."""
     import torch
 
     outputs = []
     for hidden, (args, kwargs), mask in zip(inputs, calls, masks):
-        holder["mask"] = mask  # the layer's pre-hook refines it from its own attention mask
+        state.mask = mask  # the layer's pre-hook refines it from its own attention mask
         output = layer(hidden, *args, **kwargs)
         if keep_outputs:
             outputs.append(output if isinstance(output, torch.Tensor) else output[0])
@@ -873,18 +879,18 @@ def insert_quantizers(model, config: dict) -> None:
     mtq.quantize(model, {**config, "algorithm": {**common, "method": None}})
 
 
-def layer_snapshot(layer, name: str, holder: dict) -> dict:
+def layer_snapshot(layer, name: str, state: q.CalibrationState) -> dict:
     """What a resume point keeps of a calibrated layer: its quantizers' state and its MoE routing counts."""
     from modelopt.torch.quantization.conversion import quantizer_state
     from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict
 
-    coverage = {block: entry["counts"] for block, entry in (holder.get("coverage") or {}).items()
-                if block.startswith(name + ".") and entry["counts"] is not None}
+    coverage = {block: entry.counts for block, entry in state.coverage.items()
+                if block.startswith(name + ".") and entry.counts is not None}
     return to_cpu({"quantizer_state": quantizer_state(layer), "buffers": get_quantizer_state_dict(layer),
                    "coverage": coverage})
 
 
-def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, holder: dict,
+def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, state: q.CalibrationState,
                    rewritten: bool) -> None:
     """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once);
     with `rewritten` (GPTQ), their rewritten weights too."""
@@ -892,8 +898,8 @@ def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int
 
     names = decoder_layer_names(model)
     for index in q.Progress(range(count), desc="restore calibrated layers", unit="layer"):
-        restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, holder)
-        holder["searched"].update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
+        restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, state)
+        state.searched.update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
         if rewritten:
             path = layer_dir(layerwise_dir, index) / REWRITTEN_FILE
             if not path.is_file():
@@ -902,12 +908,15 @@ def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int
             install_weights(modules, load_file(path), path)
 
 
-def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None:
+def restore_layer(model, layer, modules: dict, path: Path, state: q.CalibrationState) -> None:
     """One layer's quantizers as they were saved, restored as ModelOpt restores its own layer checkpoints."""
     import torch
     from modelopt.torch.quantization.config import QuantizeConfig
     from modelopt.torch.quantization.conversion import restore_quantizer_state
-    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback, set_quantizer_state_dict
+    from modelopt.torch.quantization.utils.core_utils import (
+        enable_weight_access_and_writeback,
+        set_quantizer_state_dict,
+    )
 
     with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
         device = next(layer.parameters()).device
@@ -915,10 +924,10 @@ def restore_layer(model, layer, modules: dict, path: Path, holder: dict) -> None
         restore_quantizer_state(layer, QuantizeConfig(), {"quantizer_state": state["quantizer_state"]})
         set_quantizer_state_dict(layer, state["buffers"])
     for block, counts in state["coverage"].items():
-        holder["coverage"][block].update({"counts": counts, "pass": holder["pass"]})
+        state.coverage[block].counts, state.coverage[block].forward_pass = counts, state.forward_pass
 
 
-def calibrate_layer(layer, name: str, passes: dict[str, Callable], holder: dict, max_kwargs: dict | None,
+def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.CalibrationState, max_kwargs: dict | None,
                     gptq: dict | None) -> dict:
     """One decoder layer's calibration, its weights in place; returns GPTQ's rewritten weights (else nothing).
 
@@ -934,12 +943,12 @@ def calibrate_layer(layer, name: str, passes: dict[str, Callable], holder: dict,
             rewritten = gptq_layer(layer, name, passes, gptq)
         else:
             max_calibrate(layer, passes["outputs"], **max_kwargs)
-    if holder["search"]:  # local_hessian, four_over_six: this layer's block scales, weights in place
-        q.search_block_scales(q.searchable_linears(layer, name), holder)
+    if state.search:  # local_hessian, four_over_six: this layer's block scales, weights in place
+        q.search_block_scales(q.searchable_linears(layer, name), state)
     return rewritten
 
 
-def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.Settings, device: str,
+def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, settings: q.Settings, device: str,
                        offload: OffloadSettings, resume_after: int | None) -> None:
     """ModelOpt's calibration, one decoder layer at a time, one pass per layer (GPTQ: two).
 
@@ -955,12 +964,12 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
     insert_quantizers(model, config)
-    q.install_calibration_hooks(model, holder)
+    q.install_calibration_hooks(model, state)
     layers, modules, names = q.decoder_layers(model), dict(model.named_modules()), decoder_layer_names(model)
     batches = layer_batches(samples, settings)
-    masks = [q.padded_batch(samples, batch, holder["pad_id"])[1].to(device) for batch in batches]
-    holder.update(batches_run=batches, cap=q.DEFAULT_BATCH_TOKENS)
-    holder["pass"] = 1  # one pass: MoE routing counts accumulate over every batch
+    masks = [q.padded_batch(samples, batch, state.pad_id)[1].to(device) for batch in batches]
+    state.batches_run, state.cap = batches, q.DEFAULT_BATCH_TOKENS
+    state.forward_pass = 1  # one pass: MoE routing counts accumulate over every batch
     gptq = gptq_kwargs(config) if algorithm_of(config)["method"] == "gptq" else None
     max_kwargs = None if gptq else max_calibrate_kwargs(config)
     streams = STREAMS if gptq else STREAMS[:1]
@@ -968,23 +977,23 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     loop_start = time.perf_counter()
     if start:
         form["form"] = read_progress(offload.layerwise_dir)["output_form"]
-        restore_layers(model, layers, modules, offload.layerwise_dir, start, holder, len(streams) > 1)
+        restore_layers(model, layers, modules, offload.layerwise_dir, start, state, len(streams) > 1)
         cached = read_tensors(layer_dir(offload.layerwise_dir, resume_after) / INPUTS_FILE, device)
         run.update({stream: cached[i * len(batches):(i + 1) * len(batches)] for i, stream in enumerate(streams)})
-        run["calls"], _ = capture_layer_calls(model, layers, samples, batches, device, holder, form, start, False)
+        run["calls"], _ = capture_layer_calls(model, layers, samples, batches, device, state, form, start, False)
 
     def stream_pass(index: int, stream: str) -> Callable:
         """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
         if index == 0:  # the model's own forward up to layer 1, layer 0 running for real
             def first_layer(_layer) -> None:
                 recording = stream == STREAMS[0]  # what the model hands the later layers: recorded once
-                calls, run[stream] = capture_layer_calls(model, layers, samples, batches, device, holder, form,
+                calls, run[stream] = capture_layer_calls(model, layers, samples, batches, device, state, form,
                                                          1 if recording else len(layers), True)
                 if recording:
                     run["calls"] = calls
             return first_layer
         inputs, calls = run.pop(stream), run["calls"][index]
-        return lambda layer: run.update({stream: layer_pass(layer, inputs, calls, masks, holder,
+        return lambda layer: run.update({stream: layer_pass(layer, inputs, calls, masks, state,
                                                             keep_outputs=index + 1 < len(layers))})
 
     writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
@@ -999,11 +1008,11 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
             with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
                 try:
                     rewritten = calibrate_layer(layer, names[index], {s: stream_pass(index, s) for s in streams},
-                                                holder, max_kwargs, gptq)
+                                                state, max_kwargs, gptq)
                 except torch.OutOfMemoryError:
                     raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
                                        "leave room for activations, or pass a smaller --batch_size") from None
-                pending[index] = layer_snapshot(layer, names[index], holder)
+                pending[index] = layer_snapshot(layer, names[index], state)
             prefetch.release(loaded)
             if rewritten:  # the layer's weights are back where accelerate keeps them: the rewrite goes there too
                 keep_rewritten_weights(modules, rewritten, layer_dir(offload.layerwise_dir, index) / REWRITTEN_FILE)
@@ -1019,15 +1028,15 @@ def calibrate_by_layer(model, config: dict, holder: dict, samples, settings: q.S
     writer.wait()
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-    holder["forward_seconds"] = time.perf_counter() - loop_start
+    state.forward_seconds = time.perf_counter() - loop_start
 
 
 # --------------------------------------------------------------------------- main
 def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, offload: OffloadSettings,
                         resume_after: int | None) -> dict:
     """quantize_nvfp4.py's calibration (hooks, statistics, checks) with the layer loop in place of its forward loop."""
-    def calibrate(model, config: dict, holder: dict) -> None:
-        calibrate_by_layer(model, config, holder, job.samples, settings, device, offload, resume_after)
+    def calibrate(model, config: dict, state: q.CalibrationState) -> None:
+        calibrate_by_layer(model, config, state, job.samples, settings, device, offload, resume_after)
 
     q.stage(STAGE_LAYER_CALIBRATION)
     return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate)
@@ -1077,7 +1086,7 @@ def run_self_test(args: argparse.Namespace) -> int:
     """The tiny built-in model, split across CPU and disk (and GPU if there is one), end to end."""
     def run_job(job_args: argparse.Namespace, tmp_path: Path) -> int:
         job_args.offload_folder = job_args.offload_folder or str(tmp_path / "offload")
-        job_args.max_cpu_memory = job_args.max_cpu_memory or 600_000  # the embeddings in RAM, the decoder layers on disk
+        job_args.max_cpu_memory = job_args.max_cpu_memory or 600_000  # embeddings in RAM, decoder layers on disk
         return run_offload(q.build_settings(job_args, {}), build_offload_settings(job_args))
 
     return q.self_test(args, run_job, layers=4, label="offload self-test")

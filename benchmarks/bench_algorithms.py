@@ -160,7 +160,8 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
     quality, fidelity = quality or manifest["quality"], manifest["fidelity"]
     row = {"variant": name, "flags": " ".join(flags), "calibration_s": manifest["calibration_run"]["seconds"],
            "quant_algo": manifest["validation"]["quant_algo"],
-           "perplexity_original": quality["perplexity_original"], "perplexity_quantized": quality["perplexity_quantized"],
+           "perplexity_original": quality["perplexity_original"],
+           "perplexity_quantized": quality["perplexity_quantized"],
            "perplexity_increase_pct": quality["perplexity_increase_pct"], "mean_kl": quality["mean_kl"],
            "top1_agreement": quality["top1_agreement"], "fidelity_worst": max(fidelity["per_linear"].values()),
            "fidelity_median": fidelity["median"], "fidelity_limit": fidelity["limit"],
@@ -267,8 +268,9 @@ def choose_default(rows: list[dict], timings: dict) -> dict:
         seconds = (timings.get(row["variant"]) or {}).get("calibration_s")
         quality_ok = row["perplexity_increase_pct"] <= bar
         time_ok = seconds is not None and max_time is not None and seconds <= TIME_FACTOR * max_time
-        verdicts[row["variant"]] = {"perplexity_increase_pct": row["perplexity_increase_pct"], "quality_ok": quality_ok,
-                                    "calibration_8b_s": seconds, "time_ok": time_ok, "meets_bar": quality_ok and time_ok}
+        verdicts[row["variant"]] = {"perplexity_increase_pct": row["perplexity_increase_pct"],
+                                    "quality_ok": quality_ok, "calibration_8b_s": seconds, "time_ok": time_ok,
+                                    "meets_bar": quality_ok and time_ok}
     passing = sorted((v["perplexity_increase_pct"], a) for a, v in verdicts.items() if v["meets_bar"])
     return {"rule": f"perplexity increase <= {QUALITY_FACTOR} x ModelOpt in-process NVFP4_DEFAULT_CFG's "
                     f"({in_process['perplexity_increase_pct']}% -> bar {bar:.3f}%), at <= {TIME_FACTOR} x max's "
@@ -309,7 +311,8 @@ def main() -> None:
                         help="wall-clock budget for everything after training; variants that no longer fit are skipped")
     parser.add_argument("--samples_8b", type=int, default=64, help="calibration samples (x 512 tokens) for the 8B "
                                                                    "timing; 0 skips it")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: built-in tiny model, samples, max in both scripts")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke run: built-in tiny model, samples, max in both scripts")
     parser.add_argument("--time_8b", help=argparse.SUPPRESS, choices=list(VARIANTS))  # child process of the 8B timing
     args = parser.parse_args()
     if args.time_8b:

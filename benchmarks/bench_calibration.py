@@ -282,7 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile_rows", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_calibration.json", help="where to write all numbers")
-    p.add_argument("--plan_only", action="store_true", help="print the batch plans' batches, shapes and padding; no model")
+    p.add_argument("--plan_only", action="store_true",
+                   help="print the batch plans' batches, shapes and padding; no model")
     p.add_argument("--cold", action="store_true", help="no untimed warm run first (what the cold subprocesses pass)")
     args = p.parse_args(argv)
     for key, default in (TINY_RUN if args.tiny else FULL_RUN).items():

@@ -36,10 +36,22 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_calibration import (  # noqa: E402
+    FULL_RUN,
+    LLAMA3_8B,
+    PAD_ID,
+    TINY,
+    TINY_RUN,
+    bench_settings,
+    build_model,
+    free_memory,
+    gib,
+    make_samples,
+    sync,
+)
+
 import quantize_nvfp4 as q  # noqa: E402
 import quantize_nvfp4_offload as offload  # noqa: E402
-from bench_calibration import (FULL_RUN, LLAMA3_8B, PAD_ID, TINY, TINY_RUN, bench_settings, build_model,  # noqa: E402
-                               free_memory, gib, make_samples, sync)
 
 TARGET_VS_IN_GPU = 1.5     # (c) at the default --checkpoint_every: time <= this x (a) warm
 TARGET_VS_ORIGINAL = 10.0  # (c) at least this many times faster than (b)
@@ -94,7 +106,7 @@ def in_gpu(folder: Path, samples, args, export_to: Path | None = None) -> dict:
     settings = settings_for(folder, samples, args)
     job = job_for(settings, samples)
     load_s, model = timed(lambda: q.load_model(settings, job.config, args.device), args.device)
-    calib_s, stats = timed(lambda: q.quantize_model(model, settings, job.unquantized, samples, args.device, PAD_ID),
+    calib_s, stats = timed(lambda m=model: q.quantize_model(m, settings, job.unquantized, samples, args.device, PAD_ID),
                            args.device)
     export_s = export(model, export_to)
     del model
@@ -118,11 +130,11 @@ def offloaded(folder: Path, samples, args, work: Path, checkpoint_every: int | N
     load_s, model = timed(lambda: offload.load_offloaded_model(settings, job, placement, opts), args.device)
     device = offload.execution_device(placement)
 
-    def calibrate(m, config, holder):
-        offload.calibrate_by_layer(m, config, holder, samples, settings, device, opts, None)
+    def calibrate(m, config, state):
+        offload.calibrate_by_layer(m, config, state, samples, settings, device, opts, None)
 
-    calib_s, stats = timed(lambda: q.quantize_model(model, settings, job.unquantized, samples, device, PAD_ID,
-                                                    calibrate=calibrate), args.device)
+    calib_s, stats = timed(lambda m=model: q.quantize_model(m, settings, job.unquantized, samples, device, PAD_ID,
+                                                            calibrate=calibrate), args.device)
     offload.LayerPrefetcher = prefetcher
     export_s = export(model, export_to)
     del model
@@ -153,7 +165,8 @@ def original(folder: Path, samples, args, work: Path) -> dict:
             for sample in subset:
                 m(input_ids=torch.tensor([sample], device=device))
 
-    calib_s, _ = timed(lambda: mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), per_sample_loop), args.device)
+    calib_s, _ = timed(lambda m=model: mtq.quantize(m, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), per_sample_loop),
+                       args.device)
     del model
     shutil.rmtree(opts.offload_folder)
     scaled = calib_s * len(samples) / len(subset)
@@ -224,7 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu_cap", type=offload.parse_memory, default="6GiB", help="GPU memory for weights (default 6GiB)")
     p.add_argument("--algorithm", default="max", choices=offload.LAYER_LOOP_ALGORITHMS,
                    help="calibration algorithm of (a) and (c) (default max)")
-    p.add_argument("--original_samples", type=int, default=0, help="time (b) on this many samples, then scale (0: skip)")
+    p.add_argument("--original_samples", type=int, default=0,
+                   help="time (b) on this many samples, then scale (0: skip)")
     p.add_argument("--checkpoint_every", type=offload.parse_checkpoint_every, nargs="+", default=[None, 8],
                    metavar="auto|N", help="(c) once per value (default: auto, the script's default, and 8); the first "
                    "is exported and compared with (a)")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import quantize_nvfp4 as q  # noqa: E402
 
 SCRIPT = ROOT / "quantize_nvfp4.py"
+LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,37 @@ def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def quantize_cli(model, out, *flags, samples="16", seq_len="96"):
+    """quantize_nvfp4.py on the shipped offline mix; it must succeed."""
+    result = run_cli("--input_model", str(model), "--output_model", str(out), "--dataset_yaml", LOCAL_YAML,
+                     "--max_samples", samples, "--max_seq_len", seq_len, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def kv_runs(tiny_model, tmp_path_factory):
+    """FP8 KV cache with auto batching and with one sample per forward (padding vs none), and NVFP4 KV."""
+    root = tmp_path_factory.mktemp("kv")
+    return {"fp8": quantize_cli(tiny_model, root / "fp8", "--kv_cache", "fp8", "--eval", "--eval_samples", "8"),
+            "fp8_bs1": quantize_cli(tiny_model, root / "fp8_bs1", "--kv_cache", "fp8", "--batch_size", "1"),
+            "nvfp4": quantize_cli(tiny_model, root / "nvfp4", "--kv_cache", "nvfp4")}
+
+
+@pytest.fixture(scope="session")
+def moe_model(tmp_path_factory):
+    """A random Qwen3-MoE, 8 experts, top-2: its experts are fused 3-D tensors in transformers 5."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = q.build_tiny_tokenizer(folder, q.sample_corpus())
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                            architectures=["Qwen3MoeForCausalLM"], tie_word_embeddings=False, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=3)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(str(folder))
+    return folder

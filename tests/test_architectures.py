@@ -59,12 +59,14 @@ def test_architecture_quantizes_verifies_and_evaluates(architecture, tiny_model,
     summary, problems = q.verify_checkpoint(out)
     assert problems == [] and summary["quantized_linears"] > 0
     excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
-    vision = sorted({k.rpartition(".")[0] for k in written if any(p in k.split(".")[0] + k.split(".")[1] for p in VISION_PARTS)
+    vision = sorted({k.rpartition(".")[0] for k in written
+                     if any(p in k.split(".")[0] + k.split(".")[1] for p in VISION_PARTS)
                      and k.endswith(".weight") and written[k].dim() == 2})
     for module in vision:  # vision towers and projectors stay in 16 bits, excluded for both runtimes
         assert q.vllm_excludes(module, excluded) and q.trtllm_excludes(module, excluded), module
 
 
+@pytest.mark.slow
 def test_vision_language_model_keeps_processor_and_vision_weights(tiny_model, tmp_path):
     source = save_tiny_architecture("Gemma3ForConditionalGeneration", tmp_path / "source", tiny_model)
     (source / "preprocessor_config.json").write_text('{"image_processor_type": "Gemma3ImageProcessor"}\n')
@@ -76,6 +78,7 @@ def test_vision_language_model_keeps_processor_and_vision_weights(tiny_model, tm
     assert (out / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_broken_name_mapping_is_caught_by_the_emulator(tiny_model, tmp_path):
     """Renaming one exported linear (as a wrong name mapping would) must stop the report, not shrink it."""
     source = save_tiny_architecture("MixtralForCausalLM", tmp_path / "source", tiny_model)
@@ -91,6 +94,7 @@ def test_a_broken_name_mapping_is_caught_by_the_emulator(tiny_model, tmp_path):
         q.emulate_checkpoint(model, out)
 
 
+@pytest.mark.slow
 def test_unloaded_checkpoint_tensors_are_carried_and_excluded(tiny_model, tmp_path):
     """DeepSeek-V3's multi-token-prediction layer (model.layers.61.*) is not loaded by transformers: it is
     copied as it is, excluded from quantization, and --verify accepts it."""
@@ -103,7 +107,8 @@ def test_unloaded_checkpoint_tensors_are_carried_and_excluded(tiny_model, tmp_pa
     quantize(source, out)
     written = assert_matches_source(source, out)
     assert all(torch.equal(written[k], v) for k, v in mtp.items())
-    assert "model.layers.61.*" in json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    quant_config = json.loads((out / "hf_quant_config.json").read_text())
+    assert "model.layers.61.*" in quant_config["quantization"]["exclude_modules"]
     assert "model.layers.61.*" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert q.verify_checkpoint(out)[1] == []
     manifest = json.loads((out / q.MANIFEST_NAME).read_text())
@@ -128,6 +133,7 @@ def test_module_never_reached_by_calibration_stays_16_bit(tiny_model):
     assert "model.layers.1.mlp.up_proj" in q.quantized_linear_shapes(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, fragment", [
     ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "BertForMaskedLM is not supported"),
     ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "encoder-decoder"),
@@ -135,6 +141,7 @@ def test_module_never_reached_by_calibration_stays_16_bit(tiny_model):
 ])
 def test_unsupported_architecture_is_refused_before_loading(tiny_model, tmp_path, config, fragment):
     import shutil
+
     import transformers
 
     folder = tmp_path / "model"

@@ -93,13 +93,13 @@ def test_amax_equals_modelopt_own_calibration(base_model, mode):
 
 
 def test_zero_padding_hook_zeroes_padded_rows():
-    holder = {"mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    state = q.CalibrationState(pad_id=0, mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
     x = torch.ones(2, 3, 4)
-    (out,) = q.zero_padding(holder)(None, (x,))
+    (out,) = q.zero_padding(state)(None, (x,))
     assert out[:, :, 0].tolist() == [[1, 1, 0], [1, 0, 0]]
-    (flat,) = q.zero_padding(holder)(None, (torch.ones(6, 4),))
+    (flat,) = q.zero_padding(state)(None, (torch.ones(6, 4),))
     assert flat[:, 0].tolist() == [1, 1, 0, 1, 0, 0]
-    assert q.zero_padding(holder)(None, (torch.ones(5, 4),)) is None  # routed rows: left alone
+    assert q.zero_padding(state)(None, (torch.ones(5, 4),)) is None  # routed rows: left alone
 
 
 def test_masked_amax():
@@ -113,11 +113,11 @@ def test_out_of_memory_halves_and_retries_without_skipping(base_model, monkeypat
     normal, _ = calibrated(6, base_model)
     real_run_batch, attempts = q.run_batch, []
 
-    def tight_memory(forward, samples, indices, device, holder):
+    def tight_memory(forward, samples, indices, device, state):
         attempts.append(len(indices))
         if len(indices) > 2:  # "CUDA" fails midway through the model for big batches
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        real_run_batch(forward, samples, indices, device, holder)
+        real_run_batch(forward, samples, indices, device, state)
 
     monkeypatch.setattr(q, "run_batch", tight_memory)
     retried, stats = calibrated(6, base_model)
@@ -161,7 +161,8 @@ def test_calibration_forward_falls_back_to_base_model():
         def forward(self, input_ids, attention_mask=None):
             raise AssertionError("the full model should not be called")
 
-    assert q.calibration_forward(NoLogitsArg())(input_ids=1, attention_mask=2) == ("base", ["attention_mask", "input_ids"])
+    assert q.calibration_forward(NoLogitsArg())(input_ids=1, attention_mask=2) == (
+        "base", ["attention_mask", "input_ids"])
 
 
 def test_skip_layers_patterns(base_model):
@@ -235,10 +236,10 @@ def test_decoder_layer_hook_recovers_the_padding_mask(attn):
 
     model = tiny_fp32_model()
     model.config._attn_implementation = attn
-    holder, seen = {}, []
+    state, seen = q.CalibrationState(pad_id=0), []
     layers = LayerActivationCollector.get_decoder_layers(model)
-    handles = [layer.register_forward_pre_hook(q.mask_from_attention(holder), with_kwargs=True) for layer in layers]
-    handles += [layer.register_forward_pre_hook(lambda m, a: seen.append(holder["mask"].clone())) for layer in layers]
+    handles = [layer.register_forward_pre_hook(q.mask_from_attention(state), with_kwargs=True) for layer in layers]
+    handles += [layer.register_forward_pre_hook(lambda m, a: seen.append(state.mask.clone())) for layer in layers]
     ids, mask = q.padded_batch(SAMPLES, [0, 1, 2], pad_id=0)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -371,21 +372,21 @@ def test_block_hessians_leave_out_padding_and_are_shared_by_linears_fed_the_same
 
     model = copy.deepcopy(base_model)
     config = q.build_quant_config("nvfp4", q.always_unquantized(model), algorithm="local_hessian")
-    holder, seen = {"pad_id": 0, "hessians": {}}, []
+    state, seen = q.CalibrationState(pad_id=0, hessians={}), []
 
     def one_padded_batch(m):
         m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _, a: seen.append(a[0].detach().clone()))
-        q.install_calibration_hooks(m, holder)
-        q.run_batch(q.calibration_forward(m), SAMPLES, [0, 1, 2], "cpu", holder)
+        q.install_calibration_hooks(m, state)
+        q.run_batch(q.calibration_forward(m), SAMPLES, [0, 1, 2], "cpu", state)
     with torch.no_grad():
         mtq.quantize(model, config, one_padded_batch)
-    q.remove_calibration_hooks(holder)
+    q.remove_calibration_hooks(state)
     mask = q.padded_batch(SAMPLES, [0, 1, 2], 0)[1].bool()
     real = seen[0][mask].reshape(-1, 4, 16)
-    total, count = holder["hessians"]["model.layers.0.self_attn.q_proj"]
+    total, count = state.hessians["model.layers.0.self_attn.q_proj"]
     assert count.item() == mask.sum().item() == 64 + 7 + 33
     torch.testing.assert_close(total, torch.einsum("tbi,tbj->bij", real, real), rtol=1e-5, atol=1e-5)
-    sums = holder["hessians"]
+    sums = state.hessians
     assert sums["model.layers.0.self_attn.k_proj"] is sums["model.layers.0.self_attn.q_proj"]
     assert sums["model.layers.0.mlp.up_proj"] is sums["model.layers.0.mlp.gate_proj"]
     assert sums["model.layers.0.mlp.down_proj"] is not sums["model.layers.0.mlp.gate_proj"]

@@ -9,6 +9,7 @@ import torch
 import quantize_nvfp4 as q
 from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
 
+pytestmark = pytest.mark.slow
 LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
 SMALL = ("--max_samples", "24", "--max_seq_len", "128")
 SECRET = "hf_do_not_leak_1234567890"
@@ -227,7 +228,8 @@ def bad_inputs(tmp_path):
     return {
         "missing": tmp_path / "missing.yaml",
         "malformed": write_yaml(tmp_path / "malformed.yaml", "datasets: [\n  - name: a\n"),
-        "formatter": write_yaml(tmp_path / "f.yaml", "datasets:\n  - name: a\n    path: ok.jsonl\n    formatter: alpaca\n"),
+        "formatter": write_yaml(tmp_path / "f.yaml",
+                                "datasets:\n  - name: a\n    path: ok.jsonl\n    formatter: alpaca\n"),
         "key": write_yaml(tmp_path / "k.yaml", "datasets:\n  - name: a\n    path: ok.jsonl\n    colour: red\n"),
         "path": write_yaml(tmp_path / "p.yaml", "datasets:\n  - name: a\n    path: ./nowhere/data.jsonl\n"),
         "empty": write_yaml(tmp_path / "e.yaml", "datasets:\n  - name: a\n    path: empty.jsonl\n"),

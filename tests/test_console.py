@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 import quantize_nvfp4 as q
 import quantize_nvfp4_offload as qo
+from conftest import ROOT
 
 NOISE = ("Inserted", "Registered <class", "Generating train split", "deprecated", "\r")
 MAIN_STAGES = (q.STAGE_CHECKS, q.STAGE_DATA, q.STAGE_LOAD, q.STAGE_CALIBRATION, q.STAGE_SEARCH, q.STAGE_EXPORT,
@@ -63,7 +63,7 @@ def clock(monkeypatch):
 
 def test_progress_off_a_terminal_is_rate_limited_plain_lines(capsys, clock):
     bar = q.Progress(total=512, desc="calibrate", unit="sample")
-    for step in range(1, 513):
+    for _ in range(1, 513):
         clock[0] += 0.1  # 51.2 s in all: a line at 10, 20, 30, 40 and 50 s
         bar.update(1)
     bar.close()

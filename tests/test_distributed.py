@@ -10,6 +10,7 @@ import torch
 import quantize_nvfp4 as q
 from conftest import ROOT, SCRIPT, run_cli
 
+pytestmark = pytest.mark.slow
 FAULTS = ROOT / "tests" / "faults.py"
 
 DATA = ("--dataset_yaml", str(ROOT / "Datasets" / "Local_Example.yaml"), "--max_samples", "32", "--max_seq_len", "192",

@@ -1,27 +1,30 @@
 """Bad input says what is wrong, where, and how to fix it: one `error:` line, exit status 2, nothing written."""
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
 
 import quantize_nvfp4 as q
 import quantize_nvfp4_offload as qo
+from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
 
 LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
 CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+STAGE_LINE = re.compile(r"^\[ *\d+\.\d s\] ")  # the console's "[    0.0 s] checks" lines, before the error
 
 
 def usage_error(capsys, main, argv: list[str]) -> str:
-    """The one stderr line of a run that must stop with exit status 2 (argparse's errors exit, ours return 2)."""
+    """The one error line of a run that must stop with exit status 2 (argparse's errors exit, ours return 2); only
+    the console's stage lines may come before it."""
     try:
         status = main(argv)
     except SystemExit as exc:
         status = exc.code
     err = capsys.readouterr().err
     assert status == 2, err
-    lines = err.splitlines()
+    lines = [line for line in err.splitlines() if not STAGE_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "usage:" not in err, err
     return lines[0]
 

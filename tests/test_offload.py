@@ -68,6 +68,7 @@ def assert_same_on_this_device(a: Path, b: Path):
         torch.testing.assert_close(ta[key].float(), tb[key].float(), rtol=0.02, atol=0)
 
 
+@pytest.mark.slow
 def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_memory_checkpoint, tmp_path):
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "offload")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +83,7 @@ def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_mem
     assert not (tmp_path / "offload" / offload.LAYERWISE_DIR).exists()  # per-layer checkpoints gone once exported
 
 
+@pytest.mark.slow
 def test_offloaded_max_checkpoint_is_identical_to_in_memory(four_layer_model, in_memory_checkpoint, tmp_path):
     """--algorithm max too (the default above is local_hessian, whose search moved the weights' block scales)."""
     memory, offloaded = tmp_path / "memory", tmp_path / "offloaded"
@@ -95,6 +97,7 @@ def test_offloaded_max_checkpoint_is_identical_to_in_memory(four_layer_model, in
     assert [k for k in max_scales if k.endswith(".weight_scale") and not torch.equal(max_scales[k], searched[k])]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoints(four_layer_model, in_memory_checkpoint, tmp_path):
     folder, out = tmp_path / "offload", tmp_path / "out"
     killed = offload_cli(four_layer_model, out, folder, "--clean_offload", fail_after_layer=1)
@@ -116,10 +119,12 @@ def test_killed_run_resumes_from_its_checkpoints(four_layer_model, in_memory_che
     assert not folder.exists()  # cleaned after success
 
 
+@pytest.mark.slow
 def test_four_over_six_offloaded_and_resumed_equals_in_memory_and_stores_each_blocks_better_of_6_and_4(
         four_layer_model, tmp_path):
     """Killed after layer 1 and resumed: the restored layers' scales are not searched a second time."""
     from safetensors.torch import load_file
+
     from test_calibration import four_over_six_errors
 
     memory, out, folder = tmp_path / "memory", tmp_path / "out", tmp_path / "offload"
@@ -152,12 +157,14 @@ def test_four_over_six_offloaded_and_resumed_equals_in_memory_and_stores_each_bl
     assert 0.05 < sum(on_four) / len(on_four) < 0.95
 
 
+@pytest.mark.slow
 def test_offload_folder_required(four_layer_model, tmp_path):
     result = run_cli("--input_model", str(four_layer_model), "--output_model", str(tmp_path / "o"), *DATA,
                      script=OFFLOAD_SCRIPT)
     assert_usage_error(result, "--offload_folder")
 
 
+@pytest.mark.slow
 def test_offload_self_test():
     result = run_cli("--self_test", script=OFFLOAD_SCRIPT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -221,10 +228,11 @@ def tiny_moe_model():
 def by_layer(model, run_settings, folder, every=1, resume_after=None):
     opts = offload.OffloadSettings(folder, None, None, False, resume_after is not None, every)
     return q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0,
-                            calibrate=lambda m, config, holder: offload.calibrate_by_layer(
-                                m, config, holder, SAMPLES, run_settings, "cpu", opts, resume_after))
+                            calibrate=lambda m, config, state: offload.calibrate_by_layer(
+                                m, config, state, SAMPLES, run_settings, "cpu", opts, resume_after))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build, mode, kv_cache", [(tiny_fp32_model, "nvfp4", "fp8"), (tiny_fp32_model, "w4a8", "none"),
                                                    (tiny_moe_model, "nvfp4", "none")])
 def test_layer_loop_runs_each_layer_once_with_the_scales_of_a_whole_model_forward(build, mode, kv_cache, tmp_path):
@@ -245,6 +253,7 @@ def test_layer_loop_runs_each_layer_once_with_the_scales_of_a_whole_model_forwar
     assert stats.get("moe_expert_coverage") == expected_stats.get("moe_expert_coverage")
 
 
+@pytest.mark.slow
 def test_layer_loop_resumes_from_its_background_resume_point(tmp_path):
     """Killed after layer 1 of 3: layer 1's inputs were written in the background; resuming gives the same scales."""
     run_settings, folder = settings(batch_size=4), tmp_path / "offload"
@@ -316,6 +325,7 @@ def quantized_weights(model) -> dict:
             if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="ModelOpt's GPTQ asks the GPU how full a CPU model's device "
                                                       "is; on a GPU the end-to-end test below runs the real kernels")
 @pytest.mark.parametrize("mode", ["nvfp4", "weight_only"])
@@ -427,6 +437,7 @@ def test_a_failed_background_write_stops_the_run(tmp_path):
         writer.wait()
 
 
+@pytest.mark.slow
 def test_refusals_before_loading(four_layer_model, tmp_path):
     """--eval would put two 16-bit copies of an offloaded model on one device; a foreign folder in the offload
     folder where the resume points go is not ours to delete."""
@@ -472,6 +483,7 @@ def test_prefetcher_loads_the_next_layer_and_puts_it_back():
         prefetch.take()
 
 
+@pytest.mark.slow
 def test_offload_benchmark_runs_tiny_with_fresh_process_pairs(tmp_path):
     """benchmarks/bench_offload.py --tiny: the in-process variants, then (a) and (c) each in a fresh process."""
     import subprocess

@@ -29,7 +29,8 @@ def test_token_metrics_by_hand():
     m = q.token_metrics(ref, quant, ids)
     assert m["tokens"] == 2 and m["top1_agree"] == 1
     assert m["nll_reference"] == pytest.approx(-(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.75))).item())
-    assert m["kl"] == pytest.approx((0.25 * torch.log(torch.tensor(1 / 3)) + 0.75 * torch.log(torch.tensor(3.0))).item())
+    assert m["kl"] == pytest.approx(
+        (0.25 * torch.log(torch.tensor(1 / 3)) + 0.75 * torch.log(torch.tensor(3.0))).item())
 
 
 def test_fake_quant_inputs():
@@ -44,6 +45,7 @@ def test_fake_quant_inputs():
     assert q.round_to_e2m1(torch.tensor([0.2, 0.3, 2.4, 2.6, -5.1, 9.0])).tolist() == [0.0, 0.5, 2.0, 3.0, -6.0, 6.0]
 
 
+@pytest.mark.slow
 def test_eval_writes_report_and_gate_fails_the_run(tiny_model, tmp_path):
     out = tmp_path / "out"
     result = run_cli("--input_model", str(tiny_model), "--output_model", str(out), *SMALL,
@@ -68,6 +70,7 @@ def test_holdout_is_disjoint_and_leaves_calibration_unchanged():
     assert len(held) == 8 and not {tuple(s) for s in held} & {tuple(s) for s in calibration}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt fake quantization runs on CUDA only")
 @pytest.mark.parametrize("flag", [[], ["--weight_only"], ["--w4a8"]])
 def test_emulator_agrees_with_modelopt_fake_quant(tiny_model, tmp_path, flag):

@@ -1,4 +1,4 @@
-"""Issue 13: nothing of the user's is destroyed, no silently wrong checkpoint, every bad input one `error:` line.
+"""Nothing of the user's is destroyed, no silently wrong checkpoint, every bad input one `error:` line.
 
 Most cases fail before the model loads, so they run `main` in process (one `error:` line on stderr, exit 2) or
 the CLI in a subprocess where the process boundary matters (locks, the working directory).
@@ -55,6 +55,7 @@ def test_output_overlapping_the_input_model_is_refused_even_with_overwrite(capsy
     assert snapshot(model_copy.parent) == before
 
 
+@pytest.mark.slow
 def test_output_in_the_working_directory_is_refused(tiny_model, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = run_cli(*args(tiny_model, tmp_path, "--overwrite"), cwd=tmp_path)
@@ -82,6 +83,7 @@ def test_overwrite_allows_an_empty_dir_or_our_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- the lock: two runs on one output
+@pytest.mark.slow
 def test_second_run_on_a_locked_output_refuses(tiny_model, tmp_path):
     out = tmp_path / "out"
     with q.exclusive_lock(out, "--output_model"):  # another run holds it
@@ -113,6 +115,7 @@ def test_leftover_temp_dirs_of_a_killed_export_are_removed(capsys, tmp_path):
     assert "unfinished export of a run that was killed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_old_checkpoint_moved_aside_by_a_killed_overwrite_is_restored(tiny_model, tmp_path):
     old = tmp_path / ".out.old-4242"
     old.mkdir()
@@ -361,6 +364,7 @@ def test_offload_folder_overlapping_output_or_model(capsys, model_copy, tmp_path
     assert snapshot(model_copy) == before
 
 
+@pytest.mark.slow
 def test_offload_folder_shared_by_two_runs(tiny_model, tmp_path):
     folder = tmp_path / "offload"
     with q.exclusive_lock(folder, "--offload_folder"):
@@ -376,6 +380,7 @@ def test_cpu_memory_too_small_for_the_embeddings(capsys, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_during_export_is_one_error_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     import modelopt.torch.export as export
 

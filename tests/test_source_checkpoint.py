@@ -18,6 +18,7 @@ def broken_copy(tiny_model, folder, change):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, fragments", [
     (lambda t: t.pop("model.layers.1.mlp.down_proj.weight"),
      ["1 weights are not in the checkpoint", "model.layers.1.mlp.down_proj.weight", "download the model again"]),

@@ -73,7 +73,8 @@ def shard_with_broken_index(folder):
 BREAKAGES = {
     "dropped tensor": (lambda f: edit_tensors(f, lambda t: t.pop(f"{UP}.weight_scale_2")),
                        f"{UP}.weight_scale_2: missing [tensors: quantized linear needs weight_scale_2]"),
-    "wrong dtype": (lambda f: edit_tensors(f, lambda t: t.update({f"{UP}.weight_scale": t[f"{UP}.weight_scale"].float()})),
+    "wrong dtype": (lambda f: edit_tensors(
+                        f, lambda t: t.update({f"{UP}.weight_scale": t[f"{UP}.weight_scale"].float()})),
                     f"{UP}.weight_scale: expected F8_E4M3 [256, 8], got F32 [256, 8] [tensors: dtype and shape]"),
     "wrong shape": (lambda f: edit_tensors(f, lambda t: t.update({f"{UP}.weight": t[f"{UP}.weight"][:, :32].clone()})),
                     f"{UP}.weight: expected U8 [256, 64], got U8 [256, 32]"),
@@ -83,15 +84,21 @@ BREAKAGES = {
                           f"{UP}.weight_scale_2: scale must be positive"),
     "lm_head not excluded": (drop_lm_head_exclusion, "lm_head: left in 16 bits but not matched by exclude_modules"),
     "quantized but excluded": (exclude_quantized, f"{UP}: quantized but matched by exclude_modules"),
-    "configs disagree": (lambda f: edit_json(f, "config.json", lambda d: d["quantization_config"].update(quant_algo="W4A16_NVFP4")),
-                         "config.json: quant_algo 'W4A16_NVFP4' but hf_quant_config.json says 'NVFP4' [config: agreement]"),
-    "wrong group size": (lambda f: edit_json(f, "hf_quant_config.json", lambda d: d["quantization"].update(group_size=32)),
+    "configs disagree": (lambda f: edit_json(
+                             f, "config.json", lambda d: d["quantization_config"].update(quant_algo="W4A16_NVFP4")),
+                         "config.json: quant_algo 'W4A16_NVFP4' but hf_quant_config.json says 'NVFP4' "
+                         "[config: agreement]"),
+    "wrong group size": (lambda f: edit_json(
+                             f, "hf_quant_config.json", lambda d: d["quantization"].update(group_size=32)),
                          "group_size 32 for NVFP4, expected 16 [config: group_size]"),
-    "missing config key": (lambda f: edit_json(f, "hf_quant_config.json", lambda d: d["quantization"].pop("kv_cache_quant_algo")),
+    "missing config key": (lambda f: edit_json(
+                               f, "hf_quant_config.json", lambda d: d["quantization"].pop("kv_cache_quant_algo")),
                            "missing key quantization.kv_cache_quant_algo"),
-    "leftover quantizer state": (lambda f: edit_tensors(f, lambda t: t.update({f"{UP}.input_quantizer._amax": torch.tensor(1.0)})),
+    "leftover quantizer state": (lambda f: edit_tensors(
+                                     f, lambda t: t.update({f"{UP}.input_quantizer._amax": torch.tensor(1.0)})),
                                  f"{UP}.input_quantizer._amax: unexpected tensor [tensors: no extra]"),
-    "fused scales differ": (lambda f: edit_tensors(f, lambda t: t.update({f"{ATTN}.k_proj.weight_scale_2": t[f"{ATTN}.k_proj.weight_scale_2"] * 2})),
+    "fused scales differ": (lambda f: edit_tensors(f, lambda t: t.update(
+                                {f"{ATTN}.k_proj.weight_scale_2": t[f"{ATTN}.k_proj.weight_scale_2"] * 2})),
                             f"{ATTN}.{{q_proj,k_proj,v_proj}}.weight_scale_2: differ"),
     "fused group partly quantized": (unquantize_q_proj, f"{ATTN}: q_proj/k_proj/v_proj are partly quantized"),
     "no tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
@@ -116,6 +123,7 @@ def test_each_broken_rule_is_named(clean_checkpoint, tmp_path, breakage):
     assert any(expected in p for p in problems), problems
 
 
+@pytest.mark.slow
 def test_verify_cli_exit_codes(clean_checkpoint, tmp_path):
     ok = run_cli("--verify", str(clean_checkpoint))
     assert ok.returncode == 0 and "OK against the config (NVFP4, group 16, 14 quantized /" in ok.stdout, ok.stderr
@@ -141,6 +149,7 @@ def test_runtime_exclusion_matchers(name, patterns, vllm, trtllm):
     assert q.trtllm_excludes(name, patterns) is trtllm
 
 
+@pytest.mark.slow
 def test_verify_against_the_source_checkpoint(clean_checkpoint, tiny_model, tmp_path):
     """With --reference every tensor of the source must be in the checkpoint, under its on-disk name."""
     ok = run_cli("--verify", str(clean_checkpoint), "--reference", str(tiny_model))
@@ -154,7 +163,8 @@ def test_verify_against_the_source_checkpoint(clean_checkpoint, tiny_model, tmp_
 
 
 def test_export_check_wants_exactly_the_modules_modelopt_quantized(clean_checkpoint):
-    """After an export: a module written as NVFP4 that ModelOpt left in 16 bits (say a --skip_layers one) is a problem."""
+    """After an export: a module written as NVFP4 that ModelOpt left in 16 bits (say a --skip_layers one) is a
+    problem."""
     written = sorted(k[: -len(".weight_scale")] for k in q.CheckpointReader(clean_checkpoint).location
                      if k.endswith(".weight_scale"))
     assert q.verify_checkpoint(clean_checkpoint, quantized_in_memory=written)[1] == []
