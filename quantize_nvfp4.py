@@ -1,12 +1,33 @@
 #!/usr/bin/env python3
 """Quantize a Hugging Face causal LM to NVIDIA NVFP4 with ModelOpt, for vLLM and TensorRT-LLM.
 
-Flow: YAML dataset mix -> formatted texts -> oversample, tokenize, filter, trim
--> length-sorted batches -> mtq.quantize (max calibration) -> export_hf_checkpoint
-into a temp dir + tokenizer + manifest -> validation of what was written -> rename.
+Flow: YAML dataset mix -> formatted texts -> oversample, tokenize, filter, trim -> length-sorted batches
+-> mtq.quantize (the --algorithm's calibration) and our block-scale search -> export_hf_checkpoint into a
+staging dir + tokenizer, manifest and model card -> checks of what was written (validation, fidelity,
+--eval) -> atomic rename.
 
     python quantize_nvfp4.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml
     python quantize_nvfp4.py --self_test
+
+Sections, in the order the data flows (each starts with a `# ---- name` line):
+    constants                    every default, limit and table (ALGORITHMS: one record per --algorithm)
+    console                      stage lines, progress, errors; other libraries silenced unless --verbose
+    settings                     argv + .env + YAML -> one validated Settings, before anything heavy loads
+    pre-load checks              data sources, model, output dir and lock, disk, GPUs: each raises UsageError
+                                 (exit 2, one line); prepare_job runs them all, and so does --dry_run
+    formatters                   dataset rows -> text, per the YAML's formatter and columns
+    calibration data             load, format, tokenize, filter, select; pure functions of the settings
+    batching                     length-sorted batches that cost least padding
+    model                        config, tokenizer, weights, what stays in 16 bits, ModelOpt's config
+    several GPUs                 torch.distributed ranks under accelerate launch
+    calibration                  CalibrationState, the forward loop and its hooks, mtq.quantize
+    scale search                 local_hessian and four_over_six block scales after the max pass
+    export                       export_hf_checkpoint into staging, tokenizer, manifest, model card, rename
+    checks of the written files  validation against vLLM's and TensorRT-LLM's loaders (returns problems)
+    export fidelity              each exported linear against the calibrated model
+    quality report               the reference emulator reading the files: --eval and --verify
+    summary                      the plan before the run and the table after it
+    self-test, list configs, main   entry points
 
 quantize_nvfp4_offload.py imports the helpers below; keep them here, once.
 """
@@ -46,6 +67,7 @@ try:  # CUDA builds of torch bring Triton, for our scale-search kernel; the CPU 
     import triton.language as tl
 except ImportError:
     triton = tl = None
+
 
 # --------------------------------------------------------------------------- constants
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -155,7 +177,7 @@ FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1",
 HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input features, NVFP4's scale block
 HESSIAN_WINDOW = (6, 9)          # local_hessian tries the FP8 scales from 6 steps below each block's max scale to 9
                                  # above (an octave is 8 steps), not all 126: where ModelOpt's full sweep put 99.94%
-                                 # of blocks on a trained model, for a third of the search's time (README, run D)
+                                 # of blocks on a trained model, for a third of the search's time (docs/algorithms.md)
 FOUR_OVER_SIX_FACTORS = (1.0, 1.5)  # four_over_six's block amaxes: the block's max on FP4's 6, or on its 4
 FOUR_OVER_SIX_FP8_MAX = 256.0    # ModelOpt's FP8 block-scale normalization for four_over_six (448 otherwise)
 HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
@@ -184,6 +206,152 @@ SOURCE_FILES = TOKENIZER_FILES + (
 
 class UsageError(Exception):
     """Bad input: printed as one line on stderr, exit status 2, no traceback."""
+
+
+# --------------------------------------------------------------------------- console
+def human_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def on_main_rank() -> bool:
+    """Rank 0 under torchrun / accelerate launch (which set RANK), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+# The phases of a run, each announced by stage() as it starts (the offload script adds its own two)
+STAGE_CHECKS = "checks"
+STAGE_DATA = "calibration data"
+STAGE_LOAD = "loading weights"
+STAGE_CALIBRATION = "calibration"
+STAGE_SEARCH = "scale search"
+STAGE_EXPORT = "export"
+STAGE_VALIDATION = "checks of the written files"
+STAGE_FIDELITY = "fidelity check"
+STAGE_QUALITY = "quality report"
+PROGRESS_INTERVAL_S = 10.0  # off a terminal: at most one progress line per loop this often
+# Without --verbose: set before these libraries are imported (each reads them once, at import); a value the user
+# set is kept. transformers' progress bars follow huggingface_hub's switch.
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "DATASETS_VERBOSITY": "error",
+}
+QUIET_LOGGERS = ("accelerate", "modelopt", "datasets", "huggingface_hub", "torch.distributed")
+QUIET_WARNINGS_FROM = r"(transformers|torch|modelopt|accelerate)(\.|$)"  # modules whose Python warnings go unshown
+
+
+@dataclasses.dataclass
+class Console:
+    """What the console helpers share. Outside main() (tests, benches) libraries are left as they are."""
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    verbose: bool = True
+    bars: list = dataclasses.field(default_factory=list)  # open terminal bars, cleared before an error line
+
+
+CONSOLE = Console()
+
+
+def start_console(verbose: bool) -> None:
+    """At the start of main(): the run's clock for stage lines, and other libraries' output off unless verbose."""
+    CONSOLE.started, CONSOLE.verbose = time.perf_counter(), verbose
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Other libraries' logging, progress bars and deprecation / user warnings off; ModelOpt's prints on stdout
+    are captured where it is called (modelopt_report)."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_WARNINGS_FROM)
+
+
+def write_line(text: str) -> None:
+    """One whole line on stderr; open terminal bars are cleared for it and redrawn below it."""
+    if CONSOLE.bars:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    if on_main_rank():
+        write_line(f"warning: {message}")
+
+
+def log(message: str) -> None:
+    if on_main_rank():
+        write_line(message)
+
+
+def stage(name: str) -> None:
+    """One line as a phase of the run starts, with the seconds since main() began."""
+    log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {name}")
+
+
+def print_error(message: str) -> None:
+    """`error: message` from column 0 on every rank: open terminal bars are closed (cleared) first."""
+    for bar in list(CONSOLE.bars):
+        bar.close()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """One loop's progress on stderr, main rank only. On a terminal a tqdm bar that is cleared when done; else
+    a plain line through log() at most every PROGRESS_INTERVAL_S seconds, none for a loop done sooner.
+
+    Iterate over it (wrapping `iterable`), or call update(n) and close() (or use it in a with-block)."""
+
+    def __init__(self, iterable: Iterable | None = None, *, desc: str, unit: str, total: int | None = None,
+                 initial: int = 0, unit_scale: bool = False):
+        self.iterable, self.desc, self.unit, self.done = iterable, desc, unit, initial
+        self.total = len(iterable) if total is None else total
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        if on_main_rank() and sys.stderr.isatty() and self.total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
+                            leave=False, file=sys.stderr)
+            CONSOLE.bars.append(self)
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= PROGRESS_INTERVAL_S:
+            self.last_line = now
+            log(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({self.done / max(self.total, 1):.0%}), "
+                f"{now - self.started:.1f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            CONSOLE.bars.remove(self)
+            self.bar = None
 
 
 # --------------------------------------------------------------------------- settings
@@ -535,6 +703,405 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     )
 
 
+# --------------------------------------------------------------------------- pre-load checks
+TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
+
+
+def check_data_file(path: Path, spec: DatasetSpec) -> None:
+    """A local data file must be readable and hold something; a text format (JSON, CSV, text) must be UTF-8 all
+    through, which takes one pass over it, 1 MiB at a time. Binary formats are read by their own libraries."""
+    import codecs
+
+    where = f"dataset '{spec.name}': {path}"
+    decoder = codecs.getincrementaldecoder("utf-8")() if path.suffix.lower() in TEXT_DATA_SUFFIXES else None
+    content, offset = False, 0
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(2**20):
+                content = content or bool(chunk.strip())
+                if decoder is None:
+                    break  # a binary format: readable and not empty is all we can tell
+                decoder.decode(chunk)
+                offset += len(chunk)
+            if decoder:
+                decoder.decode(b"", final=True)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text ({exc.reason} near byte {offset + exc.start}); "
+                         "save it as UTF-8 or convert it to parquet") from None
+    if not content:
+        raise UsageError(f"{where}: the file is empty")
+
+
+HUB_PROBE_TIMEOUT_S = 3.0  # the hub libraries retry an unreachable hub for ~25 s before they say so
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # what huggingface_hub reads as set in HF_HUB_OFFLINE
+
+
+def hub_offline(*variables: str) -> bool:
+    return any(os.environ.get(v, "").upper() in TRUE_VALUES for v in ("HF_HUB_OFFLINE",) + variables)
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+@functools.cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub cannot be reached, or None: one HEAD request (through any proxy set), once per process. It runs
+    in a thread we stop waiting for, as a stalled DNS lookup ignores socket timeouts."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+            outcome.append(None)
+        except urllib.error.HTTPError as exc:  # an answer; a proxy that could not get one says 407 or 5xx
+            outcome.append(f"HTTP {exc.code} {exc.reason}" if exc.code == 407 or exc.code >= 500 else None)
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            outcome.append(getattr(reason, "strerror", None) or str(reason))
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def check_hub_source(kind: str, repo_id: str, cache: Path | None, cache_root: Path, offline: bool) -> None:
+    """A hub model or dataset (`cache`: its copy under `cache_root`, None when not there) is reachable, or offline
+    cached: said in seconds, before the hub libraries retry."""
+    if offline:
+        if cache is None:
+            raise UsageError(f"{kind} '{repo_id}' is not in the local Hugging Face cache ({cache_root}) and "
+                             f"HF_HUB_OFFLINE is set: unset it to download the {kind}, or pass a local path")
+        return
+    reason = hub_unreachable(hub_endpoint())
+    if reason is None:
+        return
+    unreachable = f"cannot reach the Hugging Face hub ({hub_endpoint()}: {reason}) to fetch {kind} '{repo_id}'"
+    if cache is not None:
+        raise UsageError(f"{unreachable}; it is in the local cache ({cache}): set HF_HUB_OFFLINE=1 to use that copy")
+    raise UsageError(f"{unreachable}: check the network or proxy; for a gated or private repo set HF_TOKEN; offline, "
+                     f"set HF_HUB_OFFLINE=1 with the {kind} in the local cache (HF_HOME)")
+
+
+def check_hub_dataset(spec: DatasetSpec) -> None:
+    if Path(spec.path).expanduser().exists() or spec.path in LOCAL_DATA_BUILDERS.values():  # a builder + data_files
+        return
+    import datasets
+
+    check_hub_source("dataset", spec.path, cached_dataset(spec.path), Path(datasets.config.HF_DATASETS_CACHE),
+                     hub_offline("HF_DATASETS_OFFLINE"))
+
+
+def check_dataset_source(spec: DatasetSpec) -> None:
+    """Fail before anything loads when a local-looking dataset path is missing, or a hub one out of reach."""
+    path = Path(spec.path).expanduser()
+    if looks_local(spec.path, [Path.cwd()]) and not path.exists():
+        raise UsageError(f"dataset '{spec.name}': path not found: {spec.path} "
+                         "(relative paths are resolved against the YAML file's folder)")
+    check_hub_dataset(spec)
+
+
+def check_hub_model(repo_id: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a hub ID either
+        raise UsageError(f"model not found: {repo_id} is neither a local folder nor a hub ID ({exc})") from None
+    cached = Path(found).parent if isinstance(found, str) else None
+    check_hub_source("model", repo_id, cached, Path(constants.HF_HUB_CACHE), hub_offline())
+
+
+def safetensors_problems(path: Path) -> list[str]:
+    """A safetensors file's header parses and its data ends exactly where the file does (no truncation)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= size - 8:
+            return [f"{path.name}: not a safetensors file, or cut off in its header ({size} bytes)"]
+        try:
+            header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError):
+            return [f"{path.name}: corrupt safetensors header"]
+    data = size - 8 - length
+    if ends and max(ends) != data:
+        how = "truncated" if max(ends) > data else "has trailing bytes"
+        return [f"{path.name}: {how}: its header describes {max(ends)} bytes of tensor data, the file holds {data}"]
+    return []
+
+
+def check_source_files(folder: Path) -> list[str]:
+    """Problems with a checkpoint's weight files, from their headers, sizes and index: no tensor is read."""
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+    if not weights:
+        return [f"{folder}: no weight files (*.safetensors or pytorch_model*.bin) beside config.json"]
+    problems = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{index_name}: unreadable or without a weight_map")
+            continue
+        problems += [f"{shard}: listed in {index_name} but missing" for shard in sorted(shards)
+                     if not (folder / shard).is_file()]
+    for path in weights:
+        if path.suffix == ".safetensors":
+            problems += safetensors_problems(path)
+    return problems
+
+
+def check_source_model(settings: Settings) -> None:
+    """A local source model's weight files are whole, before anything loads (hub files are checked on download)."""
+    folder = Path(settings.input_model).expanduser()
+    if not folder.is_dir():
+        return
+    problems = check_source_files(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise UsageError(f"source model {folder}: {problems[0]}{more}; re-download or re-save the model")
+
+
+def check_tokenizer_fits(tokenizer, skeleton) -> None:
+    """Token ids past the embedding table would fail only inside the first forward, after loading."""
+    rows = skeleton.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} ids but the model's embedding table has {rows} rows: "
+                         "the tokenizer does not belong to this model")
+
+
+def check_something_to_quantize(skeleton, unquantized: list[str]) -> None:
+    """--skip_layers patterns that cover every linear would leave ModelOpt nothing to do (it raises after loading)."""
+    import torch
+
+    left = [n for n, m in skeleton.named_modules()
+            if (isinstance(m, torch.nn.Linear) or is_fused_experts(m)) and not kept_in_16_bits(n, unquantized)]
+    if not left:
+        raise UsageError("--skip_layers leaves no linear layer to quantize; narrow the patterns "
+                         "(e.g. 'layers.0.*' or 'down_proj')")
+
+
+def protected_paths(settings: Settings) -> dict[str, Path]:
+    """What an output dir must never be or contain: the source model, the working dir, this tool, its data."""
+    paths = {"working directory": Path.cwd().resolve(), "folder of this script": SCRIPT_DIR,
+             "dataset YAML": settings.dataset_yaml.expanduser().resolve()}
+    model = Path(settings.input_model).expanduser()
+    if model.is_dir():
+        paths["input model"] = model.resolve()
+    for spec in settings.datasets:
+        if Path(spec.path).expanduser().exists():
+            paths[f"dataset '{spec.name}'"] = Path(spec.path).expanduser().resolve()
+    return paths
+
+
+def check_no_overlap(target: Path, flag: str, protected: dict[str, Path], inside_too: Iterable[str]) -> None:
+    """`target` is not, and does not contain, any protected path; nor does it lie inside those named in `inside_too`."""
+    for what, path in protected.items():
+        if target == path or target in path.parents:
+            relation = "is" if target == path else "contains"
+            raise UsageError(f"{flag} {target} {relation} the {what} {path}: refused, with or without --overwrite; "
+                             "choose another dir")
+        if what in inside_too and path in target.parents:
+            raise UsageError(f"{flag} {target} lies inside the {what} {path}: refused; choose a dir outside it")
+
+
+def leftover_pattern(output: Path, kind: str) -> re.Pattern:
+    """Names export_checkpoint gives its temp dir (tmp) and move_into_place an old checkpoint (old)."""
+    suffix = r"[a-z0-9_]{8}" if kind == "tmp" else r"\d+"
+    return re.compile(rf"\.{re.escape(output.name)}\.{kind}-{suffix}")
+
+
+def recover_leftovers(output: Path) -> None:
+    """What a killed run left beside `output`, found under the output's lock: unfinished exports are removed; a
+    checkpoint --overwrite had moved aside comes back when the output is missing or empty, and is removed once a
+    finished checkpoint has replaced it."""
+    if not output.parent.is_dir() or not on_main_rank():
+        return
+    siblings = [p for p in output.parent.iterdir() if p.is_dir() and not p.is_symlink()]
+    for path in sorted(p for p in siblings if leftover_pattern(output, "tmp").fullmatch(p.name)):
+        shutil.rmtree(path)
+        log(f"removed {path}: the unfinished export of a run that was killed")
+    olds = sorted((p for p in siblings if leftover_pattern(output, "old").fullmatch(p.name)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    restorable = [p for p in olds if (p / MANIFEST_NAME).is_file()]
+    if restorable and (not output.exists() or output.is_dir() and not any(output.iterdir())):
+        if output.exists():
+            output.rmdir()
+        restorable[0].rename(output)
+        olds.remove(restorable[0])
+        warn(f"restored {output} from {restorable[0].name}: a run with --overwrite was killed while replacing it")
+    for path in olds if (output / MANIFEST_NAME).is_file() else ():
+        shutil.rmtree(path)
+        log(f"removed {path}: the checkpoint a killed --overwrite run had already replaced")
+
+
+def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] | None = None,
+                     dry_run: bool = False) -> None:
+    """Where the checkpoint may go. A dry run reads only: what a killed run left beside the output is recovered
+    by the real run, under its lock."""
+    check_no_overlap(output, "--output_model", protected or {}, inside_too=("input model",))
+    if not dry_run:
+        recover_leftovers(output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output path exists and is not a directory: {output}; choose another --output_model")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
+        raise UsageError(f"output dir {output} holds files this tool did not write (no {MANIFEST_NAME}): refused, "
+                         "with or without --overwrite; choose a new or empty dir")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"output dir {output} holds a checkpoint this tool wrote: pass --overwrite to replace it, "
+                         "or choose another dir")
+    parent = output.parent
+    if not parent.is_dir():
+        raise UsageError(f"output's parent folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output's parent folder is not writable: {parent}")
+
+
+def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
+    """FP4 weights + FP8 scales (1/16 byte per weight) for quantized linears; 2 bytes otherwise."""
+    total = 0
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            total += param.numel() * (0.5625 if name in quantized and pname == "weight" else 2)
+    return int(total)
+
+
+def check_free_disk(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise UsageError(f"not enough free disk in {folder}: {human_bytes(free)} free, about "
+                         f"{human_bytes(needed_bytes)} needed for the checkpoint; free space or choose "
+                         "another --output_model")
+
+
+def lock_file(target: Path, flag: str) -> Path:
+    """Where the lock of `target` lives: beside it, so that its parent must exist."""
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag}'s parent folder does not exist: {target.parent}")
+    return target.parent / f".{target.name}.lock"
+
+
+def lock_in_use(target: Path, flag: str, lock_path: Path) -> UsageError:
+    return UsageError(f"{flag} {target} is in use by another run (it holds {lock_path}); wait for it to finish or "
+                      "choose another dir")
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: Path, flag: str):
+    """An exclusive lock on `.{name}.lock` beside `target` while the block runs; a second run on it refuses."""
+    import fcntl
+
+    lock_path = lock_file(target, flag)
+    try:
+        handle = lock_path.open("a")
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot create the lock file {lock_path}: {exc.strerror}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock_path).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise BlockingIOError  # the run that held it removed it meanwhile, and another may have a new one
+        except (BlockingIOError, FileNotFoundError):
+            raise lock_in_use(target, flag, lock_path) from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def check_lock_free(target: Path, flag: str) -> None:
+    """What exclusive_lock would refuse, without creating or taking the lock (a dry run writes nothing)."""
+    import fcntl
+
+    lock_path = lock_file(target, flag)
+    try:
+        handle = lock_path.open("r")
+    except OSError:  # no lock file, or one we cannot read: no run holds it that exclusive_lock would not report
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise lock_in_use(target, flag, lock_path) from None
+
+
+def holding_output_lock(run_job: Callable) -> Callable:
+    """Runs `run_job(settings, ...)` holding the output's lock; rank 0 only (the others never write). A dry run
+    checks that the lock is free and takes nothing."""
+    @functools.wraps(run_job)
+    def locked(settings: Settings, *rest):
+        if settings.output_model is None or not on_main_rank():
+            return run_job(settings, *rest)
+        if settings.dry_run:
+            check_lock_free(settings.output_model, "--output_model")
+            return run_job(settings, *rest)
+        with exclusive_lock(settings.output_model, "--output_model"):
+            return run_job(settings, *rest)
+    return locked
+
+
+def check_algorithm_fits(skeleton, algorithm: str) -> None:
+    """Refuse, before loading, a model the chosen algorithm cannot produce a loadable, calibrated checkpoint for."""
+    if algorithm == "awq_lite":
+        check_awq_foldable(skeleton)
+    if algorithm == "gptq" and moe_blocks(skeleton):
+        raise UsageError("--algorithm gptq: mixture-of-experts models are not supported (ModelOpt 0.47 updates "
+                         "linear layers only and calls GPTQ on experts open research); use --algorithm mse or max")
+
+
+def check_awq_foldable(skeleton) -> None:
+    """awq_lite's checkpoint loads only when every input scale folds into the layer before it: ModelOpt
+    folds o_proj's and down_proj's only in the attention and MLP classes it lists. Refuse others before loading.
+    """
+    from modelopt.torch.export.quant_utils import PQS_FUSE_MODULE_MAPPING
+
+    if moe_blocks(skeleton):
+        raise UsageError("--algorithm awq_lite: mixture-of-experts models are not supported (expert scales do not "
+                         "fold into a loadable NVFP4 checkpoint); use --algorithm awq_clip, mse or max")
+    known = [c for classes, _ in PQS_FUSE_MODULE_MAPPING for c in classes]
+    for _, module in skeleton.named_modules():
+        children = {n for n, _ in module.named_children()}
+        pairs = [pair for _, pair in PQS_FUSE_MODULE_MAPPING if set(pair) <= children]
+        if pairs and not any(c in type(module).__name__ for c in known):
+            raise UsageError(f"--algorithm awq_lite: ModelOpt cannot fold the {pairs[0][1]} scales of "
+                             f"{type(module).__name__} (it folds them for {', '.join(known)}), so the checkpoint "
+                             "would not load in vLLM or TensorRT-LLM; use --algorithm awq_clip, mse or max")
+
+
+def gpu_placement(settings: Settings, job: Job, distributed: bool) -> str | None:
+    """None (one GPU, or the CPU) or 'balanced' across GPUs; refuses, before loading, a model too big for them.
+
+    A data-parallel rank has its own GPU only, so its model must fit that one.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return None
+    gpus = [torch.cuda.current_device()] if distributed else list(range(count))
+    budgets = [int(settings.gpu_memory_budget * 2**30) if settings.gpu_memory_budget
+               else int(torch.cuda.get_device_properties(i).total_memory * AUTO_BUDGET_FRACTION) for i in gpus]
+    weight_bytes = parameter_bytes(job.skeleton, resolve_dtype(settings.dtype, job.config))
+    if placement_for(weight_bytes, budgets) == "single":
+        return None
+    log(f"the weights ({human_bytes(weight_bytes)}) exceed one GPU's budget ({human_bytes(budgets[0])}): placing "
+        f"them across {len(budgets)} GPUs with a balanced device map (for speed, use one process per GPU instead)")
+    return "balanced"
+
+
 # --------------------------------------------------------------------------- formatters
 def _text(value) -> str | None:
     """A usable string field, or None for missing, None, non-string or blank values."""
@@ -698,36 +1265,6 @@ def _local_data_files(path: Path, spec: DatasetSpec) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
-TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
-
-
-def check_data_file(path: Path, spec: DatasetSpec) -> None:
-    """A local data file must be readable and hold something; a text format (JSON, CSV, text) must be UTF-8 all
-    through, which takes one pass over it, 1 MiB at a time. Binary formats are read by their own libraries."""
-    import codecs
-
-    where = f"dataset '{spec.name}': {path}"
-    decoder = codecs.getincrementaldecoder("utf-8")() if path.suffix.lower() in TEXT_DATA_SUFFIXES else None
-    content, offset = False, 0
-    try:
-        with path.open("rb") as handle:
-            while chunk := handle.read(2**20):
-                content = content or bool(chunk.strip())
-                if decoder is None:
-                    break  # a binary format: readable and not empty is all we can tell
-                decoder.decode(chunk)
-                offset += len(chunk)
-            if decoder:
-                decoder.decode(b"", final=True)
-    except OSError as exc:
-        raise UsageError(f"{where}: cannot be read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{where}: not UTF-8 text ({exc.reason} near byte {offset + exc.start}); "
-                         "save it as UTF-8 or convert it to parquet") from None
-    if not content:
-        raise UsageError(f"{where}: the file is empty")
-
-
 def dataset_load_errors() -> tuple:
     """What datasets raises for a file it cannot parse: its own errors; pyarrow's, pandas' and decoding ones are
     ValueErrors; a missing, unreadable or unreachable file an OSError."""
@@ -757,64 +1294,6 @@ def dataset_error(spec: DatasetSpec, exc: BaseException) -> UsageError:
     return UsageError(f"dataset '{spec.name}' ({spec.path}): cannot be loaded: {text[:300]}")
 
 
-HUB_PROBE_TIMEOUT_S = 3.0  # the hub libraries retry an unreachable hub for ~25 s before they say so
-TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # what huggingface_hub reads as set in HF_HUB_OFFLINE
-
-
-def hub_offline(*variables: str) -> bool:
-    return any(os.environ.get(v, "").upper() in TRUE_VALUES for v in ("HF_HUB_OFFLINE",) + variables)
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-
-
-@functools.cache
-def hub_unreachable(endpoint: str) -> str | None:
-    """Why the hub cannot be reached, or None: one HEAD request (through any proxy set), once per process. It runs
-    in a thread we stop waiting for, as a stalled DNS lookup ignores socket timeouts."""
-    import threading
-    import urllib.error
-    import urllib.request
-
-    outcome: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
-            outcome.append(None)
-        except urllib.error.HTTPError as exc:  # an answer; a proxy that could not get one says 407 or 5xx
-            outcome.append(f"HTTP {exc.code} {exc.reason}" if exc.code == 407 or exc.code >= 500 else None)
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            outcome.append(getattr(reason, "strerror", None) or str(reason))
-        except OSError as exc:
-            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
-    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
-
-
-def check_hub_source(kind: str, repo_id: str, cache: Path | None, cache_root: Path, offline: bool) -> None:
-    """A hub model or dataset (`cache`: its copy under `cache_root`, None when not there) is reachable, or offline
-    cached: said in seconds, before the hub libraries retry."""
-    if offline:
-        if cache is None:
-            raise UsageError(f"{kind} '{repo_id}' is not in the local Hugging Face cache ({cache_root}) and "
-                             f"HF_HUB_OFFLINE is set: unset it to download the {kind}, or pass a local path")
-        return
-    reason = hub_unreachable(hub_endpoint())
-    if reason is None:
-        return
-    unreachable = f"cannot reach the Hugging Face hub ({hub_endpoint()}: {reason}) to fetch {kind} '{repo_id}'"
-    if cache is not None:
-        raise UsageError(f"{unreachable}; it is in the local cache ({cache}): set HF_HUB_OFFLINE=1 to use that copy")
-    raise UsageError(f"{unreachable}: check the network or proxy; for a gated or private repo set HF_TOKEN; offline, "
-                     f"set HF_HUB_OFFLINE=1 with the {kind} in the local cache (HF_HOME)")
-
-
 def cached_dataset(repo_id: str) -> Path | None:
     """Where datasets keeps a hub dataset it prepared once (what it reads offline), or None."""
     import datasets
@@ -823,15 +1302,6 @@ def cached_dataset(repo_id: str) -> Path | None:
     *namespace, name = repo_id.split("/")
     root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(namespace + [camelcase_to_snakecase(name)])
     return root if any(p.is_dir() for p in root.glob("*/*/*")) else None
-
-
-def check_hub_dataset(spec: DatasetSpec) -> None:
-    if Path(spec.path).expanduser().exists() or spec.path in LOCAL_DATA_BUILDERS.values():  # a builder + data_files
-        return
-    import datasets
-
-    check_hub_source("dataset", spec.path, cached_dataset(spec.path), Path(datasets.config.HF_DATASETS_CACHE),
-                     hub_offline("HF_DATASETS_OFFLINE"))
 
 
 def open_dataset(spec: DatasetSpec, token: str | None):
@@ -856,15 +1326,6 @@ def open_dataset(spec: DatasetSpec, token: str | None):
     check_hub_dataset(spec)
     return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_files=spec.data_files,
                                  streaming=spec.streaming, token=token)
-
-
-def check_dataset_source(spec: DatasetSpec) -> None:
-    """Fail before anything loads when a local-looking dataset path is missing, or a hub one out of reach."""
-    path = Path(spec.path).expanduser()
-    if looks_local(spec.path, [Path.cwd()]) and not path.exists():
-        raise UsageError(f"dataset '{spec.name}': path not found: {spec.path} "
-                         "(relative paths are resolved against the YAML file's folder)")
-    check_hub_dataset(spec)
 
 
 def dataset_columns(spec: DatasetSpec, dataset, peek: int = 20) -> list[str]:
@@ -1097,79 +1558,6 @@ def load_model_config(settings: Settings):
         raise UsageError(f"model not found or unreadable: {settings.input_model}: {first_line}") from None
 
 
-def check_hub_model(repo_id: str) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError as exc:  # huggingface_hub's HFValidationError: not a hub ID either
-        raise UsageError(f"model not found: {repo_id} is neither a local folder nor a hub ID ({exc})") from None
-    cached = Path(found).parent if isinstance(found, str) else None
-    check_hub_source("model", repo_id, cached, Path(constants.HF_HUB_CACHE), hub_offline())
-
-
-def safetensors_problems(path: Path) -> list[str]:
-    """A safetensors file's header parses and its data ends exactly where the file does (no truncation)."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= length <= size - 8:
-            return [f"{path.name}: not a safetensors file, or cut off in its header ({size} bytes)"]
-        try:
-            header = json.loads(handle.read(length))
-            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError):
-            return [f"{path.name}: corrupt safetensors header"]
-    data = size - 8 - length
-    if ends and max(ends) != data:
-        how = "truncated" if max(ends) > data else "has trailing bytes"
-        return [f"{path.name}: {how}: its header describes {max(ends)} bytes of tensor data, the file holds {data}"]
-    return []
-
-
-def check_source_files(folder: Path) -> list[str]:
-    """Problems with a checkpoint's weight files, from their headers, sizes and index: no tensor is read."""
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
-    if not weights:
-        return [f"{folder}: no weight files (*.safetensors or pytorch_model*.bin) beside config.json"]
-    problems = []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if not index.is_file():
-            continue
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            problems.append(f"{index_name}: unreadable or without a weight_map")
-            continue
-        problems += [f"{shard}: listed in {index_name} but missing" for shard in sorted(shards)
-                     if not (folder / shard).is_file()]
-    for path in weights:
-        if path.suffix == ".safetensors":
-            problems += safetensors_problems(path)
-    return problems
-
-
-def check_source_model(settings: Settings) -> None:
-    """A local source model's weight files are whole, before anything loads (hub files are checked on download)."""
-    folder = Path(settings.input_model).expanduser()
-    if not folder.is_dir():
-        return
-    problems = check_source_files(folder)
-    if problems:
-        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise UsageError(f"source model {folder}: {problems[0]}{more}; re-download or re-save the model")
-
-
-def check_tokenizer_fits(tokenizer, skeleton) -> None:
-    """Token ids past the embedding table would fail only inside the first forward, after loading."""
-    rows = skeleton.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise UsageError(f"the tokenizer has {len(tokenizer)} ids but the model's embedding table has {rows} rows: "
-                         "the tokenizer does not belong to this model")
-
-
 def load_tokenizer(settings: Settings):
     from transformers import AutoTokenizer
 
@@ -1308,17 +1696,6 @@ def source_checkpoint_dir(settings: Settings,
 def kept_in_16_bits(name: str, unquantized: list[str]) -> bool:
     """The module is one of the unquantized ones, or inside one (a vision tower, a skipped block)."""
     return any(name == u or name.startswith(u + ".") for u in unquantized)
-
-
-def check_something_to_quantize(skeleton, unquantized: list[str]) -> None:
-    """--skip_layers patterns that cover every linear would leave ModelOpt nothing to do (it raises after loading)."""
-    import torch
-
-    left = [n for n, m in skeleton.named_modules()
-            if (isinstance(m, torch.nn.Linear) or is_fused_experts(m)) and not kept_in_16_bits(n, unquantized)]
-    if not left:
-        raise UsageError("--skip_layers leaves no linear layer to quantize; narrow the patterns "
-                         "(e.g. 'layers.0.*' or 'down_proj')")
 
 
 def parameter_bytes(module, dtype) -> int:
@@ -1707,14 +2084,6 @@ def zero_padding(state: CalibrationState):
     return hook
 
 
-def block_searchable(module) -> bool:
-    """A linear whose static NVFP4 weight blocks our search sets: a 2-D weight, whole blocks (fused 3-D experts
-    keep max's scales)."""
-    quantizer, weight = getattr(module, "weight_quantizer", None), getattr(module, "weight", None)
-    return (getattr(quantizer, "is_enabled", False) and getattr(quantizer, "is_static_block_quant", False)
-            and weight is not None and weight.dim() == 2 and weight.shape[1] % HESSIAN_BLOCK == 0)
-
-
 def sum_block_hessian(name: str, state: CalibrationState):
     """A linear's pre-hook adding its real input rows x to the per-block sums Σ x_b x_bᵀ (fp32, as ModelOpt).
 
@@ -1737,211 +2106,6 @@ def sum_block_hessian(name: str, state: CalibrationState):
         total[1] = total[1] + count
         state.hessian_input = (x, total)
     return hook
-
-
-def round_to_e2m1(x):
-    """x rounded to the nearest FP4 E2M1 value, sign kept, magnitudes above 6 saturating. A tie goes to the even
-    code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4): that is how ModelOpt's exporter
-    rounds weights (NVFP4QTensor._cast_fp4), so the scale search and the fidelity check score what is written, and
-    how the runtimes' kernels round activations (PTX cvt.rn.satfinite.e2m1x2), so --eval's emulator computes what
-    they compute. window_sweep_kernel repeats the rule in Triton."""
-    import torch
-
-    magnitude = x.abs()
-    steps = ((0.25, 0.5, False), (0.75, 0.5, True), (1.25, 0.5, False), (1.75, 0.5, True), (2.5, 1.0, False),
-             (3.5, 1.0, True), (5.0, 2.0, False))  # (threshold, step, inclusive: the tie rounds up to even)
-    rounded = sum(step * ((magnitude >= edge) if inclusive else (magnitude > edge)).to(x.dtype)
-                  for edge, step, inclusive in steps)
-    return torch.sign(x) * rounded
-
-
-def rounding_error(blocks, scale):
-    """w - quant(w) for blocks of 16 stored with these block scales (shape [..., 1]); a zero scale zeroes its
-    block, as ModelOpt's fake quantization does."""
-    import torch
-
-    safe = torch.where(scale > 0, scale, 1.0)
-    return blocks - torch.where(scale > 0, round_to_e2m1(blocks / safe) * safe, 0.0)
-
-
-def sweep_candidates(global_amax, device):
-    """The 126 block amaxes ModelOpt's sweep tries, ascending (every positive FP8 E4M3 value under the global
-    scale), and their block scales as the checkpoint stores them (FP8 under the global scale): computed in plain
-    torch, as ModelOpt's own wrapper would first compile a CUDA extension (about a minute on a machine's first run)."""
-    from modelopt.torch.kernels.quantization.gemm._fp8_scale_candidates import fp8_scale_candidates
-    from modelopt.torch.quantization.tensor_quant import fp8_eager
-
-    global_amax = global_amax.detach().float().to(device).reshape(())
-    amaxes = fp8_scale_candidates(device).float() * global_amax
-    return amaxes, fp8_eager(amaxes / 6.0, global_amax / 6.0)
-
-
-def window_starts(block_amax, amaxes):
-    """Each block's first candidate (HESSIAN_WINDOW[0] steps below the first one reaching its max amax, kept
-    inside the 126) and the window's width."""
-    import torch
-
-    width = min(sum(HESSIAN_WINDOW) + 1, amaxes.numel())
-    own = torch.searchsorted(amaxes, block_amax.float().contiguous())
-    return (own - HESSIAN_WINDOW[0]).clamp(0, amaxes.numel() - width).to(torch.int32), width
-
-
-def hessian_sweep_reference(weight, global_amax, hessian, block_amax):
-    """local_hessian's windowed FP8 scale sweep in plain torch (the kernel is Triton, CUDA only).
-
-    For every block of 16 inputs, of the window of FP8 E4M3 block scales around its max scale, the one whose
-    rounding error dw minimizes dwᵀ H dw (H: that input block's Hessian), the smallest on a tie, as ModelOpt's
-    sweep; returns each block's amax.
-    """
-    import torch
-
-    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
-    amaxes, scales = sweep_candidates(global_amax, weight.device)
-    starts, width = window_starts(block_amax.reshape(blocks.shape[:2]).to(weight.device), amaxes)
-    best_loss = torch.full(blocks.shape[:2], math.inf, device=weight.device)
-    best = torch.zeros(blocks.shape[:2], device=weight.device)
-    for step in range(width):
-        index = starts.long() + step
-        error = rounding_error(blocks, scales[index][..., None])
-        loss = torch.einsum("cnb,nbd,cnd->cn", error, hessian, error)
-        better = loss < best_loss
-        best_loss, best = torch.where(better, loss, best_loss), torch.where(better, amaxes[index], best)
-    return best.reshape(-1)
-
-
-if triton is not None:  # a module-level function: Triton resolves a kernel's names in its module's globals
-    @triton.jit
-    def window_sweep_kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
-                            BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
-        """hessian_sweep_reference as a kernel: a program takes 32 rows of one input block, whose Hessian it loads
-        once, and tries only their window of candidates (ModelOpt's own kernel tries all 126 in every block)."""
-        pid = tl.program_id(0)
-        column = pid % inputs
-        row = (pid // inputs) * ROWS + tl.arange(0, ROWS)
-        valid = row < rows
-        block = row * inputs + column
-        lane = tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + block[:, None] * BLOCK + lane[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        magnitude, sign = tl.abs(w), tl.where(w >= 0, 1.0, -1.0)
-        h = tl.load(h_ptr + column * BLOCK * BLOCK + lane[:, None] * BLOCK + lane[None, :])
-        start = tl.load(start_ptr + block, mask=valid, other=0)
-        best_loss = tl.full([ROWS], float("inf"), tl.float32)
-        best = tl.zeros([ROWS], tl.int32)
-        for step in tl.range(WIDTH):
-            index = start + step
-            scale = tl.load(scales_ptr + index)[:, None]
-            safe = tl.where(scale > 0, scale, 1.0)
-            s = magnitude / safe  # rounded to E2M1 as round_to_e2m1 rounds it, ties to even
-            fp4 = tl.where(s <= 0.25, 0.0, tl.where(s < 0.75, 0.5, tl.where(s <= 1.25, 1.0, tl.where(
-                s < 1.75, 1.5, tl.where(s <= 2.5, 2.0, tl.where(s < 3.5, 3.0, tl.where(s <= 5.0, 4.0, 6.0)))))))
-            error = tl.where(scale > 0, sign * (magnitude - fp4 * safe), w)
-            loss = tl.sum(tl.dot(error, h, allow_tf32=False) * error, axis=1)  # true fp32, as the reference
-            better = loss < best_loss
-            best_loss = tl.where(better, loss, best_loss)
-            best = tl.where(better, index, best)
-        tl.store(best_ptr + block, tl.load(amaxes_ptr + best, mask=valid, other=0.0), mask=valid)
-
-
-def hessian_sweep_kernel(weight, global_amax, hessian, block_amax):
-    """hessian_sweep_reference's choice, from window_sweep_kernel."""
-    import torch
-
-    amaxes, scales = sweep_candidates(global_amax, weight.device)
-    rows, inputs = weight.shape[0], weight.shape[1] // HESSIAN_BLOCK
-    starts, width = window_starts(block_amax.reshape(rows, inputs).to(weight.device), amaxes)
-    best = torch.empty(rows * inputs, dtype=torch.float32, device=weight.device)
-    with torch.cuda.device(weight.device):
-        window_sweep_kernel[(triton.cdiv(rows, 32) * inputs,)](
-            weight.detach().contiguous().view(-1), hessian.float().contiguous().view(-1), starts.contiguous().view(-1),
-            scales.contiguous(), amaxes.contiguous(), best, rows, inputs, BLOCK=HESSIAN_BLOCK, WIDTH=width, ROWS=32,
-            num_warps=4)
-    return best
-
-
-def hessian_sweep(weight, global_amax, hessian, block_amax):
-    """Each block's amax from the windowed sweep: the Triton kernel on CUDA, the reference elsewhere."""
-    if weight.is_cuda and triton is not None:
-        return hessian_sweep_kernel(weight, global_amax, hessian, block_amax)
-    return hessian_sweep_reference(weight, global_amax, hessian, block_amax)
-
-
-def four_over_six_search(weight, block_amax, global_amax):
-    """Each block's amax for four_over_six: its max amax (largest value on FP4's 6) or 1.5x that (on 4),
-    whichever rounds the block with less squared error, 6 on a tie: what ModelOpt's MSE pass for its recipe
-    picks, with its FP8 scales (normalized to 256), in plain torch."""
-    import torch
-    from modelopt.torch.quantization.tensor_quant import fp8_eager
-
-    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
-    amax = block_amax.float().reshape(blocks.shape[:2]).to(weight.device)
-    scale_range = global_amax.detach().float().to(weight.device).reshape(()) * (448.0 / FOUR_OVER_SIX_FP8_MAX) / 6.0
-    candidates = torch.stack([amax * factor for factor in FOUR_OVER_SIX_FACTORS])
-    losses = torch.stack([rounding_error(blocks, fp8_eager(c / 6.0, scale_range)[..., None]).square().sum(-1)
-                          for c in candidates])
-    return candidates.gather(0, losses.argmin(0, keepdim=True)).reshape(-1)  # argmin: the first on a tie
-
-
-def damped(hessian):
-    """Per-block Hessians plus HESSIAN_DAMPING x their mean diagonal on the diagonal."""
-    import torch
-
-    eye = torch.eye(hessian.shape[-1], device=hessian.device)
-    return hessian + HESSIAN_DAMPING * hessian.diagonal(dim1=-2, dim2=-1).mean() * eye
-
-
-def searched_block_amax(module, algorithm: str, total):
-    """One linear's block amaxes from the run's search (weights in place); `total`: local_hessian's sums."""
-    quantizer = module.weight_quantizer
-    if algorithm == "four_over_six":
-        return four_over_six_search(module.weight, quantizer.amax, quantizer.global_amax)
-    hessian = damped(total[0] / max(float(total[1]), 1.0))
-    # summed where the input was: across GPUs, before accelerate moved it to this linear's device
-    return hessian_sweep(module.weight, quantizer.global_amax, hessian.to(module.weight.device), quantizer.amax)
-
-
-def searchable_linears(module, prefix: str) -> dict:
-    """name -> linear, for the linears under `module` whose block scales the search sets (named from `prefix`)."""
-    return {f"{prefix}.{name}" if prefix else name: linear for name, linear in sorted(module.named_modules())
-            if block_searchable(linear)}
-
-
-def search_block_scales(linears: dict, state: CalibrationState, access: Callable | None = None) -> None:
-    """local_hessian's or four_over_six's search after the max pass: every block's FP8 scale, under the max
-    global scale. The weights must be in place: `access(module)` puts them there, else the caller has."""
-    state.hessian_input = None
-    start = time.perf_counter()
-    for name, module in Progress(linears.items(), desc="block scales", unit="linear"):
-        if getattr(module.weight_quantizer, "_amax", None) is None:
-            continue  # never calibrated: kept in 16 bits after calibration
-        total = state.hessians.pop(name, None) if state.hessians is not None else None
-        if state.hessians is not None and total is None:
-            continue  # local_hessian, a linear that saw no tokens: max's scales stay
-        with access(module) if access else contextlib.nullcontext():
-            best = searched_block_amax(module, state.search, total)
-        module.weight_quantizer.amax = best.reshape(module.weight_quantizer.amax.shape)
-        state.searched.add(name)
-    state.search_seconds = state.search_seconds + time.perf_counter() - start
-
-
-def search_model_block_scales(model, state: CalibrationState) -> None:
-    """After the max pass: every linear not searched yet (the offload loop searches its layers as it goes). Across
-    ranks, every rank first sums every rank's Hessians, so all search alike."""
-    import torch
-    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
-
-    names = sorted(state.hessians) if state.hessians is not None else \
-        [name for name in searchable_linears(model, "") if name not in state.searched]
-    if names:  # none left after the offload loop
-        stage(STAGE_SEARCH)
-    if current_ranks().distributed and state.hessians:
-        shared = {id(total): total for _, total in sorted(state.hessians.items())}
-        for total in shared.values():
-            total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
-            for tensor in total:
-                torch.distributed.all_reduce(tensor)
-    modules = dict(model.named_modules())
-    search_block_scales({name: modules[name] for name in names}, state,
-                        access=lambda module: enable_weight_access_and_writeback(module, model, modules))
 
 
 def moe_blocks(model) -> list[tuple[str, Any, Any]]:
@@ -2372,7 +2536,576 @@ def quantized_linear_shapes(model) -> dict[str, dict]:
     return out
 
 
-# --------------------------------------------------------------------------- checkpoint validation
+# --------------------------------------------------------------------------- scale search
+def block_searchable(module) -> bool:
+    """A linear whose static NVFP4 weight blocks our search sets: a 2-D weight, whole blocks (fused 3-D experts
+    keep max's scales)."""
+    quantizer, weight = getattr(module, "weight_quantizer", None), getattr(module, "weight", None)
+    return (getattr(quantizer, "is_enabled", False) and getattr(quantizer, "is_static_block_quant", False)
+            and weight is not None and weight.dim() == 2 and weight.shape[1] % HESSIAN_BLOCK == 0)
+
+
+def round_to_e2m1(x):
+    """x rounded to the nearest FP4 E2M1 value, sign kept, magnitudes above 6 saturating. A tie goes to the even
+    code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4): that is how ModelOpt's exporter
+    rounds weights (NVFP4QTensor._cast_fp4), so the scale search and the fidelity check score what is written, and
+    how the runtimes' kernels round activations (PTX cvt.rn.satfinite.e2m1x2), so --eval's emulator computes what
+    they compute. window_sweep_kernel repeats the rule in Triton."""
+    import torch
+
+    magnitude = x.abs()
+    steps = ((0.25, 0.5, False), (0.75, 0.5, True), (1.25, 0.5, False), (1.75, 0.5, True), (2.5, 1.0, False),
+             (3.5, 1.0, True), (5.0, 2.0, False))  # (threshold, step, inclusive: the tie rounds up to even)
+    rounded = sum(step * ((magnitude >= edge) if inclusive else (magnitude > edge)).to(x.dtype)
+                  for edge, step, inclusive in steps)
+    return torch.sign(x) * rounded
+
+
+def rounding_error(blocks, scale):
+    """w - quant(w) for blocks of 16 stored with these block scales (shape [..., 1]); a zero scale zeroes its
+    block, as ModelOpt's fake quantization does."""
+    import torch
+
+    safe = torch.where(scale > 0, scale, 1.0)
+    return blocks - torch.where(scale > 0, round_to_e2m1(blocks / safe) * safe, 0.0)
+
+
+def sweep_candidates(global_amax, device):
+    """The 126 block amaxes ModelOpt's sweep tries, ascending (every positive FP8 E4M3 value under the global
+    scale), and their block scales as the checkpoint stores them (FP8 under the global scale): computed in plain
+    torch, as ModelOpt's own wrapper would first compile a CUDA extension (about a minute on a machine's first run)."""
+    from modelopt.torch.kernels.quantization.gemm._fp8_scale_candidates import fp8_scale_candidates
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    global_amax = global_amax.detach().float().to(device).reshape(())
+    amaxes = fp8_scale_candidates(device).float() * global_amax
+    return amaxes, fp8_eager(amaxes / 6.0, global_amax / 6.0)
+
+
+def window_starts(block_amax, amaxes):
+    """Each block's first candidate (HESSIAN_WINDOW[0] steps below the first one reaching its max amax, kept
+    inside the 126) and the window's width."""
+    import torch
+
+    width = min(sum(HESSIAN_WINDOW) + 1, amaxes.numel())
+    own = torch.searchsorted(amaxes, block_amax.float().contiguous())
+    return (own - HESSIAN_WINDOW[0]).clamp(0, amaxes.numel() - width).to(torch.int32), width
+
+
+def hessian_sweep_reference(weight, global_amax, hessian, block_amax):
+    """local_hessian's windowed FP8 scale sweep in plain torch (the kernel is Triton, CUDA only).
+
+    For every block of 16 inputs, of the window of FP8 E4M3 block scales around its max scale, the one whose
+    rounding error dw minimizes dwᵀ H dw (H: that input block's Hessian), the smallest on a tie, as ModelOpt's
+    sweep; returns each block's amax.
+    """
+    import torch
+
+    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+    amaxes, scales = sweep_candidates(global_amax, weight.device)
+    starts, width = window_starts(block_amax.reshape(blocks.shape[:2]).to(weight.device), amaxes)
+    best_loss = torch.full(blocks.shape[:2], math.inf, device=weight.device)
+    best = torch.zeros(blocks.shape[:2], device=weight.device)
+    for step in range(width):
+        index = starts.long() + step
+        error = rounding_error(blocks, scales[index][..., None])
+        loss = torch.einsum("cnb,nbd,cnd->cn", error, hessian, error)
+        better = loss < best_loss
+        best_loss, best = torch.where(better, loss, best_loss), torch.where(better, amaxes[index], best)
+    return best.reshape(-1)
+
+
+if triton is not None:  # a module-level function: Triton resolves a kernel's names in its module's globals
+    @triton.jit
+    def window_sweep_kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
+                            BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+        """hessian_sweep_reference as a kernel: a program takes 32 rows of one input block, whose Hessian it loads
+        once, and tries only their window of candidates (ModelOpt's own kernel tries all 126 in every block)."""
+        pid = tl.program_id(0)
+        column = pid % inputs
+        row = (pid // inputs) * ROWS + tl.arange(0, ROWS)
+        valid = row < rows
+        block = row * inputs + column
+        lane = tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + block[:, None] * BLOCK + lane[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        magnitude, sign = tl.abs(w), tl.where(w >= 0, 1.0, -1.0)
+        h = tl.load(h_ptr + column * BLOCK * BLOCK + lane[:, None] * BLOCK + lane[None, :])
+        start = tl.load(start_ptr + block, mask=valid, other=0)
+        best_loss = tl.full([ROWS], float("inf"), tl.float32)
+        best = tl.zeros([ROWS], tl.int32)
+        for step in tl.range(WIDTH):
+            index = start + step
+            scale = tl.load(scales_ptr + index)[:, None]
+            safe = tl.where(scale > 0, scale, 1.0)
+            s = magnitude / safe  # rounded to E2M1 as round_to_e2m1 rounds it, ties to even
+            fp4 = tl.where(s <= 0.25, 0.0, tl.where(s < 0.75, 0.5, tl.where(s <= 1.25, 1.0, tl.where(
+                s < 1.75, 1.5, tl.where(s <= 2.5, 2.0, tl.where(s < 3.5, 3.0, tl.where(s <= 5.0, 4.0, 6.0)))))))
+            error = tl.where(scale > 0, sign * (magnitude - fp4 * safe), w)
+            loss = tl.sum(tl.dot(error, h, allow_tf32=False) * error, axis=1)  # true fp32, as the reference
+            better = loss < best_loss
+            best_loss = tl.where(better, loss, best_loss)
+            best = tl.where(better, index, best)
+        tl.store(best_ptr + block, tl.load(amaxes_ptr + best, mask=valid, other=0.0), mask=valid)
+
+
+def hessian_sweep_kernel(weight, global_amax, hessian, block_amax):
+    """hessian_sweep_reference's choice, from window_sweep_kernel."""
+    import torch
+
+    amaxes, scales = sweep_candidates(global_amax, weight.device)
+    rows, inputs = weight.shape[0], weight.shape[1] // HESSIAN_BLOCK
+    starts, width = window_starts(block_amax.reshape(rows, inputs).to(weight.device), amaxes)
+    best = torch.empty(rows * inputs, dtype=torch.float32, device=weight.device)
+    with torch.cuda.device(weight.device):
+        window_sweep_kernel[(triton.cdiv(rows, 32) * inputs,)](
+            weight.detach().contiguous().view(-1), hessian.float().contiguous().view(-1), starts.contiguous().view(-1),
+            scales.contiguous(), amaxes.contiguous(), best, rows, inputs, BLOCK=HESSIAN_BLOCK, WIDTH=width, ROWS=32,
+            num_warps=4)
+    return best
+
+
+def hessian_sweep(weight, global_amax, hessian, block_amax):
+    """Each block's amax from the windowed sweep: the Triton kernel on CUDA, the reference elsewhere."""
+    if weight.is_cuda and triton is not None:
+        return hessian_sweep_kernel(weight, global_amax, hessian, block_amax)
+    return hessian_sweep_reference(weight, global_amax, hessian, block_amax)
+
+
+def four_over_six_search(weight, block_amax, global_amax):
+    """Each block's amax for four_over_six: its max amax (largest value on FP4's 6) or 1.5x that (on 4),
+    whichever rounds the block with less squared error, 6 on a tie: what ModelOpt's MSE pass for its recipe
+    picks, with its FP8 scales (normalized to 256), in plain torch."""
+    import torch
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+    amax = block_amax.float().reshape(blocks.shape[:2]).to(weight.device)
+    scale_range = global_amax.detach().float().to(weight.device).reshape(()) * (448.0 / FOUR_OVER_SIX_FP8_MAX) / 6.0
+    candidates = torch.stack([amax * factor for factor in FOUR_OVER_SIX_FACTORS])
+    losses = torch.stack([rounding_error(blocks, fp8_eager(c / 6.0, scale_range)[..., None]).square().sum(-1)
+                          for c in candidates])
+    return candidates.gather(0, losses.argmin(0, keepdim=True)).reshape(-1)  # argmin: the first on a tie
+
+
+def damped(hessian):
+    """Per-block Hessians plus HESSIAN_DAMPING x their mean diagonal on the diagonal."""
+    import torch
+
+    eye = torch.eye(hessian.shape[-1], device=hessian.device)
+    return hessian + HESSIAN_DAMPING * hessian.diagonal(dim1=-2, dim2=-1).mean() * eye
+
+
+def searched_block_amax(module, algorithm: str, total):
+    """One linear's block amaxes from the run's search (weights in place); `total`: local_hessian's sums."""
+    quantizer = module.weight_quantizer
+    if algorithm == "four_over_six":
+        return four_over_six_search(module.weight, quantizer.amax, quantizer.global_amax)
+    hessian = damped(total[0] / max(float(total[1]), 1.0))
+    # summed where the input was: across GPUs, before accelerate moved it to this linear's device
+    return hessian_sweep(module.weight, quantizer.global_amax, hessian.to(module.weight.device), quantizer.amax)
+
+
+def searchable_linears(module, prefix: str) -> dict:
+    """name -> linear, for the linears under `module` whose block scales the search sets (named from `prefix`)."""
+    return {f"{prefix}.{name}" if prefix else name: linear for name, linear in sorted(module.named_modules())
+            if block_searchable(linear)}
+
+
+def search_block_scales(linears: dict, state: CalibrationState, access: Callable | None = None) -> None:
+    """local_hessian's or four_over_six's search after the max pass: every block's FP8 scale, under the max
+    global scale. The weights must be in place: `access(module)` puts them there, else the caller has."""
+    state.hessian_input = None
+    start = time.perf_counter()
+    for name, module in Progress(linears.items(), desc="block scales", unit="linear"):
+        if getattr(module.weight_quantizer, "_amax", None) is None:
+            continue  # never calibrated: kept in 16 bits after calibration
+        total = state.hessians.pop(name, None) if state.hessians is not None else None
+        if state.hessians is not None and total is None:
+            continue  # local_hessian, a linear that saw no tokens: max's scales stay
+        with access(module) if access else contextlib.nullcontext():
+            best = searched_block_amax(module, state.search, total)
+        module.weight_quantizer.amax = best.reshape(module.weight_quantizer.amax.shape)
+        state.searched.add(name)
+    state.search_seconds = state.search_seconds + time.perf_counter() - start
+
+
+def search_model_block_scales(model, state: CalibrationState) -> None:
+    """After the max pass: every linear not searched yet (the offload loop searches its layers as it goes). Across
+    ranks, every rank first sums every rank's Hessians, so all search alike."""
+    import torch
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+    names = sorted(state.hessians) if state.hessians is not None else \
+        [name for name in searchable_linears(model, "") if name not in state.searched]
+    if names:  # none left after the offload loop
+        stage(STAGE_SEARCH)
+    if current_ranks().distributed and state.hessians:
+        shared = {id(total): total for _, total in sorted(state.hessians.items())}
+        for total in shared.values():
+            total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
+            for tensor in total:
+                torch.distributed.all_reduce(tensor)
+    modules = dict(model.named_modules())
+    search_block_scales({name: modules[name] for name in names}, state,
+                        access=lambda module: enable_weight_access_and_writeback(module, model, modules))
+
+
+# --------------------------------------------------------------------------- export
+def write_error(folder: Path, needed_bytes: int, what: str, code: int) -> UsageError:
+    """A write of our own files that failed mid-run, in one line: which disk, why, and what the run needed there."""
+    headline = "disk full" if code == errno.ENOSPC else os.strerror(code).lower()
+    return UsageError(f"{headline} writing {what} to {folder} (the disk mounted at {mount_point(folder)}): about "
+                      f"{human_bytes(needed_bytes)} needed, {human_bytes(shutil.disk_usage(folder).free)} free now; "
+                      f"{WRITE_ERRNO_REMEDIES[code]}")
+
+
+def write_errno(exc: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write, however the writer reports it: an OSError (json, accelerate's memmaps), or
+    safetensors' "(os error N)", anywhere in the chain (the resume writer's thread wraps its failure); torch.save's
+    bare RuntimeError is judged by the disk: ENOSPC when no room is left on it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNO_REMEDIES:
+            return seen.errno
+        reported = re.search(r"\(os error (\d+)\)", str(seen))
+        if reported and int(reported[1]) in WRITE_ERRNO_REMEDIES:
+            return int(reported[1])
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < 2**20:
+        return errno.ENOSPC
+    return None
+
+
+@contextlib.contextmanager
+def write_errors_are_usage_errors(folder: Path, needed_bytes: int, what: str):
+    """write_error for a write in the block that failed on the disk's account."""
+    try:
+        yield
+    except Exception as exc:
+        code = write_errno(exc, folder)
+        if code is None:
+            raise
+        raise write_error(folder, needed_bytes, what, code) from None
+
+
+def mount_point(folder: Path) -> Path:
+    path = folder.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "nvidia-modelopt", "accelerate", "datasets", "safetensors"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def source_file_paths(settings: Settings) -> list[Path]:
+    """The source's tokenizer, processor and generation files (SOURCE_FILES): a local dir's, or from the hub cache."""
+    folder = source_checkpoint_dir(settings, SOURCE_FILES)
+    return [folder / name for name in SOURCE_FILES if (folder / name).is_file()]
+
+
+def write_tokenizer_and_extras(model, tokenizer, folder: Path, settings: Settings) -> None:
+    """The source's files verbatim, over what the export wrote; the loaded tokenizer only if the source has none."""
+    copied = source_file_paths(settings)
+    for path in copied:
+        shutil.copyfile(path, folder / path.name)
+    if not any(p.name in TOKENIZER_FILES for p in copied):
+        warn(f"{settings.input_model} has none of {', '.join(TOKENIZER_FILES)}; saving the tokenizer as loaded")
+        tokenizer.save_pretrained(str(folder))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and not (folder / "generation_config.json").exists():
+        generation_config.save_pretrained(str(folder))
+    for f in folder.rglob("*"):  # export_hf_checkpoint writes safetensors 0600: others could not serve them
+        f.chmod(0o755 if f.is_dir() else 0o644)
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Replace `output` with `staging` so that a finished-looking dir is always a complete one."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def fold_awq_scales(model) -> None:
+    """Fold awq_lite's per-channel input scales into the layers before, as ModelOpt's export does, and
+    into v_proj also for grouped-query attention (averaging the scale over each group of query heads);
+    then, as the export would, average them over layers sharing an input and fold them into the norms.
+
+    Done here, before the export, so that the fidelity check sees the folded 16-bit model (the export
+    leaves packed weights behind). What cannot fold stays a pre_quant_scale tensor, which neither
+    runtime's NVFP4 loader applies (see relabel_folded_awq).
+    """
+    from modelopt.torch.export.quant_utils import fuse_prequant_to_linear
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    fuse_prequant_to_linear(model, fuse_grouped_heads=True)
+    requantize_resmooth_fused_llm_layers(model)
+
+
+def relabel_folded_awq(folder: Path, mode: str) -> None:
+    """ModelOpt labels a checkpoint NVFP4_AWQ when any scale was folded, though its layers are then plain
+    NVFP4 ones; vLLM refuses that label. Rewrite it to the mode's algorithm when no pre_quant_scale is left.
+    """
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config = json.loads(hf_path.read_text())
+    quant = hf_config["quantization"]
+    if quant.get("quant_algo") != "NVFP4_AWQ":
+        return
+    left = [k for k in CheckpointReader(folder).location if k.endswith(".pre_quant_scale")]
+    if left:
+        raise RuntimeError(f"awq_lite left {len(left)} per-channel pre_quant_scale tensors (first: {left[0]}) that "
+                           "the NVFP4 loaders of vLLM and TensorRT-LLM do not apply: use --algorithm awq_clip or mse")
+    for key in ("has_zero_point", "pre_quant_scale"):
+        quant.pop(key, None)
+    quant["quant_algo"] = MODE_QUANT_ALGO[mode]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = convert_hf_quant_config_format(hf_config)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+NAME_SENTINEL = re.compile(r"\.\x00[^*]*?(?=(\.?\*)?$)")  # ModelOpt's name-mapper sentinel, before a '*' or '.*' end
+
+
+def strip_name_sentinels(folder: Path) -> None:
+    """ModelOpt maps exclude_modules to on-disk names with a sentinel (`.\\x00modelopt_name_sentinel`) appended and
+    stripped again; an unanchored rename (NemotronH's `model.` -> `backbone.`) rewrites the sentinel, which then
+    stays in the pattern, so it matches nothing and the runtimes would load excluded layers as FP4. What precedes
+    the sentinel is the mapped name."""
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
+    for section, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        section[key] = [NAME_SENTINEL.sub("", p) for p in section.get(key) or []]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+UNLOADED_FILE = "model-not-loaded-by-transformers.safetensors"
+
+
+def carry_unloaded_tensors(model, staging: Path, source: Path) -> dict | None:
+    """Checkpoint tensors the model class skips on load (the multi-token-prediction layers of DeepSeek-V3
+    and GLM-4.5, which vLLM uses for speculative decoding): copied as they are into their own shard,
+    listed in the index, and excluded from quantization in both config files."""
+    from safetensors.torch import save_file
+
+    reader = CheckpointReader(source)
+    keys = sorted(unloaded_keys(type(model), reader.location))
+    if not keys:
+        return None
+    save_file({k: reader.tensor(k).contiguous() for k in keys}, str(staging / UNLOADED_FILE), metadata={"format": "pt"})
+    index_path = staging / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else \
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in CheckpointReader(staging).location}}
+    index["weight_map"].update({k: UNLOADED_FILE for k in keys})
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    excluded = sorted({f"{m.group(1)}.*" if (m := re.match(r"(.*?\.layers\.\d+)\.", k)) else k.rpartition(".")[0]
+                       for k in keys})
+    add_exclusions(staging, excluded)
+    return {"tensors": len(keys), "exclude_modules": excluded, "file": UNLOADED_FILE}
+
+
+def add_exclusions(folder: Path, patterns: list[str]) -> None:
+    """Append exclude patterns to hf_quant_config.json and config.json's quantization_config, which must agree."""
+    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
+    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
+    for section, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
+        section[key] = list(section.get(key) or []) + [p for p in patterns if p not in (section.get(key) or [])]
+    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+MODEL_CARD_NAME = "README.md"
+RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and which runtimes load them")
+    "NVFP4": "vLLM: native FP4 GEMMs on Blackwell (SM100/103/12x); on Turing to Hopper it runs weight-only through "
+             "Marlin. TensorRT-LLM: Blackwell.",
+    "W4A16_NVFP4": "vLLM 2026 releases (Marlin, SM >= 75) and recent TensorRT-LLM builds; older ones reject "
+                   "W4A16_NVFP4.",
+    "W4A8_NVFP4_FP8": "TensorRT-LLM on Blackwell only; vLLM does not load W4A8_NVFP4_FP8.",
+}
+KV_NOTES = {
+    "FP8": "FP8 KV cache: vLLM picks it up from the checkpoint with the default `--kv-cache-dtype auto`.",
+    "NVFP4": "NVFP4 KV cache: vLLM reads it as `nvfp4` (FlashInfer; Blackwell, or SM80-120 with head size != 64); "
+             "TensorRT-LLM reads `kv_cache_quant_algo` from hf_quant_config.json.",
+}
+
+
+def source_model_id(input_model: str) -> str:
+    """What the manifest records as the source: a local model's absolute path, else the hub ID."""
+    local = Path(input_model).expanduser()
+    return str(local.resolve()) if local.is_dir() else input_model
+
+
+def model_card(manifest: dict, folder_name: str) -> str:
+    """The output dir's README.md: what was quantized, how, how well, and how to serve it."""
+    args, calib, validation = manifest["arguments"], manifest["calibration"], manifest["validation"]
+    algo, kv = validation["quant_algo"], validation.get("kv_cache_quant_algo")
+    source = manifest["source_model"]
+    # the hub links base_model to a model page: a local path (always absolute here) names none
+    base_model = [] if Path(source).is_absolute() else [f"base_model: {source}"]
+    lines = [
+        "---", *base_model, "library_name: transformers", "tags: [nvfp4, modelopt, quantized]", "---", "",
+        f"# {folder_name}", "",
+        f"`{manifest['source_model']}` quantized to NVFP4 (`{algo}`) with NVIDIA ModelOpt "
+        f"{manifest['versions'].get('nvidia-modelopt')} by `{manifest['tool']}`.", "",
+        "| | |", "|---|---|",
+        f"| mode | {MODES[manifest['mode']][2]} (`{manifest['modelopt_config']}`) |",
+        f"| calibration algorithm | `{args['algorithm']}` |",
+        f"| KV cache | {kv or '16-bit (not quantized)'} |",
+        f"| quantized linears | {validation['quantized_linears']} (group size {validation['group_size']}) |",
+        f"| kept in 16 bits | {', '.join(f'`{m}`' for m in manifest['excluded_modules']) or 'none'} |",
+        *special_16_bit_rows(manifest),
+        f"| calibration data | {calib['kept_samples']} samples, {calib['tokens']['total']} tokens (max "
+        f"{args['max_seq_len']} per sample, seed {args['seed']}) from `{Path(args['dataset_yaml']).name}` |", "",
+        "## Calibration mix", "", "| dataset | requested | kept |", "|---|---|---|",
+        *[f"| {d['name']} | {d['requested']} | {d['kept']} |" for d in calib["per_dataset"]], "",
+    ]
+    lines += fidelity_section(manifest.get("fidelity"))
+    lines += quality_section(manifest.get("quality"))
+    coverage = manifest["calibration_run"].get("moe_expert_coverage")
+    if coverage:
+        lines += ["## Mixture-of-experts coverage", "",
+                  f"{coverage['unrouted_experts']} expert(s) over {coverage['moe_blocks']} MoE blocks got no routed "
+                  f"calibration token (`--moe_calibration {coverage['moe_calibration']}`); per layer counts are in "
+                  f"`{MANIFEST_NAME}`.", ""]
+    lines += ["## Serving", "", RUNTIME_NOTES[algo] + (" " + KV_NOTES[kv] if kv else ""), ""]
+    if algo != "W4A8_NVFP4_FP8":
+        lines += ["vLLM:", "", "```python", "from vllm import LLM",
+                  f'llm = LLM(model="./{folder_name}", quantization="modelopt_fp4")', "```", "",
+                  f"or `vllm serve ./{folder_name} --quantization modelopt_fp4`.", ""]
+    lines += ["TensorRT-LLM (PyTorch backend):", "", "```python", "from tensorrt_llm import LLM",
+              f'llm = LLM(model="./{folder_name}")  # reads hf_quant_config.json', "```", "",
+              f"or `trtllm-serve ./{folder_name}`.", "",
+              f"`{MANIFEST_NAME}` records every setting, library version and timing of this run.", ""]
+    return "\n".join(lines)
+
+
+def special_16_bit_rows(manifest: dict) -> list[str]:
+    """Model-card rows for 16-bit parts the user did not ask for: unloaded checkpoint tensors, unreached modules."""
+    rows, carried = [], manifest.get("carried_unloaded")
+    unreached = manifest["calibration_run"].get("kept_16_bit_unreached")
+    if carried:
+        rows.append(f"| copied unchanged, not loaded by transformers | {carried['tensors']} tensors "
+                    f"({', '.join(f'`{m}`' for m in carried['exclude_modules'])}, e.g. multi-token-prediction layers "
+                    "for speculative decoding), in 16 bits and excluded |")
+    if unreached:
+        rows.append(f"| 16 bits: never reached by calibration | {', '.join(f'`{m}`' for m in unreached)} (their "
+                    "weights are used outside their own forward) |")
+    return rows
+
+
+def fidelity_section(fidelity: dict | None) -> list[str]:
+    if not fidelity:
+        return []
+    unchecked = f" {len(fidelity['unchecked'])} were not checked (no 16-bit linear of their own)." \
+        if fidelity["unchecked"] else ""
+    return ["## Export fidelity", "",
+            f"Each of {fidelity['checked']} quantized linears was run from the exported tensors (as the runtimes "
+            f"compute it) and from the original weights on {fidelity['rows_per_linear']} calibration tokens; relative "
+            f"output error: median {fidelity['median']}, limit {fidelity['limit']}.{unchecked} Worst:", "",
+            "| linear | relative error |", "|---|---|",
+            *[f"| `{name}` | {error} |" for name, error in fidelity["worst"].items()], ""]
+
+
+def quality_section(report: dict | None) -> list[str]:
+    if not report:
+        return ["## Quality", "", "Not measured (run with `--eval`, or `--verify DIR --eval --reference MODEL`).", ""]
+    return ["## Quality", "", f"On {report['samples']} held-out samples ({report['tokens']} tokens) of the "
+            f"calibration mix, measured by the {report['method']}:", "",
+            "| metric | value |", "|---|---|",
+            f"| perplexity, original | {report['perplexity_original']} |",
+            f"| perplexity, quantized | {report['perplexity_quantized']} |",
+            f"| perplexity increase | {report['perplexity_increase_pct']}% |",
+            f"| mean KL(original \\|\\| quantized) | {report['mean_kl']} |",
+            f"| top-1 agreement | {report['top1_agreement']} |", ""]
+
+
+@contextlib.contextmanager
+def text_forward(model):
+    """While ModelOpt's export runs its dummy forward on token ids: a wrapper whose language model is a
+    complete causal LM runs that one (Llama 4's wrapper forward fails without image outputs)."""
+    generator = text_generator(model)
+    if generator is not model:
+        model.forward = generator.forward
+    try:
+        yield
+    finally:
+        if generator is not model:
+            del model.forward
+
+
+def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: list[str],
+                      report_fn: Callable[[Path], dict | None] | None = None,
+                      capture: Callable[[bool], dict] | None = None, device: str = "cpu") -> dict:
+    """Export into a temp dir beside the target, check it, then rename it into place.
+
+    `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
+    `capture(outputs)` (capture_linear_io on a few calibration samples) feeds check_fidelity: before the
+    export changes the model, and after awq_lite's scales are folded into other layers.
+    """
+    from modelopt.torch.export import export_hf_checkpoint
+
+    output = settings.output_model
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
+    try:
+        stage(STAGE_EXPORT)
+        before, after = (capture(False) if capture else None), None
+        start = time.perf_counter()
+        if settings.algorithm == "awq_lite":
+            fold_awq_scales(model)
+            after = capture(True) if capture else None
+        with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False):
+            warnings.simplefilter("ignore", UserWarning)
+            export_hf_checkpoint(model, export_dir=str(staging))
+        relabel_folded_awq(staging, settings.mode)
+        strip_name_sentinels(staging)
+        source = source_checkpoint_dir(settings)
+        manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
+        write_tokenizer_and_extras(model, tokenizer, staging, settings)
+        manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
+        stage(STAGE_VALIDATION)
+        manifest["validation"] = validate_export(staging, expected, settings.mode, source)
+        manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
+        if capture:
+            stage(STAGE_FIDELITY)
+            manifest["fidelity"] = check_fidelity(model, staging, source, before, after, device)
+        report = report_fn(staging) if report_fn else None
+        if report:
+            manifest["quality"] = report
+            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+            (staging / REPORT_NAME).chmod(0o644)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MODEL_CARD_NAME).write_text(model_card(manifest, output.name))
+        for name in (MANIFEST_NAME, MODEL_CARD_NAME):
+            (staging / name).chmod(0o644)
+        staging.chmod(0o755)
+        move_into_place(staging, output)
+    except BaseException as exc:
+        code = write_errno(exc, output.parent)  # before the temp dir's removal frees the disk
+        shutil.rmtree(staging, ignore_errors=True)
+        if code is not None:
+            raise write_error(output.parent, needed, "the checkpoint", code) from None
+        raise
+    return manifest
+
+
+# --------------------------------------------------------------------------- checks of the written files
 QUANT_ALGO_GROUP_SIZE = {"NVFP4": 16, "W4A16_NVFP4": 16, "W4A8_NVFP4_FP8": 32}  # what the runtimes load
 MODE_QUANT_ALGO = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}
 SIXTEEN_BIT = ("BF16", "F16")
@@ -2849,6 +3582,136 @@ def dequantize_nvfp4(weight, weight_scale, weight_scale_2, group_size: int):
     return values * scales * weight_scale_2.float()
 
 
+# --------------------------------------------------------------------------- export fidelity
+FIDELITY_SAMPLES = 8          # calibration samples in the capture forward (one padded batch; real rows kept)
+FIDELITY_TOKENS = 512         # tokens per sample at most: bounds the capture's activation memory
+FIDELITY_ROWS = 256           # input rows kept per linear, on the CPU: bounds the check's memory
+FIDELITY_CAP = 0.5            # relative output error above which a linear is broken, whatever the others do
+FIDELITY_FLOOR = 0.25         # ... below which it passes, whatever the others do
+FIDELITY_MEDIAN_FACTOR = 4.0  # between the two: broken when above this many times the checkpoint's median
+
+
+class ExportRejected(Exception):
+    """The staged export computes something else than the original model: nothing is renamed into place, exit 1."""
+
+
+def modules_by_exported_name(model) -> dict[str, str]:
+    """Exported (on-disk) linear name -> in-memory module name, through the export's own renaming.
+
+    The source checkpoint holds each exported linear's 16-bit weight under `{exported name}.weight`.
+    Linears without a module of their own in memory (transformers 5's fused MoE experts, which the
+    export writes per expert) are absent.
+    """
+    to_disk = export_names(model)
+    return {to_disk(name): name for name, module in model.named_modules() if hasattr(module, "weight_quantizer")}
+
+
+def capture_linear_io(model, samples: list[list[int]], device: str, pad_id: int, outputs: bool = False) -> dict:
+    """name -> (inputs, outputs or None) of every quantized linear: FIDELITY_ROWS real (unpadded) rows, sampled
+    the same way on every call, from one short forward of the 16-bit model (quantizers off; ModelOpt still
+    applies pre_quant_scales on disabled quantizers, so the model computes the original function, except
+    after GPTQ: its rewritten weights then shape the inputs, while check_fidelity's reference output still
+    comes from the source weights)."""
+    import torch
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    batch = [s[:FIDELITY_TOKENS] for s in samples[:FIDELITY_SAMPLES]]
+    input_ids, mask = padded_batch(batch, list(range(len(batch))), pad_id)
+    keep = mask.reshape(-1) > 0
+    chosen = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(0))[:FIDELITY_ROWS].sort().values
+    captured: dict = {}
+
+    def rows(t):
+        return t.reshape(-1, t.shape[-1])[keep.to(t.device)][chosen.to(t.device)].detach().cpu()
+
+    def hook(name):
+        def record(module, args, output):
+            if args[0].reshape(-1, args[0].shape[-1]).shape[0] == keep.numel():  # routed experts see other rows
+                captured[name] = (rows(args[0]), rows(output) if outputs else None)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in quantized_linear_shapes(model)]
+    try:
+        with torch.no_grad(), set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
+            calibration_forward(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def channel_ratio(scaled, original):
+    """Per last-dim channel, the least-squares factor c with scaled ~ original * c."""
+    return (scaled * original).sum(0) / (original * original).sum(0).clamp_min(1e-30)
+
+
+def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
+    """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
+    scale, the input quantized with the stored input_scale as the kernels do."""
+    weight, quantize = exported_weight(reader, name, group, x.device), input_fake_quant(algo)
+    if quantize is not None:
+        x = quantize(x, reader.tensor(f"{name}.input_scale").float().to(x.device))
+    return x @ weight.T
+
+
+def fidelity_limit(median: float) -> float:
+    return min(FIDELITY_CAP, max(FIDELITY_FLOOR, FIDELITY_MEDIAN_FACTOR * median))
+
+
+def linear_error(reader: CheckpointReader, name: str, original, before: tuple, after: tuple | None, algo: str,
+                 group: int, device: str) -> float:
+    """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs.
+
+    Where the export folded scales (awq_lite: into norms, v_proj and up_proj), the runtime's input and
+    output are the original ones times per-channel factors; `after` (the folded 16-bit model's inputs and
+    outputs on the same tokens) gives them, and the runtime's output is mapped back before comparing.
+    """
+    import torch
+
+    x = before[0].to(device).float()
+    expected = x @ original.to(device).float().T
+    if after is None:
+        runtime = exported_linear_output(reader, name, x, algo, group)
+    else:
+        x_folded, y_folded = after[0].to(device).float(), after[1].to(device).float()
+        runtime = exported_linear_output(reader, name, x_folded, algo, group) / channel_ratio(y_folded, expected)
+    return (torch.linalg.norm(runtime - expected) / torch.linalg.norm(expected).clamp_min(1e-30)).item()
+
+
+def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict | None, device: str) -> dict:
+    """Per quantized linear, one at a time: its output from the exported tensors against the source
+    checkpoint's 16-bit weight on the captured inputs (capture_linear_io; `after` only where the export
+    folded scales). Raises ExportRejected when a linear is far outside NVFP4's normal range (fidelity_limit)."""
+    reader, original = CheckpointReader(folder), CheckpointReader(source)
+    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    algo, group = quant["quant_algo"], int(quant["group_size"])
+    errors, unchecked, modules = {}, [], modules_by_exported_name(model)
+    names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
+    for name in Progress(names, desc="fidelity", unit="linear"):
+        module_name, source_key = modules.get(name), f"{name}.weight"
+        if module_name not in before or source_key not in original or (after is not None and module_name not in after):
+            unchecked.append(name)
+            continue
+        errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
+                                          after[module_name] if after is not None else None, algo, group, device), 5)
+    if names and not errors:
+        raise RuntimeError(f"the fidelity check matched none of the {len(names)} quantized linears of the export to a "
+                           f"module and a source weight (first: {names[0]}); the export's names are not the source's")
+    values = sorted(errors.values())
+    median = values[len(values) // 2] if values else 0.0
+    limit = fidelity_limit(median)
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])
+    report = {"measure": "relative output error per quantized linear, exported tensors vs the source weights",
+              "rows_per_linear": FIDELITY_ROWS, "checked": len(errors), "unchecked": unchecked,
+              "median": median, "limit": round(limit, 5), "worst": dict(worst[:5]), "per_linear": errors}
+    broken = [(n, e) for n, e in worst if not e <= limit]
+    if broken:
+        raise ExportRejected(f"{len(broken)} quantized linear(s) of the export compute far from the original "
+                             f"(relative output error {broken[0][1]:.3g} in {broken[0][0]}; limit {limit:.3g}, "
+                             f"median {median:.3g}): the exported scales or weights are broken; nothing was written")
+    return report
+
+
 # --------------------------------------------------------------------------- quality report
 REPORT_NAME = "quality_report.json"
 E4M3_MAX = 448.0
@@ -3156,824 +4019,7 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
     return 1
 
 
-# --------------------------------------------------------------------------- export fidelity
-FIDELITY_SAMPLES = 8          # calibration samples in the capture forward (one padded batch; real rows kept)
-FIDELITY_TOKENS = 512         # tokens per sample at most: bounds the capture's activation memory
-FIDELITY_ROWS = 256           # input rows kept per linear, on the CPU: bounds the check's memory
-FIDELITY_CAP = 0.5            # relative output error above which a linear is broken, whatever the others do
-FIDELITY_FLOOR = 0.25         # ... below which it passes, whatever the others do
-FIDELITY_MEDIAN_FACTOR = 4.0  # between the two: broken when above this many times the checkpoint's median
-
-
-class ExportRejected(Exception):
-    """The staged export computes something else than the original model: nothing is renamed into place, exit 1."""
-
-
-def modules_by_exported_name(model) -> dict[str, str]:
-    """Exported (on-disk) linear name -> in-memory module name, through the export's own renaming.
-
-    The source checkpoint holds each exported linear's 16-bit weight under `{exported name}.weight`.
-    Linears without a module of their own in memory (transformers 5's fused MoE experts, which the
-    export writes per expert) are absent.
-    """
-    to_disk = export_names(model)
-    return {to_disk(name): name for name, module in model.named_modules() if hasattr(module, "weight_quantizer")}
-
-
-def capture_linear_io(model, samples: list[list[int]], device: str, pad_id: int, outputs: bool = False) -> dict:
-    """name -> (inputs, outputs or None) of every quantized linear: FIDELITY_ROWS real (unpadded) rows, sampled
-    the same way on every call, from one short forward of the 16-bit model (quantizers off; ModelOpt still
-    applies pre_quant_scales on disabled quantizers, so the model computes the original function, except
-    after GPTQ: its rewritten weights then shape the inputs, while check_fidelity's reference output still
-    comes from the source weights)."""
-    import torch
-    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
-
-    batch = [s[:FIDELITY_TOKENS] for s in samples[:FIDELITY_SAMPLES]]
-    input_ids, mask = padded_batch(batch, list(range(len(batch))), pad_id)
-    keep = mask.reshape(-1) > 0
-    chosen = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(0))[:FIDELITY_ROWS].sort().values
-    captured: dict = {}
-
-    def rows(t):
-        return t.reshape(-1, t.shape[-1])[keep.to(t.device)][chosen.to(t.device)].detach().cpu()
-
-    def hook(name):
-        def record(module, args, output):
-            if args[0].reshape(-1, args[0].shape[-1]).shape[0] == keep.numel():  # routed experts see other rows
-                captured[name] = (rows(args[0]), rows(output) if outputs else None)
-        return record
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in quantized_linear_shapes(model)]
-    try:
-        with torch.no_grad(), set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
-            calibration_forward(model)(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def channel_ratio(scaled, original):
-    """Per last-dim channel, the least-squares factor c with scaled ~ original * c."""
-    return (scaled * original).sum(0) / (original * original).sum(0).clamp_min(1e-30)
-
-
-def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
-    """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
-    scale, the input quantized with the stored input_scale as the kernels do."""
-    weight, quantize = exported_weight(reader, name, group, x.device), input_fake_quant(algo)
-    if quantize is not None:
-        x = quantize(x, reader.tensor(f"{name}.input_scale").float().to(x.device))
-    return x @ weight.T
-
-
-def fidelity_limit(median: float) -> float:
-    return min(FIDELITY_CAP, max(FIDELITY_FLOOR, FIDELITY_MEDIAN_FACTOR * median))
-
-
-def linear_error(reader: CheckpointReader, name: str, original, before: tuple, after: tuple | None, algo: str,
-                 group: int, device: str) -> float:
-    """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs.
-
-    Where the export folded scales (awq_lite: into norms, v_proj and up_proj), the runtime's input and
-    output are the original ones times per-channel factors; `after` (the folded 16-bit model's inputs and
-    outputs on the same tokens) gives them, and the runtime's output is mapped back before comparing.
-    """
-    import torch
-
-    x = before[0].to(device).float()
-    expected = x @ original.to(device).float().T
-    if after is None:
-        runtime = exported_linear_output(reader, name, x, algo, group)
-    else:
-        x_folded, y_folded = after[0].to(device).float(), after[1].to(device).float()
-        runtime = exported_linear_output(reader, name, x_folded, algo, group) / channel_ratio(y_folded, expected)
-    return (torch.linalg.norm(runtime - expected) / torch.linalg.norm(expected).clamp_min(1e-30)).item()
-
-
-def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict | None, device: str) -> dict:
-    """Per quantized linear, one at a time: its output from the exported tensors against the source
-    checkpoint's 16-bit weight on the captured inputs (capture_linear_io; `after` only where the export
-    folded scales). Raises ExportRejected when a linear is far outside NVFP4's normal range (fidelity_limit)."""
-    reader, original = CheckpointReader(folder), CheckpointReader(source)
-    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
-    algo, group = quant["quant_algo"], int(quant["group_size"])
-    errors, unchecked, modules = {}, [], modules_by_exported_name(model)
-    names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
-    for name in Progress(names, desc="fidelity", unit="linear"):
-        module_name, source_key = modules.get(name), f"{name}.weight"
-        if module_name not in before or source_key not in original or (after is not None and module_name not in after):
-            unchecked.append(name)
-            continue
-        errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
-                                          after[module_name] if after is not None else None, algo, group, device), 5)
-    if names and not errors:
-        raise RuntimeError(f"the fidelity check matched none of the {len(names)} quantized linears of the export to a "
-                           f"module and a source weight (first: {names[0]}); the export's names are not the source's")
-    values = sorted(errors.values())
-    median = values[len(values) // 2] if values else 0.0
-    limit = fidelity_limit(median)
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])
-    report = {"measure": "relative output error per quantized linear, exported tensors vs the source weights",
-              "rows_per_linear": FIDELITY_ROWS, "checked": len(errors), "unchecked": unchecked,
-              "median": median, "limit": round(limit, 5), "worst": dict(worst[:5]), "per_linear": errors}
-    broken = [(n, e) for n, e in worst if not e <= limit]
-    if broken:
-        raise ExportRejected(f"{len(broken)} quantized linear(s) of the export compute far from the original "
-                             f"(relative output error {broken[0][1]:.3g} in {broken[0][0]}; limit {limit:.3g}, "
-                             f"median {median:.3g}): the exported scales or weights are broken; nothing was written")
-    return report
-
-
-# --------------------------------------------------------------------------- export
-def protected_paths(settings: Settings) -> dict[str, Path]:
-    """What an output dir must never be or contain: the source model, the working dir, this tool, its data."""
-    paths = {"working directory": Path.cwd().resolve(), "folder of this script": SCRIPT_DIR,
-             "dataset YAML": settings.dataset_yaml.expanduser().resolve()}
-    model = Path(settings.input_model).expanduser()
-    if model.is_dir():
-        paths["input model"] = model.resolve()
-    for spec in settings.datasets:
-        if Path(spec.path).expanduser().exists():
-            paths[f"dataset '{spec.name}'"] = Path(spec.path).expanduser().resolve()
-    return paths
-
-
-def check_no_overlap(target: Path, flag: str, protected: dict[str, Path], inside_too: Iterable[str]) -> None:
-    """`target` is not, and does not contain, any protected path; nor does it lie inside those named in `inside_too`."""
-    for what, path in protected.items():
-        if target == path or target in path.parents:
-            relation = "is" if target == path else "contains"
-            raise UsageError(f"{flag} {target} {relation} the {what} {path}: refused, with or without --overwrite; "
-                             "choose another dir")
-        if what in inside_too and path in target.parents:
-            raise UsageError(f"{flag} {target} lies inside the {what} {path}: refused; choose a dir outside it")
-
-
-def leftover_pattern(output: Path, kind: str) -> re.Pattern:
-    """Names export_checkpoint gives its temp dir (tmp) and move_into_place an old checkpoint (old)."""
-    suffix = r"[a-z0-9_]{8}" if kind == "tmp" else r"\d+"
-    return re.compile(rf"\.{re.escape(output.name)}\.{kind}-{suffix}")
-
-
-def recover_leftovers(output: Path) -> None:
-    """What a killed run left beside `output`, found under the output's lock: unfinished exports are removed; a
-    checkpoint --overwrite had moved aside comes back when the output is missing or empty, and is removed once a
-    finished checkpoint has replaced it."""
-    if not output.parent.is_dir() or not on_main_rank():
-        return
-    siblings = [p for p in output.parent.iterdir() if p.is_dir() and not p.is_symlink()]
-    for path in sorted(p for p in siblings if leftover_pattern(output, "tmp").fullmatch(p.name)):
-        shutil.rmtree(path)
-        log(f"removed {path}: the unfinished export of a run that was killed")
-    olds = sorted((p for p in siblings if leftover_pattern(output, "old").fullmatch(p.name)),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
-    restorable = [p for p in olds if (p / MANIFEST_NAME).is_file()]
-    if restorable and (not output.exists() or output.is_dir() and not any(output.iterdir())):
-        if output.exists():
-            output.rmdir()
-        restorable[0].rename(output)
-        olds.remove(restorable[0])
-        warn(f"restored {output} from {restorable[0].name}: a run with --overwrite was killed while replacing it")
-    for path in olds if (output / MANIFEST_NAME).is_file() else ():
-        shutil.rmtree(path)
-        log(f"removed {path}: the checkpoint a killed --overwrite run had already replaced")
-
-
-def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] | None = None,
-                     dry_run: bool = False) -> None:
-    """Where the checkpoint may go. A dry run reads only: what a killed run left beside the output is recovered
-    by the real run, under its lock."""
-    check_no_overlap(output, "--output_model", protected or {}, inside_too=("input model",))
-    if not dry_run:
-        recover_leftovers(output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output path exists and is not a directory: {output}; choose another --output_model")
-    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
-        raise UsageError(f"output dir {output} holds files this tool did not write (no {MANIFEST_NAME}): refused, "
-                         "with or without --overwrite; choose a new or empty dir")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UsageError(f"output dir {output} holds a checkpoint this tool wrote: pass --overwrite to replace it, "
-                         "or choose another dir")
-    parent = output.parent
-    if not parent.is_dir():
-        raise UsageError(f"output's parent folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output's parent folder is not writable: {parent}")
-
-
-def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
-    """FP4 weights + FP8 scales (1/16 byte per weight) for quantized linears; 2 bytes otherwise."""
-    total = 0
-    for name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            total += param.numel() * (0.5625 if name in quantized and pname == "weight" else 2)
-    return int(total)
-
-
-def check_free_disk(folder: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes:
-        raise UsageError(f"not enough free disk in {folder}: {human_bytes(free)} free, about "
-                         f"{human_bytes(needed_bytes)} needed for the checkpoint; free space or choose "
-                         "another --output_model")
-
-
-def write_error(folder: Path, needed_bytes: int, what: str, code: int) -> UsageError:
-    """A write of our own files that failed mid-run, in one line: which disk, why, and what the run needed there."""
-    headline = "disk full" if code == errno.ENOSPC else os.strerror(code).lower()
-    return UsageError(f"{headline} writing {what} to {folder} (the disk mounted at {mount_point(folder)}): about "
-                      f"{human_bytes(needed_bytes)} needed, {human_bytes(shutil.disk_usage(folder).free)} free now; "
-                      f"{WRITE_ERRNO_REMEDIES[code]}")
-
-
-def write_errno(exc: BaseException, folder: Path) -> int | None:
-    """The errno of a failed write, however the writer reports it: an OSError (json, accelerate's memmaps), or
-    safetensors' "(os error N)", anywhere in the chain (the resume writer's thread wraps its failure); torch.save's
-    bare RuntimeError is judged by the disk: ENOSPC when no room is left on it."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNO_REMEDIES:
-            return seen.errno
-        reported = re.search(r"\(os error (\d+)\)", str(seen))
-        if reported and int(reported[1]) in WRITE_ERRNO_REMEDIES:
-            return int(reported[1])
-        seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < 2**20:
-        return errno.ENOSPC
-    return None
-
-
-@contextlib.contextmanager
-def write_errors_are_usage_errors(folder: Path, needed_bytes: int, what: str):
-    """write_error for a write in the block that failed on the disk's account."""
-    try:
-        yield
-    except Exception as exc:
-        code = write_errno(exc, folder)
-        if code is None:
-            raise
-        raise write_error(folder, needed_bytes, what, code) from None
-
-
-def mount_point(folder: Path) -> Path:
-    path = folder.resolve()
-    while not os.path.ismount(path):
-        path = path.parent
-    return path
-
-
-def lock_file(target: Path, flag: str) -> Path:
-    """Where the lock of `target` lives: beside it, so that its parent must exist."""
-    if not target.parent.is_dir():
-        raise UsageError(f"{flag}'s parent folder does not exist: {target.parent}")
-    return target.parent / f".{target.name}.lock"
-
-
-def lock_in_use(target: Path, flag: str, lock_path: Path) -> UsageError:
-    return UsageError(f"{flag} {target} is in use by another run (it holds {lock_path}); wait for it to finish or "
-                      "choose another dir")
-
-
-@contextlib.contextmanager
-def exclusive_lock(target: Path, flag: str):
-    """An exclusive lock on `.{name}.lock` beside `target` while the block runs; a second run on it refuses."""
-    import fcntl
-
-    lock_path = lock_file(target, flag)
-    try:
-        handle = lock_path.open("a")
-    except OSError as exc:
-        raise UsageError(f"{flag}: cannot create the lock file {lock_path}: {exc.strerror}") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(lock_path).st_ino != os.fstat(handle.fileno()).st_ino:
-                raise BlockingIOError  # the run that held it removed it meanwhile, and another may have a new one
-        except (BlockingIOError, FileNotFoundError):
-            raise lock_in_use(target, flag, lock_path) from None
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
-
-
-def check_lock_free(target: Path, flag: str) -> None:
-    """What exclusive_lock would refuse, without creating or taking the lock (a dry run writes nothing)."""
-    import fcntl
-
-    lock_path = lock_file(target, flag)
-    try:
-        handle = lock_path.open("r")
-    except OSError:  # no lock file, or one we cannot read: no run holds it that exclusive_lock would not report
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise lock_in_use(target, flag, lock_path) from None
-
-
-def holding_output_lock(run_job: Callable) -> Callable:
-    """Runs `run_job(settings, ...)` holding the output's lock; rank 0 only (the others never write). A dry run
-    checks that the lock is free and takes nothing."""
-    @functools.wraps(run_job)
-    def locked(settings: Settings, *rest):
-        if settings.output_model is None or not on_main_rank():
-            return run_job(settings, *rest)
-        if settings.dry_run:
-            check_lock_free(settings.output_model, "--output_model")
-            return run_job(settings, *rest)
-        with exclusive_lock(settings.output_model, "--output_model"):
-            return run_job(settings, *rest)
-    return locked
-
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "nvidia-modelopt", "accelerate", "datasets", "safetensors"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def source_file_paths(settings: Settings) -> list[Path]:
-    """The source's tokenizer, processor and generation files (SOURCE_FILES): a local dir's, or from the hub cache."""
-    folder = source_checkpoint_dir(settings, SOURCE_FILES)
-    return [folder / name for name in SOURCE_FILES if (folder / name).is_file()]
-
-
-def write_tokenizer_and_extras(model, tokenizer, folder: Path, settings: Settings) -> None:
-    """The source's files verbatim, over what the export wrote; the loaded tokenizer only if the source has none."""
-    copied = source_file_paths(settings)
-    for path in copied:
-        shutil.copyfile(path, folder / path.name)
-    if not any(p.name in TOKENIZER_FILES for p in copied):
-        warn(f"{settings.input_model} has none of {', '.join(TOKENIZER_FILES)}; saving the tokenizer as loaded")
-        tokenizer.save_pretrained(str(folder))
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and not (folder / "generation_config.json").exists():
-        generation_config.save_pretrained(str(folder))
-    for f in folder.rglob("*"):  # export_hf_checkpoint writes safetensors 0600: others could not serve them
-        f.chmod(0o755 if f.is_dir() else 0o644)
-
-
-def move_into_place(staging: Path, output: Path) -> None:
-    """Replace `output` with `staging` so that a finished-looking dir is always a complete one."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def check_algorithm_fits(skeleton, algorithm: str) -> None:
-    """Refuse, before loading, a model the chosen algorithm cannot produce a loadable, calibrated checkpoint for."""
-    if algorithm == "awq_lite":
-        check_awq_foldable(skeleton)
-    if algorithm == "gptq" and moe_blocks(skeleton):
-        raise UsageError("--algorithm gptq: mixture-of-experts models are not supported (ModelOpt 0.47 updates "
-                         "linear layers only and calls GPTQ on experts open research); use --algorithm mse or max")
-
-
-def check_awq_foldable(skeleton) -> None:
-    """awq_lite's checkpoint loads only when every input scale folds into the layer before it: ModelOpt
-    folds o_proj's and down_proj's only in the attention and MLP classes it lists. Refuse others before loading.
-    """
-    from modelopt.torch.export.quant_utils import PQS_FUSE_MODULE_MAPPING
-
-    if moe_blocks(skeleton):
-        raise UsageError("--algorithm awq_lite: mixture-of-experts models are not supported (expert scales do not "
-                         "fold into a loadable NVFP4 checkpoint); use --algorithm awq_clip, mse or max")
-    known = [c for classes, _ in PQS_FUSE_MODULE_MAPPING for c in classes]
-    for _, module in skeleton.named_modules():
-        children = {n for n, _ in module.named_children()}
-        pairs = [pair for _, pair in PQS_FUSE_MODULE_MAPPING if set(pair) <= children]
-        if pairs and not any(c in type(module).__name__ for c in known):
-            raise UsageError(f"--algorithm awq_lite: ModelOpt cannot fold the {pairs[0][1]} scales of "
-                             f"{type(module).__name__} (it folds them for {', '.join(known)}), so the checkpoint "
-                             "would not load in vLLM or TensorRT-LLM; use --algorithm awq_clip, mse or max")
-
-
-def fold_awq_scales(model) -> None:
-    """Fold awq_lite's per-channel input scales into the layers before, as ModelOpt's export does, and
-    into v_proj also for grouped-query attention (averaging the scale over each group of query heads);
-    then, as the export would, average them over layers sharing an input and fold them into the norms.
-
-    Done here, before the export, so that the fidelity check sees the folded 16-bit model (the export
-    leaves packed weights behind). What cannot fold stays a pre_quant_scale tensor, which neither
-    runtime's NVFP4 loader applies (see relabel_folded_awq).
-    """
-    from modelopt.torch.export.quant_utils import fuse_prequant_to_linear
-    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
-
-    fuse_prequant_to_linear(model, fuse_grouped_heads=True)
-    requantize_resmooth_fused_llm_layers(model)
-
-
-def relabel_folded_awq(folder: Path, mode: str) -> None:
-    """ModelOpt labels a checkpoint NVFP4_AWQ when any scale was folded, though its layers are then plain
-    NVFP4 ones; vLLM refuses that label. Rewrite it to the mode's algorithm when no pre_quant_scale is left.
-    """
-    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
-
-    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
-    hf_config = json.loads(hf_path.read_text())
-    quant = hf_config["quantization"]
-    if quant.get("quant_algo") != "NVFP4_AWQ":
-        return
-    left = [k for k in CheckpointReader(folder).location if k.endswith(".pre_quant_scale")]
-    if left:
-        raise RuntimeError(f"awq_lite left {len(left)} per-channel pre_quant_scale tensors (first: {left[0]}) that "
-                           "the NVFP4 loaders of vLLM and TensorRT-LLM do not apply: use --algorithm awq_clip or mse")
-    for key in ("has_zero_point", "pre_quant_scale"):
-        quant.pop(key, None)
-    quant["quant_algo"] = MODE_QUANT_ALGO[mode]
-    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = convert_hf_quant_config_format(hf_config)
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-NAME_SENTINEL = re.compile(r"\.\x00[^*]*?(?=(\.?\*)?$)")  # ModelOpt's name-mapper sentinel, before a '*' or '.*' end
-
-
-def strip_name_sentinels(folder: Path) -> None:
-    """ModelOpt maps exclude_modules to on-disk names with a sentinel (`.\\x00modelopt_name_sentinel`) appended and
-    stripped again; an unanchored rename (NemotronH's `model.` -> `backbone.`) rewrites the sentinel, which then
-    stays in the pattern, so it matches nothing and the runtimes would load excluded layers as FP4. What precedes
-    the sentinel is the mapped name."""
-    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
-    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
-    for section, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
-        section[key] = [NAME_SENTINEL.sub("", p) for p in section.get(key) or []]
-    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-UNLOADED_FILE = "model-not-loaded-by-transformers.safetensors"
-
-
-def carry_unloaded_tensors(model, staging: Path, source: Path) -> dict | None:
-    """Checkpoint tensors the model class skips on load (the multi-token-prediction layers of DeepSeek-V3
-    and GLM-4.5, which vLLM uses for speculative decoding): copied as they are into their own shard,
-    listed in the index, and excluded from quantization in both config files."""
-    from safetensors.torch import save_file
-
-    reader = CheckpointReader(source)
-    keys = sorted(unloaded_keys(type(model), reader.location))
-    if not keys:
-        return None
-    save_file({k: reader.tensor(k).contiguous() for k in keys}, str(staging / UNLOADED_FILE), metadata={"format": "pt"})
-    index_path = staging / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else \
-        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in CheckpointReader(staging).location}}
-    index["weight_map"].update({k: UNLOADED_FILE for k in keys})
-    index_path.write_text(json.dumps(index, indent=2) + "\n")
-    excluded = sorted({f"{m.group(1)}.*" if (m := re.match(r"(.*?\.layers\.\d+)\.", k)) else k.rpartition(".")[0]
-                       for k in keys})
-    add_exclusions(staging, excluded)
-    return {"tensors": len(keys), "exclude_modules": excluded, "file": UNLOADED_FILE}
-
-
-def add_exclusions(folder: Path, patterns: list[str]) -> None:
-    """Append exclude patterns to hf_quant_config.json and config.json's quantization_config, which must agree."""
-    hf_path, config_path = folder / "hf_quant_config.json", folder / "config.json"
-    hf_config, config = json.loads(hf_path.read_text()), json.loads(config_path.read_text())
-    for section, key in ((hf_config["quantization"], "exclude_modules"), (config["quantization_config"], "ignore")):
-        section[key] = list(section.get(key) or []) + [p for p in patterns if p not in (section.get(key) or [])]
-    hf_path.write_text(json.dumps(hf_config, indent=4) + "\n")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-MODEL_CARD_NAME = "README.md"
-RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and which runtimes load them")
-    "NVFP4": "vLLM: native FP4 GEMMs on Blackwell (SM100/103/12x); on Turing to Hopper it runs weight-only through "
-             "Marlin. TensorRT-LLM: Blackwell.",
-    "W4A16_NVFP4": "vLLM 2026 releases (Marlin, SM >= 75) and recent TensorRT-LLM builds; older ones reject "
-                   "W4A16_NVFP4.",
-    "W4A8_NVFP4_FP8": "TensorRT-LLM on Blackwell only; vLLM does not load W4A8_NVFP4_FP8.",
-}
-KV_NOTES = {
-    "FP8": "FP8 KV cache: vLLM picks it up from the checkpoint with the default `--kv-cache-dtype auto`.",
-    "NVFP4": "NVFP4 KV cache: vLLM reads it as `nvfp4` (FlashInfer; Blackwell, or SM80-120 with head size != 64); "
-             "TensorRT-LLM reads `kv_cache_quant_algo` from hf_quant_config.json.",
-}
-
-
-def source_model_id(input_model: str) -> str:
-    """What the manifest records as the source: a local model's absolute path, else the hub ID."""
-    local = Path(input_model).expanduser()
-    return str(local.resolve()) if local.is_dir() else input_model
-
-
-def model_card(manifest: dict, folder_name: str) -> str:
-    """The output dir's README.md: what was quantized, how, how well, and how to serve it."""
-    args, calib, validation = manifest["arguments"], manifest["calibration"], manifest["validation"]
-    algo, kv = validation["quant_algo"], validation.get("kv_cache_quant_algo")
-    source = manifest["source_model"]
-    # the hub links base_model to a model page: a local path (always absolute here) names none
-    base_model = [] if Path(source).is_absolute() else [f"base_model: {source}"]
-    lines = [
-        "---", *base_model, "library_name: transformers", "tags: [nvfp4, modelopt, quantized]", "---", "",
-        f"# {folder_name}", "",
-        f"`{manifest['source_model']}` quantized to NVFP4 (`{algo}`) with NVIDIA ModelOpt "
-        f"{manifest['versions'].get('nvidia-modelopt')} by `{manifest['tool']}`.", "",
-        "| | |", "|---|---|",
-        f"| mode | {MODES[manifest['mode']][2]} (`{manifest['modelopt_config']}`) |",
-        f"| calibration algorithm | `{args['algorithm']}` |",
-        f"| KV cache | {kv or '16-bit (not quantized)'} |",
-        f"| quantized linears | {validation['quantized_linears']} (group size {validation['group_size']}) |",
-        f"| kept in 16 bits | {', '.join(f'`{m}`' for m in manifest['excluded_modules']) or 'none'} |",
-        *special_16_bit_rows(manifest),
-        f"| calibration data | {calib['kept_samples']} samples, {calib['tokens']['total']} tokens (max "
-        f"{args['max_seq_len']} per sample, seed {args['seed']}) from `{Path(args['dataset_yaml']).name}` |", "",
-        "## Calibration mix", "", "| dataset | requested | kept |", "|---|---|---|",
-        *[f"| {d['name']} | {d['requested']} | {d['kept']} |" for d in calib["per_dataset"]], "",
-    ]
-    lines += fidelity_section(manifest.get("fidelity"))
-    lines += quality_section(manifest.get("quality"))
-    coverage = manifest["calibration_run"].get("moe_expert_coverage")
-    if coverage:
-        lines += ["## Mixture-of-experts coverage", "",
-                  f"{coverage['unrouted_experts']} expert(s) over {coverage['moe_blocks']} MoE blocks got no routed "
-                  f"calibration token (`--moe_calibration {coverage['moe_calibration']}`); per layer counts are in "
-                  f"`{MANIFEST_NAME}`.", ""]
-    lines += ["## Serving", "", RUNTIME_NOTES[algo] + (" " + KV_NOTES[kv] if kv else ""), ""]
-    if algo != "W4A8_NVFP4_FP8":
-        lines += ["vLLM:", "", "```python", "from vllm import LLM",
-                  f'llm = LLM(model="./{folder_name}", quantization="modelopt_fp4")', "```", "",
-                  f"or `vllm serve ./{folder_name} --quantization modelopt_fp4`.", ""]
-    lines += ["TensorRT-LLM (PyTorch backend):", "", "```python", "from tensorrt_llm import LLM",
-              f'llm = LLM(model="./{folder_name}")  # reads hf_quant_config.json', "```", "",
-              f"or `trtllm-serve ./{folder_name}`.", "",
-              f"`{MANIFEST_NAME}` records every setting, library version and timing of this run.", ""]
-    return "\n".join(lines)
-
-
-def special_16_bit_rows(manifest: dict) -> list[str]:
-    """Model-card rows for 16-bit parts the user did not ask for: unloaded checkpoint tensors, unreached modules."""
-    rows, carried = [], manifest.get("carried_unloaded")
-    unreached = manifest["calibration_run"].get("kept_16_bit_unreached")
-    if carried:
-        rows.append(f"| copied unchanged, not loaded by transformers | {carried['tensors']} tensors "
-                    f"({', '.join(f'`{m}`' for m in carried['exclude_modules'])}, e.g. multi-token-prediction layers "
-                    "for speculative decoding), in 16 bits and excluded |")
-    if unreached:
-        rows.append(f"| 16 bits: never reached by calibration | {', '.join(f'`{m}`' for m in unreached)} (their "
-                    "weights are used outside their own forward) |")
-    return rows
-
-
-def fidelity_section(fidelity: dict | None) -> list[str]:
-    if not fidelity:
-        return []
-    unchecked = f" {len(fidelity['unchecked'])} were not checked (no 16-bit linear of their own)." \
-        if fidelity["unchecked"] else ""
-    return ["## Export fidelity", "",
-            f"Each of {fidelity['checked']} quantized linears was run from the exported tensors (as the runtimes "
-            f"compute it) and from the original weights on {fidelity['rows_per_linear']} calibration tokens; relative "
-            f"output error: median {fidelity['median']}, limit {fidelity['limit']}.{unchecked} Worst:", "",
-            "| linear | relative error |", "|---|---|",
-            *[f"| `{name}` | {error} |" for name, error in fidelity["worst"].items()], ""]
-
-
-def quality_section(report: dict | None) -> list[str]:
-    if not report:
-        return ["## Quality", "", "Not measured (run with `--eval`, or `--verify DIR --eval --reference MODEL`).", ""]
-    return ["## Quality", "", f"On {report['samples']} held-out samples ({report['tokens']} tokens) of the "
-            f"calibration mix, measured by the {report['method']}:", "",
-            "| metric | value |", "|---|---|",
-            f"| perplexity, original | {report['perplexity_original']} |",
-            f"| perplexity, quantized | {report['perplexity_quantized']} |",
-            f"| perplexity increase | {report['perplexity_increase_pct']}% |",
-            f"| mean KL(original \\|\\| quantized) | {report['mean_kl']} |",
-            f"| top-1 agreement | {report['top1_agreement']} |", ""]
-
-
-@contextlib.contextmanager
-def text_forward(model):
-    """While ModelOpt's export runs its dummy forward on token ids: a wrapper whose language model is a
-    complete causal LM runs that one (Llama 4's wrapper forward fails without image outputs)."""
-    generator = text_generator(model)
-    if generator is not model:
-        model.forward = generator.forward
-    try:
-        yield
-    finally:
-        if generator is not model:
-            del model.forward
-
-
-def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: list[str],
-                      report_fn: Callable[[Path], dict | None] | None = None,
-                      capture: Callable[[bool], dict] | None = None, device: str = "cpu") -> dict:
-    """Export into a temp dir beside the target, check it, then rename it into place.
-
-    `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
-    `capture(outputs)` (capture_linear_io on a few calibration samples) feeds check_fidelity: before the
-    export changes the model, and after awq_lite's scales are folded into other layers.
-    """
-    from modelopt.torch.export import export_hf_checkpoint
-
-    output = settings.output_model
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
-    try:
-        stage(STAGE_EXPORT)
-        before, after = (capture(False) if capture else None), None
-        start = time.perf_counter()
-        if settings.algorithm == "awq_lite":
-            fold_awq_scales(model)
-            after = capture(True) if capture else None
-        with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False):
-            warnings.simplefilter("ignore", UserWarning)
-            export_hf_checkpoint(model, export_dir=str(staging))
-        relabel_folded_awq(staging, settings.mode)
-        strip_name_sentinels(staging)
-        source = source_checkpoint_dir(settings)
-        manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
-        write_tokenizer_and_extras(model, tokenizer, staging, settings)
-        manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
-        stage(STAGE_VALIDATION)
-        manifest["validation"] = validate_export(staging, expected, settings.mode, source)
-        manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
-        if capture:
-            stage(STAGE_FIDELITY)
-            manifest["fidelity"] = check_fidelity(model, staging, source, before, after, device)
-        report = report_fn(staging) if report_fn else None
-        if report:
-            manifest["quality"] = report
-            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-            (staging / REPORT_NAME).chmod(0o644)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        (staging / MODEL_CARD_NAME).write_text(model_card(manifest, output.name))
-        for name in (MANIFEST_NAME, MODEL_CARD_NAME):
-            (staging / name).chmod(0o644)
-        staging.chmod(0o755)
-        move_into_place(staging, output)
-    except BaseException as exc:
-        code = write_errno(exc, output.parent)  # before the temp dir's removal frees the disk
-        shutil.rmtree(staging, ignore_errors=True)
-        if code is not None:
-            raise write_error(output.parent, needed, "the checkpoint", code) from None
-        raise
-    return manifest
-
-
-# --------------------------------------------------------------------------- reporting
-def human_bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def on_main_rank() -> bool:
-    """Rank 0 under torchrun / accelerate launch (which set RANK), or a plain single process."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-# The phases of a run, each announced by stage() as it starts (the offload script adds its own two)
-STAGE_CHECKS = "checks"
-STAGE_DATA = "calibration data"
-STAGE_LOAD = "loading weights"
-STAGE_CALIBRATION = "calibration"
-STAGE_SEARCH = "scale search"
-STAGE_EXPORT = "export"
-STAGE_VALIDATION = "checks of the written files"
-STAGE_FIDELITY = "fidelity check"
-STAGE_QUALITY = "quality report"
-PROGRESS_INTERVAL_S = 10.0  # off a terminal: at most one progress line per loop this often
-# Without --verbose: set before these libraries are imported (each reads them once, at import); a value the user
-# set is kept. transformers' progress bars follow huggingface_hub's switch.
-QUIET_ENVIRONMENT = {
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    "DATASETS_VERBOSITY": "error",
-}
-QUIET_LOGGERS = ("accelerate", "modelopt", "datasets", "huggingface_hub", "torch.distributed")
-QUIET_WARNINGS_FROM = r"(transformers|torch|modelopt|accelerate)(\.|$)"  # modules whose Python warnings go unshown
-
-
-@dataclasses.dataclass
-class Console:
-    """What the console helpers share. Outside main() (tests, benches) libraries are left as they are."""
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    verbose: bool = True
-    bars: list = dataclasses.field(default_factory=list)  # open terminal bars, cleared before an error line
-
-
-CONSOLE = Console()
-
-
-def start_console(verbose: bool) -> None:
-    """At the start of main(): the run's clock for stage lines, and other libraries' output off unless verbose."""
-    CONSOLE.started, CONSOLE.verbose = time.perf_counter(), verbose
-    if not verbose:
-        quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Other libraries' logging, progress bars and deprecation / user warnings off; ModelOpt's prints on stdout
-    are captured where it is called (modelopt_report)."""
-    for name, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=QUIET_WARNINGS_FROM)
-
-
-def write_line(text: str) -> None:
-    """One whole line on stderr; open terminal bars are cleared for it and redrawn below it."""
-    if CONSOLE.bars:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stderr)
-    else:
-        print(text, file=sys.stderr, flush=True)
-
-
-def warn(message: str) -> None:
-    if on_main_rank():
-        write_line(f"warning: {message}")
-
-
-def log(message: str) -> None:
-    if on_main_rank():
-        write_line(message)
-
-
-def stage(name: str) -> None:
-    """One line as a phase of the run starts, with the seconds since main() began."""
-    log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {name}")
-
-
-def print_error(message: str) -> None:
-    """`error: message` from column 0 on every rank: open terminal bars are closed (cleared) first."""
-    for bar in list(CONSOLE.bars):
-        bar.close()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-
-
-class Progress:
-    """One loop's progress on stderr, main rank only. On a terminal a tqdm bar that is cleared when done; else
-    a plain line through log() at most every PROGRESS_INTERVAL_S seconds, none for a loop done sooner.
-
-    Iterate over it (wrapping `iterable`), or call update(n) and close() (or use it in a with-block)."""
-
-    def __init__(self, iterable: Iterable | None = None, *, desc: str, unit: str, total: int | None = None,
-                 initial: int = 0, unit_scale: bool = False):
-        self.iterable, self.desc, self.unit, self.done = iterable, desc, unit, initial
-        self.total = len(iterable) if total is None else total
-        self.started = self.last_line = time.monotonic()
-        self.bar = None
-        if on_main_rank() and sys.stderr.isatty() and self.total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
-                            leave=False, file=sys.stderr)
-            CONSOLE.bars.append(self)
-
-    def __iter__(self):
-        try:
-            for item in self.iterable:
-                yield item
-                self.update(1)
-        finally:
-            self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.last_line >= PROGRESS_INTERVAL_S:
-            self.last_line = now
-            log(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({self.done / max(self.total, 1):.0%}), "
-                f"{now - self.started:.1f} s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            CONSOLE.bars.remove(self)
-            self.bar = None
-
-
+# --------------------------------------------------------------------------- summary
 def print_plan(settings: Settings, stats: dict) -> None:
     log(f"calibration plan: {settings.max_samples} samples x <= {settings.max_seq_len} tokens, "
         f"oversample {settings.oversample_ratio}, seed {settings.seed}, min {settings.min_token_length} tokens")
@@ -4374,27 +4420,6 @@ def run(settings: Settings) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return status
-
-
-def gpu_placement(settings: Settings, job: Job, distributed: bool) -> str | None:
-    """None (one GPU, or the CPU) or 'balanced' across GPUs; refuses, before loading, a model too big for them.
-
-    A data-parallel rank has its own GPU only, so its model must fit that one.
-    """
-    import torch
-
-    count = torch.cuda.device_count()
-    if count == 0:
-        return None
-    gpus = [torch.cuda.current_device()] if distributed else list(range(count))
-    budgets = [int(settings.gpu_memory_budget * 2**30) if settings.gpu_memory_budget
-               else int(torch.cuda.get_device_properties(i).total_memory * AUTO_BUDGET_FRACTION) for i in gpus]
-    weight_bytes = parameter_bytes(job.skeleton, resolve_dtype(settings.dtype, job.config))
-    if placement_for(weight_bytes, budgets) == "single":
-        return None
-    log(f"the weights ({human_bytes(weight_bytes)}) exceed one GPU's budget ({human_bytes(budgets[0])}): placing "
-        f"them across {len(budgets)} GPUs with a balanced device map (for speed, use one process per GPU instead)")
-    return "balanced"
 
 
 def main(argv: list[str] | None = None) -> int:
