@@ -3049,60 +3049,64 @@ def text_forward(model):
             del model.forward
 
 
-def export_checkpoint(model, tokenizer, settings: Settings, manifest: dict, expected: list[str],
-                      report_fn: Callable[[Path], dict | None] | None = None,
-                      capture: Callable[[bool], dict] | None = None, device: str = "cpu") -> dict:
-    """Export into a temp dir beside the target, check it, then rename it into place.
+@dataclasses.dataclass
+class Export:
+    """What export_checkpoint leaves for the checks after it. The export changes the model in memory, so the
+    calibrated linears' inputs and outputs on a few calibration samples (capture_linear_io) are taken before it:
+    `before`, and for awq_lite `after` its scales were folded into the layers before them."""
+    before: dict
+    after: dict | None
+    carried_unloaded: list[str]
+    seconds: float
 
-    `report_fn(staging)` may return a quality report, written as quality_report.json before the rename.
-    `capture(outputs)` (capture_linear_io on a few calibration samples) feeds check_fidelity: before the
-    export changes the model, and after awq_lite's scales are folded into other layers.
-    """
-    from modelopt.torch.export import export_hf_checkpoint
 
-    output = settings.output_model
+@contextlib.contextmanager
+def staging_dir(output: Path, needed_bytes: int):
+    """A temp dir beside the output for the checkpoint to be written and checked in, removed if anything fails; a
+    failed write (full disk, quota, read-only) becomes its one-line error, measured before the removal frees space."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
     try:
-        stage(STAGE_EXPORT)
-        before, after = (capture(False) if capture else None), None
-        start = time.perf_counter()
-        if settings.algorithm == "awq_lite":
-            fold_awq_scales(model)
-            after = capture(True) if capture else None
-        with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False):
-            warnings.simplefilter("ignore", UserWarning)
-            export_hf_checkpoint(model, export_dir=str(staging))
-        relabel_folded_awq(staging, settings.mode)
-        strip_name_sentinels(staging)
-        source = source_checkpoint_dir(settings)
-        manifest["carried_unloaded"] = carry_unloaded_tensors(model, staging, source)
-        write_tokenizer_and_extras(model, tokenizer, staging, settings)
-        manifest["timings"]["export_s"] = round(time.perf_counter() - start, 2)
-        stage(STAGE_VALIDATION)
-        manifest["validation"] = validate_export(staging, expected, settings.mode, source)
-        manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
-        if capture:
-            stage(STAGE_FIDELITY)
-            manifest["fidelity"] = check_fidelity(model, staging, source, before, after, device)
-        report = report_fn(staging) if report_fn else None
-        if report:
-            manifest["quality"] = report
-            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-            (staging / REPORT_NAME).chmod(0o644)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        (staging / MODEL_CARD_NAME).write_text(model_card(manifest, output.name))
-        for name in (MANIFEST_NAME, MODEL_CARD_NAME):
-            (staging / name).chmod(0o644)
-        staging.chmod(0o755)
-        move_into_place(staging, output)
+        yield staging
     except BaseException as exc:
-        code = write_errno(exc, output.parent)  # before the temp dir's removal frees the disk
+        code = write_errno(exc, output.parent)
         shutil.rmtree(staging, ignore_errors=True)
         if code is not None:
-            raise write_error(output.parent, needed, "the checkpoint", code) from None
+            raise write_error(output.parent, needed_bytes, "the checkpoint", code) from None
         raise
-    return manifest
+
+
+def export_checkpoint(model, tokenizer, settings: Settings, samples: list[list[int]], pad_id: int, staging: Path,
+                      device: str) -> Export:
+    """export_hf_checkpoint into `staging`, plus what it leaves out: the tokenizer and processor files, and the
+    tensors the model class skips on load (carried over in 16 bits)."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    stage(STAGE_EXPORT)
+    start = time.perf_counter()
+    before, after = capture_linear_io(model, samples, device, pad_id), None
+    if settings.algorithm == "awq_lite":
+        fold_awq_scales(model)
+        after = capture_linear_io(model, samples, device, pad_id, outputs=True)
+    with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False):
+        warnings.simplefilter("ignore", UserWarning)
+        export_hf_checkpoint(model, export_dir=str(staging))
+    relabel_folded_awq(staging, settings.mode)
+    strip_name_sentinels(staging)
+    carried = carry_unloaded_tensors(model, staging, source_checkpoint_dir(settings))
+    write_tokenizer_and_extras(model, tokenizer, staging, settings)
+    return Export(before, after, carried, round(time.perf_counter() - start, 2))
+
+
+def write_records(staging: Path, manifest: dict, model_name: str) -> None:
+    """The manifest, the model card and the quality report (with --eval), each written once and complete, readable
+    by all as the rest of a checkpoint is."""
+    records = {MANIFEST_NAME: json.dumps(manifest, indent=2) + "\n", MODEL_CARD_NAME: model_card(manifest, model_name)}
+    if "quality" in manifest:
+        records[REPORT_NAME] = json.dumps(manifest["quality"], indent=2) + "\n"
+    for name, text in records.items():
+        (staging / name).write_text(text)
+        (staging / name).chmod(0o644)
+    staging.chmod(0o755)
 
 
 # --------------------------------------------------------------------------- checks of the written files
@@ -4345,56 +4349,67 @@ def dry_run_passed(settings: Settings, job: Job, extra: Iterable[str] = ()) -> i
 
 def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timings: dict, device: str,
                tool: str, extra: dict | None = None) -> int:
-    """Check what was quantized, evaluate if asked, export with the manifest, print the summary.
+    """Export into a staging dir, check what was written (validation, fidelity, --eval), write the manifest and
+    model card once, rename the staging dir into place, print the summary.
 
     Returns the exit status: 1 when --max_ppl_increase is exceeded (the checkpoint is still written).
     """
-    quantized = quantized_linear_shapes(model)
-    skipped_but_quantized = [n for n in quantized if kept_in_16_bits(n, job.unquantized)]
-    if skipped_but_quantized:
-        raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
-    to_disk = export_names(model)
-    expected = [to_disk(n) for n in quantized]
+    expected = expected_quantized(model, job.unquantized)
     manifest = {
         "tool": tool, "source_model": source_model_id(settings.input_model), "mode": settings.mode,
         "modelopt_config": settings.modelopt_config_name, "arguments": settings.public_dict(),
         "versions": library_versions(), "device": device, "calibration": job.data_stats,
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
-    export_checkpoint(model, job.tokenizer, settings, manifest, expected, evaluation(model, settings, job, device),
-                      lambda outputs: capture_linear_io(model, job.samples, device, job.pad_id, outputs), device)
-    timings["total_s"] = round(time.perf_counter() - job.started, 2)
-    (settings.output_model / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    print_summary(manifest, settings.output_model)
+    evaluate = settings.eval and bool(job.holdout)
+    in_process = modelopt_quality(model, settings, job, device) if evaluate else None  # before the export
+    output, source = settings.output_model, source_checkpoint_dir(settings)
+    needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
+    with staging_dir(output, needed) as staging:
+        exported = export_checkpoint(model, job.tokenizer, settings, job.samples, job.pad_id, staging, device)
+        timings["export_s"], manifest["carried_unloaded"] = exported.seconds, exported.carried_unloaded
+        stage(STAGE_VALIDATION)
+        manifest["validation"] = validate_export(staging, expected, settings.mode, source)
+        manifest["excluded_modules"] = manifest["validation"].pop("exclude_modules")
+        stage(STAGE_FIDELITY)
+        manifest["fidelity"] = check_fidelity(model, staging, source, exported.before, exported.after, device)
+        if evaluate:
+            stage(STAGE_QUALITY)
+            manifest["quality"] = report_with_emulator(settings, job.config, staging, job.holdout, device)
+            if in_process:
+                manifest["quality"]["modelopt_in_process"] = in_process
+        timings["total_s"] = round(time.perf_counter() - job.started, 2)
+        write_records(staging, manifest, output.name)
+        move_into_place(staging, output)
+    print_summary(manifest, output)
     if "quality" in manifest:
         print_quality(manifest["quality"])
     return quality_gate(manifest.get("quality"), settings.max_ppl_increase)
 
 
-def evaluation(model, settings: Settings, job: Job, device: str) -> Callable[[Path], dict | None] | None:
-    """What --eval runs on the staged export: the emulator reading its files, everywhere.
+def expected_quantized(model, unquantized: list[str]) -> list[str]:
+    """The on-disk names of the linears quantized in memory: what the validation expects in the files. A module
+    meant to stay in 16 bits that was quantized anyway is a bug, never exported."""
+    quantized = quantized_linear_shapes(model)
+    skipped_but_quantized = [n for n in quantized if kept_in_16_bits(n, unquantized)]
+    if skipped_but_quantized:
+        raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
+    to_disk = export_names(model)
+    return [to_disk(n) for n in quantized]
 
-    ModelOpt's in-process fake quantization is not what the runtimes compute from the export: the
-    export gives fused layers (q/k/v, gate/up) one shared global scale, and for W4A8 ModelOpt 0.47 fake
-    quantizes weights in 16-element blocks where the export has 32 (measured per linear on an H100).
-    On a GPU its numbers are still recorded beside the emulator's, under "modelopt_in_process", except
+
+def modelopt_quality(model, settings: Settings, job: Job, device: str) -> dict | None:
+    """ModelOpt's own in-process numbers for --eval, on a GPU, recorded beside the emulator's.
+
+    The emulator reading the files is the report: ModelOpt's fake quantization is not what the runtimes compute
+    from the export, which gives fused layers (q/k/v, gate/up) one shared global scale, and for W4A8 ModelOpt 0.47
+    fake quantizes weights in 16-element blocks where the export has 32 (measured per linear on an H100). None
     after GPTQ: it rewrote the weights in memory, so switching the quantizers off no longer gives the original.
     """
-    if not settings.eval or not job.holdout:
+    if not device.startswith("cuda") or settings.algorithm == "gptq":
         return None
-    in_process = None
-    if device.startswith("cuda") and settings.algorithm != "gptq":
-        stage(STAGE_QUALITY)
-        in_process = report_with_modelopt(model, job.holdout, device)  # before export touches the model
-
-    def report(staging: Path) -> dict:
-        stage(STAGE_QUALITY)
-        result = report_with_emulator(settings, job.config, staging, job.holdout, device)
-        if in_process:
-            result["modelopt_in_process"] = in_process
-        return result
-
-    return report
+    stage(STAGE_QUALITY)
+    return report_with_modelopt(model, job.holdout, device)
 
 
 @holding_output_lock

@@ -138,8 +138,9 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
         ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import quantize_nvfp4 as q; {PATCHES[name]}; "
                "sys.exit(q.main())"]
     data = ["--dataset_yaml", str(yaml_path), "--max_samples", str(args.max_samples), "--max_seq_len",
-            str(args.max_seq_len), "--eval_samples", str(args.eval_samples)]
-    extra = ["--eval"]
+            str(args.max_seq_len)]
+    held_out = ["--eval_samples", str(args.eval_samples)]
+    extra = ["--eval", *held_out]
     if name in OFFLOADED:  # its --eval is refused (two 16-bit copies): the quality report reads its files after
         script = [str(ROOT / "quantize_nvfp4_offload.py")]
         extra = ["--offload_folder", str(out.with_name(out.name + "-offload")), "--clean_offload", *offload_caps(model)]
@@ -148,7 +149,7 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
     began = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        quality = quality_from_files(out, model, data, timeout - (time.perf_counter() - began)) \
+        quality = quality_from_files(out, model, data + held_out, timeout - (time.perf_counter() - began)) \
             if name in OFFLOADED and result.returncode == 0 else None
     except subprocess.TimeoutExpired:
         return {"variant": name, "error": f"did not finish in its {timeout:.0f} s share of --budget_s"}
