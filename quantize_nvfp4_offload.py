@@ -725,46 +725,6 @@ def replaced_forwards(layers, forwards: dict[int, Callable]):
                 layers[i].forward = forward
 
 
-def capture_layer_calls(model, layers, samples, batches, device: str, state: q.CalibrationState, form: dict,
-                        record_from: int, run_first: bool) -> tuple[dict[int, list], list]:
-    """Each batch through the model's own forward with decoder layers replaced by recorders.
-
-    Records, per batch, what the model hands each layer from `record_from` on besides the hidden
-    states (masks, position embeddings: they differ by layer type in some models). With `run_first`,
-    layer 0 runs for real (this is its calibration pass) and the hidden states reaching layer 1 are
-    its outputs. The last layer's recorder stops the forward, so nothing after the layers runs.
-    """
-    forward, last = q.calibration_forward(model), len(layers) - 1
-    calls: dict[int, list] = {i: [] for i in range(record_from, len(layers))}
-    reached: list = []
-
-    def recorder(index: int) -> Callable:
-        def stand_in(*args, **kwargs):
-            hidden, rest = split_hidden(args, kwargs)
-            if index in calls:
-                calls[index].append(rest)
-            if run_first and index == 1:
-                reached.append(hidden)
-            if index == last:
-                raise StopForward
-            return shaped_like(form["form"], hidden)
-        return stand_in
-
-    def note_form(module, args, output) -> None:
-        form["form"] = output_form(output)
-
-    hook = layers[0].register_forward_hook(note_form) if run_first else None
-    try:
-        with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
-            for batch in batches:
-                with contextlib.suppress(StopForward):
-                    q.run_batch(forward, samples, batch, device, state)
-    finally:
-        if hook is not None:
-            hook.remove()
-    return calls, reached
-
-
 def layer_pass(layer, inputs: list, calls: list, masks: list, state: q.CalibrationState, keep_outputs: bool) -> list:
     """Every batch through one decoder layer; its hidden-state outputs are the next layer's inputs."""
     import torch
@@ -920,10 +880,10 @@ def restore_layer(model, layer, modules: dict, path: Path, state: q.CalibrationS
 
     with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
         device = next(layer.parameters()).device
-        state = torch.load(path, map_location=device, weights_only=False)  # written by this script, not user input
-        restore_quantizer_state(layer, QuantizeConfig(), {"quantizer_state": state["quantizer_state"]})
-        set_quantizer_state_dict(layer, state["buffers"])
-    for block, counts in state["coverage"].items():
+        saved = torch.load(path, map_location=device, weights_only=False)  # written by this script, not user input
+        restore_quantizer_state(layer, QuantizeConfig(), {"quantizer_state": saved["quantizer_state"]})
+        set_quantizer_state_dict(layer, saved["buffers"])
+    for block, counts in saved["coverage"].items():
         state.coverage[block].counts, state.coverage[block].forward_pass = counts, state.forward_pass
 
 
@@ -948,87 +908,151 @@ def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.Cali
     return rewritten
 
 
-def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, settings: q.Settings, device: str,
-                       offload: OffloadSettings, resume_after: int | None) -> None:
-    """ModelOpt's calibration, one decoder layer at a time, one pass per layer (GPTQ: two).
+class LayerLoop:
+    """ModelOpt's calibration one decoder layer at a time, one pass per layer (GPTQ: two).
 
-    Each layer's weights come onto the GPU once; every batch runs through it once while its
-    quantizers collect (max calibration leaves outputs unchanged, so they are the next layer's inputs
-    as they are), then ModelOpt finishes that layer's scales (local_hessian, four_over_six: then its block
-    scales are searched, local_hessian's on the Hessians that pass summed, while the weights are in place;
-    gptq: a second pass and the weight update, see gptq_layer). What runs before the first layer runs in layer
-    0's pass, which also records what the model hands every layer besides the hidden states. At each resume
-    point (--checkpoint_every) its files are written in the background.
+    Each layer's weights come onto the GPU once; every batch runs through it once while its quantizers collect
+    (max calibration leaves outputs unchanged, so they are the next layer's inputs as they are), then ModelOpt
+    finishes that layer's scales (local_hessian, four_over_six: then its block scales are searched, local_hessian's
+    on the Hessians that pass summed, while the weights are in place; gptq: a second pass and the weight update,
+    see gptq_layer). What runs before the first layer runs in layer 0's pass, which also records what the model
+    hands every layer besides the hidden states. At each resume point (--checkpoint_every) its files are written
+    in the background.
     """
-    import torch
-    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
-    insert_quantizers(model, config)
-    q.install_calibration_hooks(model, state)
-    layers, modules, names = q.decoder_layers(model), dict(model.named_modules()), decoder_layer_names(model)
-    batches = layer_batches(samples, settings)
-    masks = [q.padded_batch(samples, batch, state.pad_id)[1].to(device) for batch in batches]
-    state.batches_run, state.cap = batches, q.DEFAULT_BATCH_TOKENS
-    state.forward_pass = 1  # one pass: MoE routing counts accumulate over every batch
-    gptq = gptq_kwargs(config) if algorithm_of(config)["method"] == "gptq" else None
-    max_kwargs = None if gptq else max_calibrate_kwargs(config)
-    streams = STREAMS if gptq else STREAMS[:1]
-    start, form, run = (0 if resume_after is None else resume_after + 1), {"form": None}, {}
-    loop_start = time.perf_counter()
-    if start:
-        form["form"] = read_progress(offload.layerwise_dir)["output_form"]
-        restore_layers(model, layers, modules, offload.layerwise_dir, start, state, len(streams) > 1)
-        cached = read_tensors(layer_dir(offload.layerwise_dir, resume_after) / INPUTS_FILE, device)
-        run.update({stream: cached[i * len(batches):(i + 1) * len(batches)] for i, stream in enumerate(streams)})
-        run["calls"], _ = capture_layer_calls(model, layers, samples, batches, device, state, form, start, False)
+    def __init__(self, model, config: dict, state: q.CalibrationState, samples, settings: q.Settings, device: str,
+                 offload: OffloadSettings):
+        self.model, self.state, self.samples, self.device, self.offload = model, state, samples, device, offload
+        self.layers, self.names = q.decoder_layers(model), decoder_layer_names(model)
+        self.modules = dict(model.named_modules())
+        self.batches = layer_batches(samples, settings)
+        self.masks = [q.padded_batch(samples, batch, state.pad_id)[1].to(device) for batch in self.batches]
+        self.gptq = gptq_kwargs(config) if algorithm_of(config)["method"] == "gptq" else None
+        self.max_kwargs = None if self.gptq else max_calibrate_kwargs(config)
+        self.streams = STREAMS if self.gptq else STREAMS[:1]
+        self.inputs: dict[str, list] = {}  # per stream: the hidden states entering the next layer, per batch
+        self.calls: dict[int, list] = {}   # per layer, per batch: what the model hands it besides hidden states
+        self.form: int | None = None       # how the layers return their hidden states (output_form)
 
-    def stream_pass(index: int, stream: str) -> Callable:
+    def resume(self, resume_after: int) -> int:
+        """The layers calibrated before a kill restored and the next layer's inputs read back; returns that layer."""
+        start, folder = resume_after + 1, self.offload.layerwise_dir
+        self.form = read_progress(folder)["output_form"]
+        restore_layers(self.model, self.layers, self.modules, folder, start, self.state, len(self.streams) > 1)
+        cached, count = read_tensors(layer_dir(folder, resume_after) / INPUTS_FILE, self.device), len(self.batches)
+        self.inputs = {stream: cached[i * count:(i + 1) * count] for i, stream in enumerate(self.streams)}
+        self.calls, _ = self.capture_calls(start, run_first=False)
+        return start
+
+    def capture_calls(self, record_from: int, run_first: bool) -> tuple[dict[int, list], list]:
+        """Each batch through the model's own forward with decoder layers replaced by recorders.
+
+        Records, per batch, what the model hands each layer from `record_from` on besides the hidden
+        states (masks, position embeddings: they differ by layer type in some models). With `run_first`,
+        layer 0 runs for real (this is its calibration pass) and the hidden states reaching layer 1 are
+        its outputs. The last layer's recorder stops the forward, so nothing after the layers runs.
+        """
+        layers, forward = self.layers, q.calibration_forward(self.model)
+        calls: dict[int, list] = {i: [] for i in range(record_from, len(layers))}
+        reached: list = []
+
+        def recorder(index: int) -> Callable:
+            def stand_in(*args, **kwargs):
+                hidden, rest = split_hidden(args, kwargs)
+                if index in calls:
+                    calls[index].append(rest)
+                if run_first and index == 1:
+                    reached.append(hidden)
+                if index == len(layers) - 1:
+                    raise StopForward
+                return shaped_like(self.form, hidden)
+            return stand_in
+
+        def note_form(module, args, output) -> None:
+            self.form = output_form(output)
+
+        hook = layers[0].register_forward_hook(note_form) if run_first else None
+        try:
+            with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
+                for batch in self.batches:
+                    with contextlib.suppress(StopForward):
+                        q.run_batch(forward, self.samples, batch, self.device, self.state)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return calls, reached
+
+    def stream_pass(self, index: int, stream: str) -> Callable:
         """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
         if index == 0:  # the model's own forward up to layer 1, layer 0 running for real
             def first_layer(_layer) -> None:
                 recording = stream == STREAMS[0]  # what the model hands the later layers: recorded once
-                calls, run[stream] = capture_layer_calls(model, layers, samples, batches, device, state, form,
-                                                         1 if recording else len(layers), True)
+                calls, self.inputs[stream] = self.capture_calls(1 if recording else len(self.layers), True)
                 if recording:
-                    run["calls"] = calls
+                    self.calls = calls
             return first_layer
-        inputs, calls = run.pop(stream), run["calls"][index]
-        return lambda layer: run.update({stream: layer_pass(layer, inputs, calls, masks, state,
-                                                            keep_outputs=index + 1 < len(layers))})
+        inputs, calls, keep = self.inputs.pop(stream), self.calls[index], index + 1 < len(self.layers)
+        return lambda layer: self.inputs.update({stream: layer_pass(layer, inputs, calls, self.masks, self.state,
+                                                                    keep_outputs=keep)})
 
-    writer = ResumeWriter(offload.layerwise_dir, {"format": RESUME_FORMAT, "num_layers": len(layers)})
-    prefetch, pending = LayerPrefetcher(device), {}
-    last_resume_point = time.perf_counter()
-    try:
-        prefetch.start(layers[start])
-        for index in q.Progress(range(start, len(layers)), desc="calibrate layers", unit="layer"):
-            layer, loaded = layers[index], prefetch.take()
-            if index + 1 < len(layers):
-                prefetch.start(layers[index + 1])
-            with enable_weight_access_and_writeback(layer, model, modules, writeback=False):
-                try:
-                    rewritten = calibrate_layer(layer, names[index], {s: stream_pass(index, s) for s in streams},
-                                                state, max_kwargs, gptq)
-                except torch.OutOfMemoryError:
-                    raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
-                                       "leave room for activations, or pass a smaller --batch_size") from None
-                pending[index] = layer_snapshot(layer, names[index], state)
-            prefetch.release(loaded)
-            if rewritten:  # the layer's weights are back where accelerate keeps them: the rewrite goes there too
-                keep_rewritten_weights(modules, rewritten, layer_dir(offload.layerwise_dir, index) / REWRITTEN_FILE)
-            run["calls"].pop(index, None)
-            if index + 1 < len(layers) and resume_point_due(offload.checkpoint_every, index, last_resume_point):
-                writer.progress["output_form"] = form["form"]
-                writer.submit(index, pending, [t for stream in streams for t in run[stream]])
-                pending, last_resume_point = {}, time.perf_counter()
-    except BaseException:
-        prefetch.close()
-        writer.finish_after_failure()
-        raise
-    writer.wait()
+    def calibrate(self, index: int) -> tuple[dict, dict]:
+        """Layer `index` calibrated with its weights in place: (GPTQ's rewritten weights, its resume snapshot)."""
+        import torch
+        from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+        layer, name = self.layers[index], self.names[index]
+        with enable_weight_access_and_writeback(layer, self.model, self.modules, writeback=False):
+            passes = {stream: self.stream_pass(index, stream) for stream in self.streams}
+            try:
+                rewritten = calibrate_layer(layer, name, passes, self.state, self.max_kwargs, self.gptq)
+            except torch.OutOfMemoryError:
+                raise q.UsageError("CUDA out of memory in layer-by-layer calibration: lower --max_gpu_memory to "
+                                   "leave room for activations, or pass a smaller --batch_size") from None
+            return rewritten, layer_snapshot(layer, name, self.state)
+
+    def run(self, start: int) -> None:
+        """Layers `start` on, the next one's weights prefetched while one calibrates; resume points committed."""
+        folder, last = self.offload.layerwise_dir, len(self.layers) - 1
+        writer = ResumeWriter(folder, {"format": RESUME_FORMAT, "num_layers": len(self.layers)})
+        prefetch, pending, last_resume_point = LayerPrefetcher(self.device), {}, time.perf_counter()
+        try:
+            prefetch.start(self.layers[start])
+            for index in q.Progress(range(start, len(self.layers)), desc="calibrate layers", unit="layer"):
+                loaded = prefetch.take()
+                if index < last:
+                    prefetch.start(self.layers[index + 1])
+                rewritten, pending[index] = self.calibrate(index)
+                prefetch.release(loaded)
+                if rewritten:  # the layer's weights are back where accelerate keeps them: the rewrite goes there
+                    keep_rewritten_weights(self.modules, rewritten, layer_dir(folder, index) / REWRITTEN_FILE)
+                self.calls.pop(index, None)
+                if index < last and resume_point_due(self.offload.checkpoint_every, index, last_resume_point):
+                    writer.progress["output_form"] = self.form
+                    writer.submit(index, pending, [t for stream in self.streams for t in self.inputs[stream]])
+                    pending, last_resume_point = {}, time.perf_counter()
+        except BaseException:
+            prefetch.close()
+            writer.finish_after_failure()
+            raise
+        writer.wait()
+
+
+def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, settings: q.Settings, device: str,
+                       offload: OffloadSettings, resume_after: int | None) -> None:
+    """quantize_model's `calibrate`: quantizers inserted, then the LayerLoop from the first layer or the one after
+    the resume point; fills the state's batches_run, cap and forward_seconds as calibrate_batches does."""
+    import torch
+
+    insert_quantizers(model, config)
+    q.install_calibration_hooks(model, state)
+    loop = LayerLoop(model, config, state, samples, settings, device, offload)
+    state.batches_run, state.cap = loop.batches, q.DEFAULT_BATCH_TOKENS
+    state.forward_pass = 1  # one pass: MoE routing counts accumulate over every batch
+    started = time.perf_counter()
+    loop.run(0 if resume_after is None else loop.resume(resume_after))
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-    state.forward_seconds = time.perf_counter() - loop_start
+    state.forward_seconds = time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- main
