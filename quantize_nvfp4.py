@@ -29,20 +29,27 @@ Sections, in the order the data flows (each starts with a `# ---- name` line):
     summary                      the plan before the run and the table after it
     self-test, list configs, main   entry points
 
-quantize_nvfp4_offload.py imports the helpers below; keep them here, once.
+quantize_nvfp4_offload.py imports the helpers below; keep them here, once. The standard library and yaml are
+imported here; torch, transformers, ModelOpt, datasets and accelerate inside the functions that use them, because
+together they take about 15 s to import (ModelOpt's quantization alone 11 s on a 2-core machine): --help, bad input
+and most of a --dry_run answer before they load.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import errno
+import fcntl
 import fnmatch
 import functools
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -53,10 +60,14 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -710,7 +721,6 @@ TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 def check_data_file(path: Path, spec: DatasetSpec) -> None:
     """A local data file must be readable and hold something; a text format (JSON, CSV, text) must be UTF-8 all
     through, which takes one pass over it, 1 MiB at a time. Binary formats are read by their own libraries."""
-    import codecs
 
     where = f"dataset '{spec.name}': {path}"
     decoder = codecs.getincrementaldecoder("utf-8")() if path.suffix.lower() in TEXT_DATA_SUFFIXES else None
@@ -750,9 +760,6 @@ def hub_endpoint() -> str:
 def hub_unreachable(endpoint: str) -> str | None:
     """Why the hub cannot be reached, or None: one HEAD request (through any proxy set), once per process. It runs
     in a thread we stop waiting for, as a stalled DNS lookup ignores socket timeouts."""
-    import threading
-    import urllib.error
-    import urllib.request
 
     outcome: list[str | None] = []
 
@@ -1002,7 +1009,6 @@ def lock_in_use(target: Path, flag: str, lock_path: Path) -> UsageError:
 @contextlib.contextmanager
 def exclusive_lock(target: Path, flag: str):
     """An exclusive lock on `.{name}.lock` beside `target` while the block runs; a second run on it refuses."""
-    import fcntl
 
     lock_path = lock_file(target, flag)
     try:
@@ -1024,7 +1030,6 @@ def exclusive_lock(target: Path, flag: str):
 
 def check_lock_free(target: Path, flag: str) -> None:
     """What exclusive_lock would refuse, without creating or taking the lock (a dry run writes nothing)."""
-    import fcntl
 
     lock_path = lock_file(target, flag)
     try:
@@ -1330,7 +1335,6 @@ def open_dataset(spec: DatasetSpec, token: str | None):
 
 def dataset_columns(spec: DatasetSpec, dataset, peek: int = 20) -> list[str]:
     """The dataset's column names: from its features, or (a stream of JSON, say) from its first rows."""
-    import itertools
 
     names = getattr(dataset, "column_names", None)
     if names:
@@ -1838,7 +1842,6 @@ def init_distributed() -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
-    import datetime
 
     import torch
     import torch.distributed as dist
@@ -2796,7 +2799,6 @@ def mount_point(folder: Path) -> Path:
 
 
 def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for package in ("torch", "transformers", "nvidia-modelopt", "accelerate", "datasets", "safetensors"):

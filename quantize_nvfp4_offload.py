@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -276,7 +277,6 @@ def commit_file(path: Path, write: Callable[[Any], None], durable: bool = True) 
 def write_tensors(base: Path, tensors: list) -> None:
     """Tensors as raw bytes, one after another, at memory speed (no pickling, no fsync), plus a JSON index
     of them with a CRC-32 of each, which read_tensors checks."""
-    import zlib
 
     import torch
 
@@ -295,7 +295,6 @@ def write_tensors(base: Path, tensors: list) -> None:
 
 
 def read_tensors(base: Path, device: str) -> list:
-    import zlib
 
     import numpy as np
     import torch
