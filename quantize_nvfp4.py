@@ -3969,11 +3969,20 @@ def quality_report(reference_fn, quantized_fn, holdout: list[list[int]], device:
     with torch.no_grad():
         for sample in Progress(holdout, desc="evaluate", unit="sample"):
             ids = torch.tensor([sample], device=device)
-            for key, value in token_metrics(reference_fn(ids), quantized_fn(ids), ids).items():
-                totals[key] = totals.get(key, 0) + value
+            add_metrics(totals, token_metrics(reference_fn(ids), quantized_fn(ids), ids))
+    return quality_summary(totals, len(holdout), how)
+
+
+def add_metrics(totals: dict, metrics: dict) -> None:
+    for key, value in metrics.items():
+        totals[key] = totals.get(key, 0) + value
+
+
+def quality_summary(totals: dict, samples: int, how: str) -> dict:
+    """The quality report from token_metrics' sums over the held-out samples."""
     n = max(totals.get("tokens", 0), 1)
     ppl_ref, ppl_quant = math.exp(totals.get("nll_reference", 0) / n), math.exp(totals.get("nll_quantized", 0) / n)
-    return {"method": how, "samples": len(holdout), "tokens": totals.get("tokens", 0),
+    return {"method": how, "samples": samples, "tokens": totals.get("tokens", 0),
             "perplexity_original": round(ppl_ref, 4), "perplexity_quantized": round(ppl_quant, 4),
             "perplexity_increase_pct": round(100 * (ppl_quant / ppl_ref - 1), 3),
             "mean_kl": round(totals.get("kl", 0) / n, 6), "top1_agreement": round(totals.get("top1_agree", 0) / n, 4)}
@@ -3999,6 +4008,7 @@ def report_with_emulator(settings: Settings, config, folder: Path, holdout: list
     emulated = load_model(settings, config, device)
     emulate_checkpoint(emulated, folder)
     applied = sum(1 for k in CheckpointReader(folder).location if k.endswith("weight_scale"))
+
     def logits(model) -> Callable:
         return lambda ids: text_generator(model)(input_ids=ids, use_cache=False).logits
 
@@ -4350,9 +4360,14 @@ def dry_run_passed(settings: Settings, job: Job, extra: Iterable[str] = ()) -> i
 
 
 def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timings: dict, device: str,
-               tool: str, extra: dict | None = None) -> int:
+               tool: str, extra: dict | None = None,
+               report_quality: Callable[[Path], dict] | None = None) -> int:
     """Export into a staging dir, check what was written (validation, fidelity, --eval), write the manifest and
     model card once, rename the staging dir into place, print the summary.
+
+    --eval reads the staged files with `report_quality` where given (the offload script's layer-by-layer report),
+    else with the emulator holding the original and the emulated model side by side (report_with_emulator), and on
+    a GPU with ModelOpt's in-process numbers beside it.
 
     Returns the exit status: 1 when --max_ppl_increase is exceeded (the checkpoint is still written).
     """
@@ -4364,7 +4379,11 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         "calibration_run": calibration_run, "timings": timings, **(extra or {}),
     }
     evaluate = settings.eval and bool(job.holdout)
-    in_process = modelopt_quality(model, settings, job, device) if evaluate else None  # before the export
+    in_process = None
+    if evaluate and report_quality is None:
+        in_process = modelopt_quality(model, settings, job, device)  # before the export changes the model
+        report_quality = functools.partial(report_with_emulator, settings, job.config, holdout=job.holdout,
+                                           device=device)
     output, source = settings.output_model, source_checkpoint_dir(settings)
     needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
     with staging_dir(output, needed) as staging:
@@ -4377,7 +4396,7 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         manifest["fidelity"] = check_fidelity(model, staging, source, exported.before, exported.after, device)
         if evaluate:
             stage(STAGE_QUALITY)
-            manifest["quality"] = report_with_emulator(settings, job.config, staging, job.holdout, device)
+            manifest["quality"] = report_quality(staging)
             if in_process:
                 manifest["quality"]["modelopt_in_process"] = in_process
         timings["total_s"] = round(time.perf_counter() - job.started, 2)

@@ -38,6 +38,7 @@ import quantize_nvfp4 as q
 # --------------------------------------------------------------------------- constants
 WEIGHTS_DIR = "offloaded_weights"            # accelerate's disk-offloaded weights
 LAYERWISE_DIR = "layerwise_calibration"      # resume points: per-layer scales, the newest activation cache
+EVAL_WEIGHTS_DIR = "eval_weights"             # --eval's original model, its decoder layers offloaded to disk
 PROGRESS_FILE = "manifest.json"              # the last committed layer; written last, atomically
 RESUME_FORMAT = "nvfp4-layer-loop-1"         # what this version writes; anything else is not resumed
 QUANTIZERS_FILE = "quantizers.pt"            # one layer's quantizer state (a few KiB)
@@ -47,7 +48,7 @@ REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as GPTQ rewro
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
-QUALITY_OPTIONS = ("verify", "reference", "eval", "eval_samples", "max_ppl_increase")  # quantize_nvfp4.py's alone
+VERIFY_OPTIONS = ("verify", "reference")  # checking an existing checkpoint: quantize_nvfp4.py's alone
 LAYER_LOOP_ALGORITHMS = [name for name, a in q.ALGORITHMS.items() if a.layer_loop]
 # The activations the layer loop carries from layer to layer: the 16-bit model's (max calibrates on them), and for
 # GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.description = ("Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 "
                           "(offloaded, layer by layer).")
     for action in parser._actions:  # what this script refuses is not offered
-        if action.dest in QUALITY_OPTIONS:
+        if action.dest in VERIFY_OPTIONS:
             action.help = argparse.SUPPRESS
     group = parser.add_argument_group("offloading")
     group.add_argument("--offload_folder", help="where offloaded weights and per-layer checkpoints go (required)")
@@ -142,12 +143,6 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
                            f"{', '.join(LAYER_LOOP_ALGORITHMS)} (the others search with quantized forwards of the "
                            "whole model or fold scales across layers); use quantize_nvfp4.py on a GPU that holds the "
                            "model")
-    if args.eval or args.max_ppl_increase is not None or args.eval_samples != q.EVAL_SAMPLES:
-        raise q.UsageError("--eval / --eval_samples / --max_ppl_increase: this script does not run the quality "
-                           "report (it loads two 16-bit copies of the model onto one device; the export is checked by "
-                           "the fidelity check instead); after this run, on a machine that holds the model, run python "
-                           "quantize_nvfp4.py --verify OUT --eval --reference MODEL --dataset_yaml YAML "
-                           "[--max_ppl_increase PCT]")
     if not args.offload_folder:
         raise q.UsageError("no offload folder: pass --offload_folder DIR (a disk with room for the offloaded weights)")
     folder = Path(args.offload_folder).expanduser().resolve()
@@ -670,7 +665,7 @@ def execution_device(placement: Placement) -> str:
 
 def clean_offload_folder(offload: OffloadSettings) -> None:
     """Delete only what this script created; the folder itself only if nothing else is left in it."""
-    for name in (WEIGHTS_DIR, LAYERWISE_DIR):
+    for name in (WEIGHTS_DIR, LAYERWISE_DIR, EVAL_WEIGHTS_DIR):
         shutil.rmtree(offload.offload_folder / name, ignore_errors=True)
     (offload.offload_folder / JOB_FILE).unlink(missing_ok=True)
     if not any(offload.offload_folder.iterdir()):
@@ -1054,6 +1049,196 @@ def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, 
     state.forward_seconds = time.perf_counter() - started
 
 
+# --------------------------------------------------------------------------- quality report, layer by layer
+def check_eval_streamable(settings: q.Settings, job: q.Job) -> None:
+    """--eval here streams the original model and the emulation of the files one decoder layer at a time, with
+    the original weights read from the model's safetensors: refuse, before loading, what that cannot report."""
+    if not settings.eval and settings.max_ppl_increase is None:
+        return
+    elsewhere = ("run python quantize_nvfp4.py --verify OUT --eval --reference MODEL --dataset_yaml YAML on a machine "
+                 "that holds the model")
+    if settings.kv_cache != "none":
+        raise q.UsageError(f"--eval with --kv_cache {settings.kv_cache}: this script's layer-by-layer report does not "
+                           f"emulate a quantized KV cache; drop --eval here and {elsewhere}")
+    if q.expert_blocks(job.skeleton) or any(q.is_fused_experts(m) for m in job.skeleton.modules()):
+        raise q.UsageError(f"--eval on a mixture-of-experts model: this script's layer-by-layer report does not "
+                           f"emulate experts; drop --eval here and {elsewhere}")
+    if len(q.decoder_layers(job.skeleton)) < 2:
+        raise q.UsageError(f"--eval: the layer-by-layer report needs at least two decoder layers; {elsewhere}")
+
+
+def reference_device_map(model, device: str) -> dict:
+    """The original model for --eval: every decoder layer on disk (read from the checkpoint one at a time, as
+    calibration read them), the rest (embeddings, final norm, head) on the execution device."""
+    layers = {id(layer) for layer in q.decoder_layers(model)}
+    execution = int(device.split(":")[1]) if device.startswith("cuda") else "cpu"
+
+    def place(module, prefix: str) -> dict:
+        if id(module) in layers:
+            return {prefix: "disk"}
+        children = list(module.named_children())
+        if not any(id(m) in layers for _, m in module.named_modules()) or not children:
+            return {prefix: device}
+        placed = {}
+        for name, child in children:
+            placed |= place(child, f"{prefix}.{name}" if prefix else name)
+        for name, _ in module.named_parameters(recurse=False):
+            placed[f"{prefix}.{name}" if prefix else name] = execution
+        for name, _ in module.named_buffers(recurse=False):
+            placed[f"{prefix}.{name}" if prefix else name] = execution
+        return placed
+
+    return place(model, "")
+
+
+def run_layer(layer, inputs: list, calls: list, device: str) -> list:
+    """Each held-out sample's hidden states through one decoder layer (kept on the CPU between layers)."""
+    import torch
+
+    outputs = []
+    for hidden, (args, kwargs) in zip(inputs, calls):
+        output = layer(hidden.to(device), *args, **kwargs)
+        outputs.append((output if isinstance(output, torch.Tensor) else output[0]).to("cpu"))
+    return outputs
+
+
+class StreamedEvaluation:
+    """--eval in this script: the original model and the reference emulator of the exported files side by side,
+    one decoder layer at a time, each layer's weights loaded once, so it runs under the run's memory caps.
+
+    Two streams of hidden states per held-out sample: the original layer on the original stream, then the same
+    layer with its linears emulated from the files (q.emulate_linear: the dequantized FP4 weight, inputs quantized
+    with the stored scale) on the quantized stream. The model's own forward computes what comes before the first
+    layer and, with the layers replaced, the logits from each stream's last hidden states. The layer-loop
+    algorithms change no 16-bit tensor, so the original's norms and embeddings are the checkpoint's.
+    """
+
+    def __init__(self, model, folder: Path, holdout: list[list[int]], device: str):
+        import torch
+
+        self.model, self.device = model, device
+        self.layers, self.names = q.decoder_layers(model), decoder_layer_names(model)
+        self.modules, self.to_disk = dict(model.named_modules()), q.export_names(model)
+        self.reader = q.CheckpointReader(folder)
+        quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+        self.algo, self.group = quant["quant_algo"], int(quant["group_size"])
+        self.samples = [torch.tensor([sample], device=device) for sample in holdout]
+        self.form: int | None = None
+        self.applied: set[str] = set()
+
+    def first_layer(self) -> tuple[list, list, dict[int, list]]:
+        """Layer 0 run for real on every sample: (its inputs, its outputs, what the model hands each layer)."""
+        import torch
+        from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+        entering, reached, calls = [], [], {i: [] for i in range(len(self.layers))}
+
+        def note_input(module, args, kwargs) -> None:
+            hidden, rest = split_hidden(args, kwargs)
+            entering.append(hidden.to("cpu"))
+            calls[0].append(rest)
+
+        def note_form(module, args, output) -> None:
+            self.form = output_form(output)
+
+        def recorder(index: int) -> Callable:
+            def stand_in(*args, **kwargs):
+                hidden, rest = split_hidden(args, kwargs)
+                calls[index].append(rest)
+                if index == 1:
+                    reached.append(hidden.to("cpu"))
+                if index == len(self.layers) - 1:
+                    raise StopForward
+                return shaped_like(self.form, hidden)
+            return stand_in
+
+        handles = [self.layers[0].register_forward_pre_hook(note_input, with_kwargs=True),
+                   self.layers[0].register_forward_hook(note_form)]
+        forward = q.calibration_forward(self.model)
+        try:
+            with enable_weight_access_and_writeback(self.layers[0], self.model, self.modules, writeback=False), \
+                    replaced_forwards(self.layers, {i: recorder(i) for i in range(1, len(self.layers))}):
+                for ids in self.samples:
+                    with contextlib.suppress(StopForward):
+                        forward(ids, torch.ones_like(ids))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return entering, reached, calls
+
+    def emulated(self, index: int) -> list:
+        """Layer `index`'s quantized linears computing from the files (weights in place); returns the input hooks."""
+        hooks = []
+        for child, module in self.layers[index].named_modules():
+            prefix = self.to_disk(f"{self.names[index]}.{child}" if child else self.names[index])
+            if f"{prefix}.weight_scale" in self.reader and hasattr(module, "weight"):
+                hooks += q.emulate_linear(module, prefix, self.reader, self.algo, self.group)
+                self.applied.add(prefix)
+        return hooks
+
+    def logits(self, ids, last_hidden):
+        """The model's own forward from the embeddings to the logits, the decoder layers replaced: the last one
+        returns `last_hidden` (norm, head, any logit scaling or soft-capping run as the model runs them)."""
+        last = len(self.layers) - 1
+
+        def stand_in(index: int) -> Callable:
+            def forward(*args, **kwargs):
+                hidden, _ = split_hidden(args, kwargs)
+                return shaped_like(self.form, last_hidden.to(self.device) if index == last else hidden)
+            return forward
+
+        with replaced_forwards(self.layers, {i: stand_in(i) for i in range(len(self.layers))}):
+            return q.text_generator(self.model)(input_ids=ids, use_cache=False).logits
+
+    def report(self) -> dict:
+        import torch
+        from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+        with torch.no_grad():
+            quantized, original, calls = self.first_layer()
+            for index in q.Progress(range(len(self.layers)), desc="evaluate layers", unit="layer"):
+                layer = self.layers[index]
+                with enable_weight_access_and_writeback(layer, self.model, self.modules, writeback=False):
+                    if index > 0:
+                        original = run_layer(layer, original, calls[index], self.device)
+                    hooks = self.emulated(index)
+                    try:
+                        quantized = run_layer(layer, quantized, calls[index], self.device)
+                    finally:
+                        for hook in hooks:
+                            hook.remove()
+            self.check_all_emulated()
+            totals: dict = {}
+            for ids, reference, emulated in zip(self.samples, original, quantized):
+                q.add_metrics(totals, q.token_metrics(self.logits(ids, reference), self.logits(ids, emulated), ids))
+        return {"quantized_tensors_emulated": len(self.applied)} | q.quality_summary(
+            totals, len(self.samples), "reference NVFP4 emulator reading the exported files, layer by layer")
+
+    def check_all_emulated(self) -> None:
+        """Every quantized tensor in the files found its module, or the report would describe a partly quantized
+        model (as q.emulate_checkpoint checks)."""
+        in_files = {k[: -len(".weight_scale")] for k in self.reader.location if k.endswith(".weight_scale")}
+        missed = sorted(in_files - self.applied)
+        if missed:
+            raise RuntimeError(f"the layer-by-layer emulator found the module of only {len(in_files) - len(missed)} "
+                               f"of {len(in_files)} quantized tensors (first missed: {missed[0]}); no quality report")
+
+
+def streamed_quality_report(settings: q.Settings, job: q.Job, offload: OffloadSettings, device: str,
+                            folder: Path) -> dict:
+    """--eval on the staged files: a second, original copy of the model whose decoder layers stay on disk (the
+    calibrated one has been rewritten by the export), streamed with the emulation of `folder`."""
+    weights_dir = offload.offload_folder / EVAL_WEIGHTS_DIR
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model = q.load_model(settings, job.config, "cpu", reference_device_map(job.skeleton, device),
+                             offload_folder=str(weights_dir))
+        q.use_eager_experts(model)
+        return StreamedEvaluation(model, folder, job.holdout, device).report()
+    finally:
+        shutil.rmtree(weights_dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- main
 def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, offload: OffloadSettings,
                         resume_after: int | None) -> dict:
@@ -1077,6 +1262,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     check_cpu_run_placement(placement, job, settings)
     check_gpu_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)
+    check_eval_streamable(settings, job)
     if settings.dry_run:
         return q.dry_run_passed(settings, job, [
             "the offload folder and its lock", "--resume", "the placement under --max_gpu_memory/--max_cpu_memory",
@@ -1097,7 +1283,9 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,
                          "activation_cache_bytes": placement.activation_cache_bytes}}
-    status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra)
+    report = functools.partial(streamed_quality_report, settings, job, offload, device)
+    status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra,
+                          report_quality=report)
     if offload.layerwise_dir.exists():  # exported: the resume points have served their purpose
         shutil.rmtree(offload.layerwise_dir)
     if offload.clean_offload:

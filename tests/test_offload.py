@@ -439,11 +439,14 @@ def test_a_failed_background_write_stops_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_refusals_before_loading(four_layer_model, tmp_path):
-    """--eval would put two 16-bit copies of an offloaded model on one device; a foreign folder in the offload
-    folder where the resume points go is not ours to delete."""
-    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval")
-    assert_usage_error(result, "--eval / --eval_samples / --max_ppl_increase", "fidelity check",
-                       "python quantize_nvfp4.py --verify OUT --eval --reference MODEL")
+    """--eval with a quantized KV cache is not streamed layer by layer (named with the command that does it, in
+    the dry run too); checking a checkpoint is the main script's; a foreign folder in the offload folder where the
+    resume points go is not ours to delete."""
+    for extra in ((), ("--dry_run",)):
+        result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval", "--kv_cache", "fp8",
+                             *extra)
+        assert_usage_error(result, "--eval with --kv_cache fp8",
+                           "python quantize_nvfp4.py --verify OUT --eval --reference MODEL")
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--verify", str(tmp_path / "out"))
     assert_usage_error(result, "run python quantize_nvfp4.py --verify DIR")
     foreign = tmp_path / "off" / offload.LAYERWISE_DIR
