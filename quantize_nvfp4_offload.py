@@ -1050,7 +1050,7 @@ def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, 
 
 
 # --------------------------------------------------------------------------- quality report, layer by layer
-def check_eval_streamable(settings: q.Settings, job: q.Job) -> None:
+def check_eval_streamable(settings: q.Settings, job: q.Job, offload: OffloadSettings) -> None:
     """--eval here streams the original model and the emulation of the files one decoder layer at a time, with
     the original weights read from the model's safetensors: refuse, before loading, what that cannot report."""
     if not settings.eval and settings.max_ppl_increase is None:
@@ -1065,6 +1065,10 @@ def check_eval_streamable(settings: q.Settings, job: q.Job) -> None:
                            f"emulate experts; drop --eval here and {elsewhere}")
     if len(q.decoder_layers(job.skeleton)) < 2:
         raise q.UsageError(f"--eval: the layer-by-layer report needs at least two decoder layers; {elsewhere}")
+    weights_dir = offload.offload_folder / EVAL_WEIGHTS_DIR
+    if weights_dir.exists() and any(weights_dir.iterdir()):
+        raise q.UsageError(f"{weights_dir} is not empty (left by a killed run, or not this script's): --eval offloads "
+                           "the original model there; move it away or choose another --offload_folder")
 
 
 def reference_device_map(model, device: str) -> dict:
@@ -1236,7 +1240,7 @@ def streamed_quality_report(settings: q.Settings, job: q.Job, offload: OffloadSe
         q.use_eager_experts(model)
         return StreamedEvaluation(model, folder, job.holdout, device).report()
     finally:
-        shutil.rmtree(weights_dir, ignore_errors=True)
+        shutil.rmtree(weights_dir)
 
 
 # --------------------------------------------------------------------------- main
@@ -1262,7 +1266,7 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     check_cpu_run_placement(placement, job, settings)
     check_gpu_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)
-    check_eval_streamable(settings, job)
+    check_eval_streamable(settings, job, offload)
     if settings.dry_run:
         return q.dry_run_passed(settings, job, [
             "the offload folder and its lock", "--resume", "the placement under --max_gpu_memory/--max_cpu_memory",

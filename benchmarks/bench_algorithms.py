@@ -139,26 +139,21 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
                "sys.exit(q.main())"]
     data = ["--dataset_yaml", str(yaml_path), "--max_samples", str(args.max_samples), "--max_seq_len",
             str(args.max_seq_len)]
-    held_out = ["--eval_samples", str(args.eval_samples)]
-    extra = ["--eval", *held_out]
-    if name in OFFLOADED:  # its --eval is refused (two 16-bit copies): the quality report reads its files after
+    extra = ["--eval", "--eval_samples", str(args.eval_samples)]
+    if name in OFFLOADED:  # its --eval streams the original layer by layer: the same numbers, under the caps
         script = [str(ROOT / "quantize_nvfp4_offload.py")]
-        extra = ["--offload_folder", str(out.with_name(out.name + "-offload")), "--clean_offload", *offload_caps(model)]
+        extra += ["--offload_folder", str(out.with_name(out.name + "-offload")), "--clean_offload",
+                  *offload_caps(model)]
     command = [sys.executable, *script, "--input_model", str(model), "--output_model", str(out), *data, *extra,
                "--overwrite", *flags]
-    began = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        quality = quality_from_files(out, model, data + held_out, timeout - (time.perf_counter() - began)) \
-            if name in OFFLOADED and result.returncode == 0 else None
     except subprocess.TimeoutExpired:
         return {"variant": name, "error": f"did not finish in its {timeout:.0f} s share of --budget_s"}
     if result.returncode != 0:
         return {"variant": name, "exit": result.returncode, "error": result.stderr.strip().splitlines()[-1:]}
-    if quality and "error" in quality:
-        return {"variant": name, **quality}
     manifest = json.loads((out / q.MANIFEST_NAME).read_text())
-    quality, fidelity = quality or manifest["quality"], manifest["fidelity"]
+    quality, fidelity = manifest["quality"], manifest["fidelity"]
     row = {"variant": name, "flags": " ".join(flags), "calibration_s": manifest["calibration_run"]["seconds"],
            "quant_algo": manifest["validation"]["quant_algo"],
            "perplexity_original": quality["perplexity_original"],
@@ -176,19 +171,6 @@ def run_variant(name: str, flags: list[str], model: Path, yaml_path: Path, work:
         row["modelopt_in_process"] = {k: in_process[k] for k in
                                       ("perplexity_increase_pct", "mean_kl", "top1_agreement")}
     return row
-
-
-def quality_from_files(out: Path, model: Path, data: list[str], timeout: float) -> dict:
-    """The emulator's quality report on `out`'s files, as `quantize_nvfp4.py --verify OUT --eval --reference MODEL`
-    computes it (the same held-out samples as the other variants' --eval), in a child process."""
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import quantize_nvfp4 as q; "
-            "report, _ = q.existing_quality_report(q.build_parser().parse_args(sys.argv[1:]), {}); "
-            "print(json.dumps(report))")
-    result = subprocess.run([sys.executable, "-c", code, "--verify", str(out), "--reference", str(model), "--eval",
-                             *data], capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        return {"error": ["quality report: " + (result.stderr.strip().splitlines() or ["no output"])[-1]]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def scale_steps(checkpoint: Path, model: Path) -> dict:

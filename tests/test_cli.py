@@ -289,3 +289,5 @@ def test_failed_export_leaves_nothing(tiny_model, tmp_path, monkeypatch):
 def test_help(script):
     result = run_cli("--help", script=ROOT / script)
     assert result.returncode == 0 and "--input_model" in result.stdout, result.stderr[-2000:]
+    assert "--eval " in result.stdout and "--max_ppl_increase" in result.stdout
+    assert ("--verify" in result.stdout) == (script == "quantize_nvfp4.py")  # checking a checkpoint is the main's

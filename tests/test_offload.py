@@ -438,15 +438,44 @@ def test_a_failed_background_write_stops_the_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_streamed_layer_by_layer_equals_the_whole_model_report(four_layer_model, tmp_path):
+    """--eval here streams the original and the emulated files one decoder layer at a time (decoder layers read
+    from disk): the numbers are those of quantize_nvfp4.py --verify --eval on the same files; the gate fails the
+    run with the checkpoint written."""
+    out = tmp_path / "out"
+    result = offload_cli(four_layer_model, out, tmp_path / "off", "--eval_samples", "8", "--max_ppl_increase", "0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "more than --max_ppl_increase 0.0%" in result.stderr
+    streamed = json.loads((out / "quality_report.json").read_text())
+    assert streamed["samples"] == 8 and streamed["method"].endswith("layer by layer")
+    assert streamed["quantized_tensors_emulated"] == sum(1 for k in q.read_checkpoint_tensors(out)
+                                                         if k.endswith(".weight_scale"))
+    assert not (tmp_path / "off" / offload.EVAL_WEIGHTS_DIR).exists()
+
+    args = q.build_parser().parse_args(["--verify", str(out), "--eval", "--reference", str(four_layer_model),
+                                        "--eval_samples", "8", *DATA])
+    expected, _ = q.existing_quality_report(args, {})
+    assert expected["tokens"] == streamed["tokens"]
+    for key in ("perplexity_original", "perplexity_quantized", "mean_kl", "top1_agreement"):
+        assert streamed[key] == pytest.approx(expected[key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.slow
 def test_refusals_before_loading(four_layer_model, tmp_path):
     """--eval with a quantized KV cache is not streamed layer by layer (named with the command that does it, in
-    the dry run too); checking a checkpoint is the main script's; a foreign folder in the offload folder where the
-    resume points go is not ours to delete."""
+    the dry run too), nor into a folder holding files; checking a checkpoint is the main script's; a foreign folder
+    in the offload folder where the resume points go is not ours to delete."""
     for extra in ((), ("--dry_run",)):
         result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval", "--kv_cache", "fp8",
                              *extra)
         assert_usage_error(result, "--eval with --kv_cache fp8",
                            "python quantize_nvfp4.py --verify OUT --eval --reference MODEL")
+    leftover = tmp_path / "off" / offload.EVAL_WEIGHTS_DIR
+    leftover.mkdir(parents=True)
+    (leftover / "notes.txt").write_text("the user's")
+    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--eval", "--dry_run")
+    assert_usage_error(result, "eval_weights is not empty", "choose another --offload_folder")
+    assert (leftover / "notes.txt").read_text() == "the user's"
     result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "off", "--verify", str(tmp_path / "out"))
     assert_usage_error(result, "run python quantize_nvfp4.py --verify DIR")
     foreign = tmp_path / "off" / offload.LAYERWISE_DIR
