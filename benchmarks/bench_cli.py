@@ -231,13 +231,16 @@ def run_all(args: argparse.Namespace) -> dict:
         raise SystemExit(f"building the workload failed:\n{(work / 'workload.log').read_text()[-3000:]}")
     data = json.loads((work / "workload.json").read_text())
     _, warm_up_s = run_logged([sys.executable, str(ROOT / "quantize_nvfp4.py"), "--self_test"], work / "warm-up.log")
-    runs, cap = {}, q.DEFAULT_BATCH_TOKENS
+    results = {"workload": {"shape": workload.shape, **data, "setup_s": setup_s, "warm_up_s": warm_up_s},
+               "versions": q.library_versions(), "runs": {}, "targets": {}}
+    runs, cap = results["runs"], q.DEFAULT_BATCH_TOKENS
     for variant in args.variants:
         runs[variant] = run_variant(variant, work, workload, args.device, cap)
         print(f"{variant}: {json.dumps(runs[variant])}", flush=True)
         cap = runs.get("default", {}).get("max_batch_tokens") or cap
-    return {"workload": {"shape": workload.shape, **data, "setup_s": setup_s, "warm_up_s": warm_up_s},
-            "versions": q.library_versions(), "runs": runs, "targets": check_targets(runs)}
+        results["targets"] = check_targets(runs)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")  # after each run: a cut-off run keeps these
+    return results
 
 
 # --------------------------------------------------------------------------- --render
@@ -332,7 +335,6 @@ def main(argv=None) -> int:
         (Path(args.work) / "forward.json").write_text(json.dumps(result))
         return 0
     results = run_all(args)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     failed = [v for v, r in results["runs"].items() if r["returncode"] != 0]
     return 1 if failed else 0
 
