@@ -436,6 +436,34 @@ def test_local_hessian_block_scales_are_bit_for_bit_those_of_the_masked_copy(bas
     assert len(scales[0]) == 14 and all(torch.equal(scales[0][n], scales[1][n]) for n in scales[0])
 
 
+@pytest.mark.parametrize("algorithm", ["local_hessian", "four_over_six"])
+def test_weight_block_maxima_collected_once_are_those_of_every_batch(base_model, algorithm):
+    """The searches' weight quantizers look at their weight in the first batch only: every scale is unchanged."""
+    run_settings = settings(batch_size=4)
+    run_settings.algorithm = algorithm
+    scales = []
+    for collect in (q.collect_weights_once, lambda model: None):
+        model = copy.deepcopy(base_model)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(q, "collect_weights_once", collect)
+            q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+        scales.append(amax_by_quantizer(model))
+    assert scales[0].keys() == scales[1].keys()
+    assert all(torch.equal(scales[0][n], scales[1][n]) for n in scales[0])
+
+
+def test_searchable_weight_quantizers_collect_once(base_model):
+    model = copy.deepcopy(base_model)
+    config = q.build_quant_config("nvfp4", q.always_unquantized(model), algorithm="local_hessian")
+    import modelopt.torch.quantization as mtq
+
+    seen = []
+    with torch.no_grad():
+        mtq.quantize(model, config, lambda m: q.collect_weights_once(m) or seen.append(sorted(
+            type(mod.weight_quantizer._calibrator).__name__ for mod in m.modules() if q.block_searchable(mod))))
+    assert seen == [["CollectOnceMaxCalibrator"] * 14]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("masked", [True, False])
