@@ -2212,12 +2212,11 @@ def real_rows(x, mask):
 
 
 def real_row_count(rows, row_mask):
-    """Real rows in int64 on the rows' device, without a GPU sync (a 16-bit sum would round counts above 256)."""
+    """Real rows: a Python int when every row is real, else an int64 sum on the rows' device, which needs no GPU
+    sync (a 16-bit sum would round counts above 256; a new device tensor from a Python int would sync)."""
     import torch
 
-    if row_mask is None:
-        return torch.tensor(rows.shape[0], dtype=torch.int64, device=rows.device)
-    return row_mask.sum(dtype=torch.int64)
+    return rows.shape[0] if row_mask is None else row_mask.sum(dtype=torch.int64)
 
 
 def block_hessian_reference(rows, row_mask):
