@@ -2231,7 +2231,9 @@ def block_hessian_reference(rows, row_mask):
 
 
 if triton is not None:
-    @triton.jit
+    # Not specialized on the row count: one compile serves every batch and model (a first 8B run compiled
+    # variants of its own otherwise, seconds of its calibration on an H100)
+    @triton.jit(do_not_specialize=["rows"])
     def block_hessian_kernel(x_ptr, mask_ptr, out_ptr, rows, row_stride, rows_per_program,
                              HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
         """block_hessian_reference as a kernel: a program sums one block column's 16x16 product over its share of
@@ -2828,7 +2830,7 @@ def hessian_sweep_reference(weight, global_amax, hessian, block_amax):
 
 
 if triton is not None:  # a module-level function: Triton resolves a kernel's names in its module's globals
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "inputs"])  # one compile for every shape, as block_hessian_kernel
     def window_sweep_kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
                             BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
         """hessian_sweep_reference as a kernel: a program takes 32 rows of one input block, whose Hessian it loads
