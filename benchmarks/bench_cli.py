@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -265,7 +266,13 @@ def runs_table(runs: dict) -> list[str]:
 
 def phases_table(runs: dict) -> list[str]:
     ours = [v for v in ("default", "max", "offload") if runs.get(v, {}).get("phases_s")]
-    phases = list(dict.fromkeys(p for v in ours for p in runs[v]["phases_s"]))
+    phases: list[str] = []
+    for variant in ours:  # each run's phases in its order, a phase new to the table after the one it follows
+        previous = None
+        for phase in runs[variant]["phases_s"]:
+            if phase not in phases:
+                phases.insert(phases.index(previous) + 1 if previous else 0, phase)
+            previous = phase
     lines = ["| phase | " + " | ".join(v for v in ours) + " |", "|---|" + "---|" * len(ours)]
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(cell(runs[v]["phases_s"].get(phase)) for v in ours) + " |")
@@ -279,29 +286,35 @@ def targets_lines(targets: dict) -> list[str]:
             for name, t in targets.items()]
 
 
+def paragraph(text: str) -> str:
+    return textwrap.fill(text, width=120, break_long_words=False, break_on_hyphens=False)
+
+
 def render(results: dict, results_path: str) -> str:
     w, v = results["workload"], results["versions"]
     return "\n".join([
         SECTION, "", "```bash",
         f"python benchmarks/bench_cli.py --work /tmp/bc --json {results_path}",
         f"python benchmarks/bench_cli.py --render {results_path}", "```", "",
-        f"Machine: {w['gpu']}; torch {v.get('torch')}, transformers {v.get('transformers')}, ModelOpt "
+        paragraph(f"Machine: {w['gpu']}; torch {v.get('torch')}, transformers {v.get('transformers')}, ModelOpt "
         f"{v.get('nvidia-modelopt')}. Model: Llama-3-8B-shaped, random bf16 weights, saved to disk (read from the page "
         f"cache). Data: a local JSONL at the CLI's defaults: {w['samples']} samples of up to 2048 tokens (min "
         f"{w['min']}, median {w['median']}, max {w['max']}; {w['tokens']:,} tokens). Every run is a fresh process, "
-        "timed from outside, after one untimed `--self_test` process; ModelOpt's plain flow calibrates on the same "
-        "samples, padded as `hf_ptq.py` pads them (all to the longest), in batches of 16.", "",
+        "timed from outside, after one untimed `--self_test` process (CUDA start-up, Triton compiles, Python byte "
+        "code cached as an installed package has it); ModelOpt's plain flow calibrates on the same samples, padded as "
+        "`hf_ptq.py` pads them (all to the longest), in batches of 16, with full logits."), "",
         *runs_table(results["runs"]), "", "Seconds per phase, from each run's manifest:", "",
         *phases_table(results["runs"]), "", "Targets:", "", *targets_lines(results["targets"]), "", ""])
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, title: str = SECTION, before: str = NEXT_SECTION) -> None:
+    """`text` (starting with the `title` line) in place of that section of docs/benchmarks.md, or before `before`."""
     docs = DOCS.read_text()
-    start = docs.find(SECTION)
+    start = docs.find(title + "\n")
     if start < 0:
-        start = end = docs.index(NEXT_SECTION)
+        start = end = docs.index(before)
     else:
-        end = docs.index("\n## ", start + len(SECTION)) + 1
+        end = docs.index("\n## ", start + len(title)) + 1
     DOCS.write_text(docs[:start] + text + docs[end:])
 
 
