@@ -11,7 +11,8 @@ staging dir + tokenizer, manifest and model card -> checks of what was written (
 
 Sections, in the order the data flows (each starts with a `# ---- name` line):
     constants                    every default, limit and table (ALGORITHMS: one record per --algorithm)
-    console                      stage lines, progress, errors; other libraries silenced unless --verbose
+    console                      stage lines and the phase table they keep, progress, errors; other libraries
+                                 silenced unless --verbose
     settings                     argv + .env + YAML -> one validated Settings, before anything heavy loads
     pre-load checks              data sources, model, output dir and lock, disk, GPUs: each raises UsageError
                                  (exit 2, one line); prepare_job runs them all, and so does --dry_run
@@ -20,7 +21,8 @@ Sections, in the order the data flows (each starts with a `# ---- name` line):
     batching                     length-sorted batches that cost least padding
     model                        config, tokenizer, weights, what stays in 16 bits, ModelOpt's config
     several GPUs                 torch.distributed ranks under accelerate launch
-    calibration                  CalibrationState, the forward loop and its hooks, mtq.quantize
+    calibration                  CalibrationState, the forward loop and its hooks (local_hessian's Hessian sums
+                                 among them), mtq.quantize
     scale search                 local_hessian and four_over_six block scales after the max pass
     export                       export_hf_checkpoint into staging, tokenizer, manifest, model card, rename
     checks of the written files  validation against vLLM's and TensorRT-LLM's loaders (returns problems)
