@@ -11,7 +11,8 @@ staging dir + tokenizer, manifest and model card -> checks of what was written (
 
 Sections, in the order the data flows (each starts with a `# ---- name` line):
     constants                    every default, limit and table (ALGORITHMS: one record per --algorithm)
-    console                      stage lines, progress, errors; other libraries silenced unless --verbose
+    console                      stage lines and the phase table they keep, progress, errors; other libraries
+                                 silenced unless --verbose
     settings                     argv + .env + YAML -> one validated Settings, before anything heavy loads
     pre-load checks              data sources, model, output dir and lock, disk, GPUs: each raises UsageError
                                  (exit 2, one line); prepare_job runs them all, and so does --dry_run
@@ -20,7 +21,8 @@ Sections, in the order the data flows (each starts with a `# ---- name` line):
     batching                     length-sorted batches that cost least padding
     model                        config, tokenizer, weights, what stays in 16 bits, ModelOpt's config
     several GPUs                 torch.distributed ranks under accelerate launch
-    calibration                  CalibrationState, the forward loop and its hooks, mtq.quantize
+    calibration                  CalibrationState, the forward loop and its hooks (local_hessian's Hessian sums
+                                 among them), mtq.quantize
     scale search                 local_hessian and four_over_six block scales after the max pass
     export                       export_hf_checkpoint into staging, tokenizer, manifest, model card, rename
     checks of the written files  validation against vLLM's and TensorRT-LLM's loaders (returns problems)
@@ -189,6 +191,8 @@ HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input fe
 HESSIAN_WINDOW = (6, 9)          # local_hessian tries the FP8 scales from 6 steps below each block's max scale to 9
                                  # above (an octave is 8 steps), not all 126: where ModelOpt's full sweep put 99.94%
                                  # of blocks on a trained model, for a third of the search's time (docs/algorithms.md)
+HESSIAN_TILE_ROWS = 128          # the Hessian kernel's rows per step
+HESSIAN_ROW_SPLITS = 32          # the Hessian kernel's programs per block column: each sums 1/32 of the rows
 FOUR_OVER_SIX_FACTORS = (1.0, 1.5)  # four_over_six's block amaxes: the block's max on FP4's 6, or on its 4
 FOUR_OVER_SIX_FP8_MAX = 256.0    # ModelOpt's FP8 block-scale normalization for four_over_six (448 otherwise)
 HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
@@ -229,8 +233,10 @@ def on_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-# The phases of a run, each announced by stage() as it starts (the offload script adds its own two)
-STAGE_CHECKS = "checks"
+# The phases of a run, each announced by stage() as it starts (the offload script adds its own two). The first
+# phase, from the process's start, needs no line; the Hessian sums are timed inside calibration and booked apart.
+STAGE_STARTUP = "start-up and imports"
+STAGE_CHECKS = "pre-load checks"
 STAGE_DATA = "calibration data"
 STAGE_LOAD = "loading weights"
 STAGE_CALIBRATION = "calibration"
@@ -239,6 +245,7 @@ STAGE_EXPORT = "export"
 STAGE_VALIDATION = "checks of the written files"
 STAGE_FIDELITY = "fidelity check"
 STAGE_QUALITY = "quality report"
+PHASE_HESSIANS = "Hessian sums"
 PROGRESS_INTERVAL_S = 10.0  # off a terminal: at most one progress line per loop this often
 # Without --verbose: set before these libraries are imported (each reads them once, at import); a value the user
 # set is kept. transformers' progress bars follow huggingface_hub's switch.
@@ -253,20 +260,78 @@ QUIET_LOGGERS = ("accelerate", "modelopt", "datasets", "huggingface_hub", "torch
 QUIET_WARNINGS_FROM = r"(transformers|torch|modelopt|accelerate)(\.|$)"  # modules whose Python warnings go unshown
 
 
+def seconds_since_process_start() -> float:
+    """How long this process has run, from /proc (Linux, 10 ms steps); 0 where there is none."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks since boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+PROCESS_STARTED = time.perf_counter() - seconds_since_process_start()
+
+
+@dataclasses.dataclass
+class Phases:
+    """Seconds per phase of a run, back to back from its start: stage() closes one phase and opens the next, so
+    the phases add up to the wall time. Work timed inside a phase (the Hessian sums inside calibration) is moved
+    out of it into a phase of its own, listed right after it."""
+    since: float                                   # perf_counter when the current phase began
+    current: str = STAGE_STARTUP
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    carved: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # phase -> phases moved out of it
+
+    @property
+    def untouched(self) -> bool:
+        return not self.seconds and self.current == STAGE_STARTUP
+
+    def enter(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
+
+    def move(self, seconds: float, out_of: str, into: str) -> None:
+        """`seconds` measured inside phase `out_of`, booked to phase `into` instead."""
+        if not seconds:
+            return
+        if out_of == self.current:
+            self.since += seconds
+        else:
+            self.seconds[out_of] = self.seconds.get(out_of, 0.0) - seconds
+        self.seconds[into] = self.seconds.get(into, 0.0) + seconds
+        self.carved.setdefault(out_of, []).append(into)
+
+    def table(self) -> dict[str, float]:
+        """Seconds per phase so far (the current one up to now), in the run's order, rounded to 10 ms."""
+        seconds = {**self.seconds, self.current: self.seconds.get(self.current, 0.0) + time.perf_counter() - self.since}
+        inside = {name for names in self.carved.values() for name in names}
+        ordered = []
+        for name in seconds:
+            if name not in inside:
+                ordered += [name] + [n for n in self.carved.get(name, []) if n not in ordered]
+        return {name: round(seconds[name], 2) for name in ordered}
+
+
 @dataclasses.dataclass
 class Console:
     """What the console helpers share. Outside main() (tests, benches) libraries are left as they are."""
     started: float = dataclasses.field(default_factory=time.perf_counter)
     verbose: bool = True
     bars: list = dataclasses.field(default_factory=list)  # open terminal bars, cleared before an error line
+    phases: Phases = dataclasses.field(default_factory=lambda: Phases(since=PROCESS_STARTED))
 
 
 CONSOLE = Console()
 
 
 def start_console(verbose: bool) -> None:
-    """At the start of main(): the run's clock for stage lines, and other libraries' output off unless verbose."""
+    """At the start of main(): the run's clock for stage lines and phases (the first run of a process counts from
+    the process's start, a later one from here), and other libraries' output off unless verbose."""
     CONSOLE.started, CONSOLE.verbose = time.perf_counter(), verbose
+    if not CONSOLE.phases.untouched:
+        CONSOLE.phases = Phases(since=CONSOLE.started)
     if not verbose:
         quiet_libraries()
 
@@ -303,7 +368,8 @@ def log(message: str) -> None:
 
 
 def stage(name: str) -> None:
-    """One line as a phase of the run starts, with the seconds since main() began."""
+    """One line as a phase of the run starts, with the seconds since main() began; the phase clock moves on."""
+    CONSOLE.phases.enter(name)
     log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {name}")
 
 
@@ -1918,6 +1984,37 @@ class ExpertCoverage:
 
 
 @dataclasses.dataclass
+class DeviceClock:
+    """Seconds spent in `timing(device)` blocks, summed: on a GPU from CUDA events read once at the end (a sync per
+    block would stall the forward), elsewhere from the wall clock."""
+    seconds: float = 0.0
+    events: list = dataclasses.field(default_factory=list)
+
+    @contextlib.contextmanager
+    def timing(self, device):
+        import torch
+
+        if device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - start
+            return
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self.events.append((start, end))
+
+    def total(self) -> float:
+        for start, end in self.events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000
+        self.events.clear()
+        return self.seconds
+
+
+@dataclasses.dataclass
 class CalibrationState:
     """What one calibration shares between its forward loop, hooks, calibrators and block-scale search. The
     offload script's layer loop runs instead of calibrate_batches and fills the same fields: batches_run,
@@ -1940,6 +2037,7 @@ class CalibrationState:
     peak_before_probe: int = 0            # bytes: the probe's peak, which the reset after it would lose
     searched: set = dataclasses.field(default_factory=set)
     search_seconds: float = 0.0
+    hessian_clock: DeviceClock = dataclasses.field(default_factory=DeviceClock)
 
 
 def calibration_forward(model) -> Callable:
@@ -2047,6 +2145,27 @@ def sync_free_max_calibrator():
     return SyncFreeMaxCalibrator
 
 
+@functools.cache
+def collect_once_calibrator():
+    """ModelOpt's MaxCalibrator for a linear's static-block weight quantizer, collecting on its first call only.
+
+    Calibration shows the quantizer the same weight in every batch, so the first call's block maxima are those
+    of all calls; each call of MaxCalibrator.collect syncs the GPU three times (its NaN/inf checks): collecting once
+    took an 8B-shaped calibration (224 quantizers x 21 batches, H100) from 29.6 s to 26.0 s.
+    """
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    class CollectOnceMaxCalibrator(MaxCalibrator):
+        def __init__(self, original: MaxCalibrator):
+            self.__dict__.update(original.__dict__)
+
+        def collect(self, x):
+            if self._calib_amax is None:
+                super().collect(x)
+
+    return CollectOnceMaxCalibrator
+
+
 def token_mask(attention, rows: tuple, current):
     """Real tokens from a decoder layer's attention mask, or `current` when the mask's form is unknown.
 
@@ -2087,26 +2206,98 @@ def zero_padding(state: CalibrationState):
     return hook
 
 
+def real_rows(x, mask):
+    """x's rows as a 2-D view, and the flat mask of its real-token rows (None: every row is real)."""
+    rows = x.reshape(-1, x.shape[-1])
+    row_mask = mask_for_rows(x, mask)
+    return rows, None if row_mask is None else row_mask.reshape(-1)
+
+
+def real_row_count(rows, row_mask):
+    """Real rows: a Python int when every row is real, else an int64 sum on the rows' device, which needs no GPU
+    sync (a 16-bit sum would round counts above 256; a new device tensor from a Python int would sync)."""
+    import torch
+
+    return rows.shape[0] if row_mask is None else row_mask.sum(dtype=torch.int64)
+
+
+def block_hessian_reference(rows, row_mask):
+    """Σ x_b x_bᵀ over the real rows, per block of HESSIAN_BLOCK inputs, in fp32: only the real rows are selected
+    (one gather), then one batched product."""
+    import torch
+
+    if row_mask is not None:
+        rows = rows.index_select(0, row_mask.nonzero().reshape(-1))
+    blocks = rows.float().view(rows.shape[0], -1, HESSIAN_BLOCK)
+    return torch.einsum("tbi,tbj->bij", blocks, blocks)
+
+
+if triton is not None:
+    # Not specialized on the row count: one compile serves every batch and model (a first 8B run compiled
+    # variants of its own otherwise, seconds of its calibration on an H100)
+    @triton.jit(do_not_specialize=["rows"])
+    def block_hessian_kernel(x_ptr, mask_ptr, out_ptr, rows, row_stride, rows_per_program,
+                             HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+        """block_hessian_reference as a kernel: a program sums one block column's 16x16 product over its share of
+        the rows, TILE rows at a time, 16-bit in and fp32 accumulated; padding rows load as zeros (no copy)."""
+        column, split = tl.program_id(0), tl.program_id(1)
+        lane = tl.arange(0, BLOCK)
+        first = split * rows_per_program
+        acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+        for offset in tl.range(0, rows_per_program, TILE):
+            row = first + offset + tl.arange(0, TILE)
+            keep = (row < rows) & (row < first + rows_per_program)
+            if HAS_MASK:
+                keep = keep & (tl.load(mask_ptr + row, mask=keep, other=0) != 0)
+            x = tl.load(x_ptr + row[:, None] * row_stride + column * BLOCK + lane[None, :], mask=keep[:, None],
+                        other=0.0)
+            acc += tl.dot(tl.trans(x), x, allow_tf32=False)
+        tl.store(out_ptr + (split * tl.num_programs(0) + column) * BLOCK * BLOCK + lane[:, None] * BLOCK
+                 + lane[None, :], acc)
+
+
+def block_hessian_on_gpu(rows, row_mask):
+    """block_hessian_reference's sums from block_hessian_kernel: partial sums per row split, added in fp32 (a fixed
+    order, so a run repeats bit for bit)."""
+    import torch
+
+    count, columns = rows.shape[0], rows.shape[1] // HESSIAN_BLOCK
+    splits = max(1, min(HESSIAN_ROW_SPLITS, triton.cdiv(count, HESSIAN_TILE_ROWS)))
+    per_program = triton.cdiv(triton.cdiv(count, splits), HESSIAN_TILE_ROWS) * HESSIAN_TILE_ROWS
+    partial = torch.empty(splits, columns, HESSIAN_BLOCK, HESSIAN_BLOCK, dtype=torch.float32, device=rows.device)
+    mask = row_mask.contiguous() if row_mask is not None else rows  # an unused pointer when there is no mask
+    with torch.cuda.device(rows.device):
+        block_hessian_kernel[(columns, splits)](
+            rows, mask, partial, count, rows.stride(0), per_program, HAS_MASK=row_mask is not None,
+            BLOCK=HESSIAN_BLOCK, TILE=HESSIAN_TILE_ROWS, num_warps=4)
+    return partial.sum(0)
+
+
+def block_hessian(x, mask):
+    """One linear input's per-block Σ x_b x_bᵀ over its real rows (fp32) and the number of real rows."""
+    rows, row_mask = real_rows(x, mask)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    count = real_row_count(rows, row_mask)
+    if rows.is_cuda and triton is not None:
+        return block_hessian_on_gpu(rows, row_mask), count
+    return block_hessian_reference(rows, row_mask), count
+
+
 def sum_block_hessian(name: str, state: CalibrationState):
     """A linear's pre-hook adding its real input rows x to the per-block sums Σ x_b x_bᵀ (fp32, as ModelOpt).
 
     Linears fed the same tensor (q/k/v, gate/up) share one sum, computed once: the hook keeps the last input.
     """
-    import torch
-
     def hook(module, args):
         x, sums, last = args[0], state.hessians, state.hessian_input
         if last is not None and last[0] is x:
             sums[name] = last[1]
             return
-        rows, row_mask = x.reshape(-1, x.shape[-1]).float(), mask_for_rows(x, state.mask)
-        count = row_mask.sum() if row_mask is not None else x.numel() // x.shape[-1]
-        if row_mask is not None:
-            rows = rows * row_mask.reshape(-1, 1)
-        blocks = rows.view(rows.shape[0], -1, HESSIAN_BLOCK)
-        total = sums.setdefault(name, [0, 0])
-        total[0] = total[0] + torch.einsum("tbi,tbj->bij", blocks, blocks)
-        total[1] = total[1] + count
+        with state.hessian_clock.timing(x.device):
+            hessian, count = block_hessian(x, state.mask)
+            total = sums.setdefault(name, [0, 0])
+            total[0], total[1] = total[0] + hessian, total[1] + count
         state.hessian_input = (x, total)
     return hook
 
@@ -2317,6 +2508,8 @@ def install_calibration_hooks(model, state: CalibrationState) -> None:
                                                                 "is_enabled", False)
         if other_calibrator or hessian:
             handles.append(module.register_forward_pre_hook(zero_padding(state)))
+    if state.search:  # the max pass alone, weights untouched: their block maxima need one look
+        collect_weights_once(model)
     if state.hessians is not None:
         for name, module in list(model.named_modules()):
             if block_searchable(module):
@@ -2327,6 +2520,15 @@ def install_calibration_hooks(model, state: CalibrationState) -> None:
     for layer in decoder_layers(model) or []:
         handles.append(layer.register_forward_pre_hook(mask_from_attention(state), with_kwargs=True))
     state.handles = handles
+
+
+def collect_weights_once(model) -> None:
+    """Every searchable linear's weight quantizer on collect_once_calibrator (ModelOpt's plain MaxCalibrator only)."""
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    for module in list(model.modules()):
+        if block_searchable(module) and type(module.weight_quantizer._calibrator) is MaxCalibrator:
+            module.weight_quantizer._calibrator = collect_once_calibrator()(module.weight_quantizer._calibrator)
 
 
 def remove_calibration_hooks(state: CalibrationState) -> None:
@@ -2470,6 +2672,14 @@ def modelopt_report(gptq: bool = True):
                 print(line)
 
 
+def book_calibration_phases(state: CalibrationState, phase: str) -> None:
+    """The Hessian sums, and the block-scale search where the layer loop ran it, moved out of the calibration
+    phase into their own."""
+    CONSOLE.phases.move(state.hessian_clock.total(), phase, PHASE_HESSIANS)
+    if state.search_seconds:
+        CONSOLE.phases.move(state.search_seconds, phase, STAGE_SEARCH)
+
+
 def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
                    calibrate: Callable[[Any, dict, CalibrationState], None] | None = None) -> dict:
     """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
@@ -2486,7 +2696,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     state = CalibrationState(pad_id, search=settings.algorithm if searches else None,
                              hessians={} if settings.algorithm == "local_hessian" else None,
                              zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model))
-    on_gpu = device.startswith("cuda")
+    on_gpu, phase = device.startswith("cuda"), CONSOLE.phases.current
     if on_gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -2497,6 +2707,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
                 mtq.quantize(model, config, lambda m: calibrate_batches(m, samples, settings, device, state))
             else:
                 calibrate(model, config, state)
+            book_calibration_phases(state, phase)
             if state.search:
                 search_model_block_scales(model, state)
     finally:
@@ -2517,6 +2728,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
              "kept_16_bit_unreached": unreached}
     if state.search:
         stats["scale_search"] = {"linears": len(state.searched), "seconds": round(state.search_seconds, 2)}
+    if state.hessians is not None:
+        stats["hessian_seconds"] = round(state.hessian_clock.seconds, 2)
     if gptq_relative_mse:
         stats["gptq_relative_mse"] = gptq_relative_mse
     if on_gpu:
@@ -2619,7 +2832,7 @@ def hessian_sweep_reference(weight, global_amax, hessian, block_amax):
 
 
 if triton is not None:  # a module-level function: Triton resolves a kernel's names in its module's globals
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "inputs"])  # one compile for every shape, as block_hessian_kernel
     def window_sweep_kernel(w_ptr, h_ptr, start_ptr, scales_ptr, amaxes_ptr, best_ptr, rows, inputs,
                             BLOCK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
         """hessian_sweep_reference as a kernel: a program takes 32 rows of one input block, whose Hessian it loads
@@ -4093,6 +4306,14 @@ def print_summary(manifest: dict, output: Path) -> None:
                                                          f"(--moe_calibration {coverage['moe_calibration']})"))
     log("\nsummary")
     print_table(("item", "value"), rows)
+    if "phases_s" in t:
+        print_phases(t["phases_s"], t["wall_s"])
+
+
+def print_phases(phases: dict[str, float], wall: float) -> None:
+    log("\ntime per phase")
+    rows = [(name, f"{s:.2f}", f"{s / max(wall, 1e-9):.0%}") for name, s in phases.items()]
+    print_table(("phase", "s", "share"), rows + [("wall (from the process's start)", f"{wall:.2f}", "")])
 
 
 # --------------------------------------------------------------------------- self-test
@@ -4400,6 +4621,8 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
             if in_process:
                 manifest["quality"]["modelopt_in_process"] = in_process
         timings["total_s"] = round(time.perf_counter() - job.started, 2)
+        timings["phases_s"] = CONSOLE.phases.table()
+        timings["wall_s"] = round(sum(timings["phases_s"].values()), 2)
         write_records(staging, manifest, output.name)
         move_into_place(staging, output)
     print_summary(manifest, output)
@@ -4433,9 +4656,21 @@ def modelopt_quality(model, settings: Settings, job: Job, device: str) -> dict |
     return report_with_modelopt(model, job.holdout, device)
 
 
+def import_libraries(settings: Settings) -> None:
+    """A real run imports torch, transformers and ModelOpt first, so that the phase table shows their import time
+    as start-up rather than inside whichever phase needs them first; a dry run answers without ModelOpt."""
+    if settings.dry_run:
+        return
+    import modelopt.torch.export  # noqa: F401
+    import modelopt.torch.quantization  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
 @holding_output_lock
 def run(settings: Settings) -> int:
     """The whole job for validated settings: cheap checks first, the model last."""
+    import_libraries(settings)
     job = prepare_job(settings)
     device, ranks = pick_device(), current_ranks()
     device_map = gpu_placement(settings, job, ranks.distributed)

@@ -1257,6 +1257,7 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
 @q.holding_output_lock
 @holding_offload_lock
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
+    q.import_libraries(settings)
     job = q.prepare_job(settings)
     fingerprint = job_fingerprint(settings, job, offload)
     resume_after = check_resume(offload, fingerprint, settings.dry_run)

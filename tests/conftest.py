@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,24 @@ def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def timed_run(run, *args, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """A CLI run and its wall time seen from outside, process start and exit included."""
+    start = time.perf_counter()
+    result = run(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def assert_phases_add_up(manifest: dict, process_wall: float, phases: Iterable[str]) -> None:
+    """Every phase measured, in the run's order, from the process's start: their sum is the manifest's wall time,
+    which is the process's less what comes after the manifest (the rename, the summary, the interpreter's exit)."""
+    timings = manifest["timings"]
+    written = timings["phases_s"]
+    assert list(written)[0] == q.STAGE_STARTUP and set(phases) <= set(written), written
+    assert all(seconds >= 0 for seconds in written.values()), written
+    assert abs(sum(written.values()) - timings["wall_s"]) < 1.0
+    assert timings["wall_s"] <= process_wall + 0.1 and process_wall - timings["wall_s"] < 5.0, (process_wall, timings)
 
 
 def quantize_cli(model, out, *flags, samples="16", seq_len="96"):

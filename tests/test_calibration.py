@@ -392,6 +392,94 @@ def test_block_hessians_leave_out_padding_and_are_shared_by_linears_fed_the_same
     assert sums["model.layers.0.mlp.down_proj"] is not sums["model.layers.0.mlp.gate_proj"]
 
 
+def masked_copy_hessian(x, mask):
+    """The Hessian sums as first written: an fp32 copy of every row, padding multiplied to zero, the count summed
+    in x's dtype."""
+    rows, row_mask = x.reshape(-1, x.shape[-1]).float(), q.mask_for_rows(x, mask)
+    count = row_mask.sum() if row_mask is not None else x.numel() // x.shape[-1]
+    if row_mask is not None:
+        rows = rows * row_mask.reshape(-1, 1)
+    blocks = rows.view(rows.shape[0], -1, 16)
+    return torch.einsum("tbi,tbj->bij", blocks, blocks), count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_hessian_sums_the_real_rows_as_the_masked_copy_did_and_counts_exactly(dtype):
+    """Within fp32 summation order; 257 real rows: a bf16 sum of the mask would have said 256."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 120, 64, generator=generator) * torch.linspace(0.1, 3, 64)).to(dtype)
+    mask = torch.zeros(3, 120, dtype=torch.long)
+    mask[0, :120], mask[1, :100], mask[2, :37] = 1, 1, 1
+    hessian, count = q.block_hessian(x, mask)
+    expected, _ = masked_copy_hessian(x, mask)
+    assert count.dtype == torch.int64 and count.item() == 257
+    torch.testing.assert_close(hessian, expected, rtol=1e-5, atol=1e-4)
+    unmasked, all_rows = q.block_hessian(x, None)
+    assert all_rows == 360
+    torch.testing.assert_close(unmasked, masked_copy_hessian(x, None)[0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_hessian_block_scales_are_bit_for_bit_those_of_the_masked_copy(base_model, dtype):
+    """Checkpoints unchanged: the scales the search picks from today's sums equal those from the first sums. Only
+    the summation order differs (the count divides every block's Hessian alike and cancels in the argmin), so a
+    block whose two best scales tie to the last bit could in principle flip; none does on this model."""
+    run_settings = settings(batch_size=4)
+    run_settings.algorithm = "local_hessian"
+    scales = []
+    for hessian in (q.block_hessian, masked_copy_hessian):
+        model = copy.deepcopy(base_model).to(dtype)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(q, "block_hessian", hessian)
+            q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+        scales.append({n: a for n, a in amax_by_quantizer(model).items() if "weight_quantizer" in n})
+    assert len(scales[0]) == 14 and all(torch.equal(scales[0][n], scales[1][n]) for n in scales[0])
+
+
+@pytest.mark.parametrize("algorithm", ["local_hessian", "four_over_six"])
+def test_weight_block_maxima_collected_once_are_those_of_every_batch(base_model, algorithm):
+    """The searches' weight quantizers look at their weight in the first batch only: every scale is unchanged."""
+    run_settings = settings(batch_size=4)
+    run_settings.algorithm = algorithm
+    scales = []
+    for collect in (q.collect_weights_once, lambda model: None):
+        model = copy.deepcopy(base_model)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(q, "collect_weights_once", collect)
+            q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+        scales.append(amax_by_quantizer(model))
+    assert scales[0].keys() == scales[1].keys()
+    assert all(torch.equal(scales[0][n], scales[1][n]) for n in scales[0])
+
+
+def test_searchable_weight_quantizers_collect_once(base_model):
+    model = copy.deepcopy(base_model)
+    config = q.build_quant_config("nvfp4", q.always_unquantized(model), algorithm="local_hessian")
+    import modelopt.torch.quantization as mtq
+
+    seen = []
+    with torch.no_grad():
+        mtq.quantize(model, config, lambda m: q.collect_weights_once(m) or seen.append(sorted(
+            type(mod.weight_quantizer._calibrator).__name__ for mod in m.modules() if q.block_searchable(mod))))
+    assert seen == [["CollectOnceMaxCalibrator"] * 14]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("masked", [True, False])
+def test_block_hessian_kernel_equals_the_reference(dtype, masked):
+    """block_hessian_kernel against the index-select reference, on a batch whose rows are no multiple of a tile."""
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(5, 701, 512, generator=generator) * torch.linspace(0.1, 3, 512)).to(dtype).cuda()
+    mask = (torch.arange(701)[None, :] < torch.tensor([701, 650, 3, 0, 400])[:, None]).long().cuda() if masked \
+        else None
+    hessian, count = q.block_hessian(x, mask)
+    rows, row_mask = q.real_rows(x, mask)
+    expected = q.block_hessian_reference(rows, row_mask)
+    assert int(count) == (1754 if masked else 3505)
+    torch.testing.assert_close(hessian, expected, rtol=1e-5, atol=1e-3)
+
+
 def test_local_hessian_sets_every_linears_block_scales_from_one_pass(base_model):
     """One calibration pass; every quantized linear searched; inputs' scales exactly max's."""
     run_settings = settings(batch_size=4)

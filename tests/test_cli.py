@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import quantize_nvfp4 as q
-from conftest import ROOT, assert_usage_error, run_cli, write_jsonl, write_yaml
+from conftest import ROOT, assert_phases_add_up, assert_usage_error, run_cli, timed_run, write_jsonl, write_yaml
 
 pytestmark = pytest.mark.slow
 LOCAL_YAML = str(ROOT / "Datasets" / "Local_Example.yaml")
@@ -96,6 +96,15 @@ def test_manifest(default_run, tiny_model):
     assert manifest["calibration_run"]["tokens"] == calib["tokens"]["total"]
     assert {"load_model_s", "export_s", "total_s"} <= set(manifest["timings"])
     assert "lm_head" in manifest["excluded_modules"]
+
+
+def test_phases_add_up_to_the_wall_time(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result, wall = timed_run(quantize, tiny_model, out, "--eval", "--eval_samples", "8")
+    phases = (q.STAGE_CHECKS, q.STAGE_DATA, q.STAGE_LOAD, q.STAGE_CALIBRATION, q.PHASE_HESSIANS, q.STAGE_SEARCH,
+              q.STAGE_EXPORT, q.STAGE_VALIDATION, q.STAGE_FIDELITY, q.STAGE_QUALITY)
+    assert_phases_add_up(json.loads((out / q.MANIFEST_NAME).read_text()), wall, phases)
+    assert "time per phase" in result.stderr
 
 
 def test_token_is_never_printed_or_written(default_run):

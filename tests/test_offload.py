@@ -9,7 +9,7 @@ import torch
 import faults
 import quantize_nvfp4 as q
 import quantize_nvfp4_offload as offload
-from conftest import ROOT, assert_usage_error, run_cli
+from conftest import ROOT, assert_phases_add_up, assert_usage_error, run_cli, timed_run
 from test_calibration import SAMPLES, amax_by_quantizer, settings, tiny_fp32_model
 
 OFFLOAD_SCRIPT = ROOT / "quantize_nvfp4_offload.py"
@@ -70,11 +70,14 @@ def assert_same_on_this_device(a: Path, b: Path):
 
 @pytest.mark.slow
 def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_memory_checkpoint, tmp_path):
-    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "offload")
+    result, wall = timed_run(offload_cli, four_layer_model, tmp_path / "out", tmp_path / "offload")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "offload plan" in result.stderr and "disk" in result.stderr
     assert_same_on_this_device(in_memory_checkpoint, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "nvfp4_manifest.json").read_text())
+    assert_phases_add_up(manifest, wall, (q.STAGE_CHECKS, q.STAGE_DATA, offload.STAGE_PLACEMENT, q.STAGE_LOAD,
+                                          offload.STAGE_LAYER_CALIBRATION, q.PHASE_HESSIANS, q.STAGE_SEARCH,
+                                          q.STAGE_EXPORT, q.STAGE_VALIDATION, q.STAGE_FIDELITY))
     assert manifest["tool"] == "quantize_nvfp4_offload.py"
     assert manifest["offload"]["layers_per_device"]["disk"] >= 2
     assert manifest["calibration_run"]["batches"] == 6 and manifest["calibration_run"]["padding_fraction"] > 0
