@@ -446,9 +446,11 @@ def test_eval_streamed_layer_by_layer_equals_the_whole_model_report(four_layer_m
     from disk): the numbers are those of quantize_nvfp4.py --verify --eval on the same files; the gate fails the
     run with the checkpoint written."""
     out = tmp_path / "out"
-    result = offload_cli(four_layer_model, out, tmp_path / "off", "--eval_samples", "8", "--max_ppl_increase", "0")
+    result, wall = timed_run(offload_cli, four_layer_model, out, tmp_path / "off", "--eval_samples", "8",
+                             "--max_ppl_increase", "0")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "more than --max_ppl_increase 0.0%" in result.stderr
+    assert_phases_add_up(json.loads((out / q.MANIFEST_NAME).read_text()), wall, (q.STAGE_QUALITY,))
     streamed = json.loads((out / "quality_report.json").read_text())
     assert streamed["samples"] == 8 and streamed["method"].endswith("layer by layer")
     assert streamed["quantized_tensors_emulated"] == sum(1 for k in q.read_checkpoint_tensors(out)
