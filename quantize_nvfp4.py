@@ -127,11 +127,12 @@ class Algorithm:
 
 ALGORITHMS = {
     "max": Algorithm("one pass, each block's scale from its max", {"method": "max"}, modes=ALL_MODES,
-                     default_for=("w4a8", "weight_only"), cuda=False, layer_loop=True),
+                     default_for=("w4a8",), cuda=False, layer_loop=True),
     # ModelOpt's local_hessian recipe (each block's FP8 scale minimizing its output error dwᵀHdw on the inputs'
     # per-block Hessians), with the Hessians summed in the one max pass instead of a second, quantized forward
     "local_hessian": Algorithm("block scales searched to minimize each block's output error",
-                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", default_for=("nvfp4",),
+                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",
+                               default_for=("nvfp4", "weight_only"),
                                cuda=False, scale_search=True, layer_loop=True),
     # ModelOpt's four_over_six recipe (each block's largest value on FP4's 6 or its 4, whichever rounds the block
     # with less squared error; FP8 scales normalized to 256 so that 1.5x fits), searched after the one max pass
