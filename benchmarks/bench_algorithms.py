@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -371,7 +372,7 @@ def run_benchmark(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.in_process = on_gpu = torch.cuda.is_available()
-    results = {"command": "python " + " ".join(sys.argv), "device": device_name(),
+    results = {"command": "python " + shlex.join(sys.argv), "device": device_name(),
                "versions": {"python": platform.python_version(), **q.library_versions()}, "variants": []}
     if args.tiny:
         args.variants, args.max_samples, args.max_seq_len = ["max", "offload max"], 24, 128
@@ -485,7 +486,7 @@ def run_details(results: dict, path: Path) -> str:
     return (f"```bash\n{results.get('command', '(command not recorded)')}\n```\n\n"
             f"Results: `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}`. "
             f"Machine: {results['device']}; Python {versions.get('python', '?')}, torch {versions.get('torch')}, "
-            f"transformers {versions.get('transformers')}, ModelOpt {versions.get('modelopt')}. "
+            f"transformers {versions.get('transformers')}, ModelOpt {versions.get('nvidia-modelopt')}. "
             f"Model: {judge.get('model')}{' from ' + judge['from'] if 'from' in judge else ''}. "
             f"Data: {data.get('source', '?')}; {data.get('calibration_samples')} calibration and "
             f"{data.get('heldout_samples')} held-out samples of up to {data.get('max_seq_len')} tokens. "
