@@ -484,7 +484,7 @@ def run_details(results: dict, path: Path) -> str:
     versions = results["versions"]
     data, judge = results.get("data", {}), results.get("judge", {})
     return (f"```bash\n{results.get('command', '(command not recorded)')}\n```\n\n"
-            f"Results: `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}`. "
+            f"Results: `{path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path.name}`. "
             f"Machine: {results['device']}; Python {versions.get('python', '?')}, torch {versions.get('torch')}, "
             f"transformers {versions.get('transformers')}, ModelOpt {versions.get('nvidia-modelopt')}. "
             f"Model: {judge.get('model')}{' from ' + judge['from'] if 'from' in judge else ''}. "
