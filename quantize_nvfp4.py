@@ -129,11 +129,12 @@ class Algorithm:
 
 ALGORITHMS = {
     "max": Algorithm("one pass, each block's scale from its max", {"method": "max"}, modes=ALL_MODES,
-                     default_for=("w4a8", "weight_only"), cuda=False, layer_loop=True),
+                     default_for=("w4a8",), cuda=False, layer_loop=True),
     # ModelOpt's local_hessian recipe (each block's FP8 scale minimizing its output error dwᵀHdw on the inputs'
     # per-block Hessians), with the Hessians summed in the one max pass instead of a second, quantized forward
     "local_hessian": Algorithm("block scales searched to minimize each block's output error",
-                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", default_for=("nvfp4",),
+                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",
+                               default_for=("nvfp4", "weight_only"),
                                cuda=False, scale_search=True, layer_loop=True),
     # ModelOpt's four_over_six recipe (each block's largest value on FP4's 6 or its 4, whichever rounds the block
     # with less squared error; FP8 scales normalized to 256 so that 1.5x fits), searched after the one max pass
@@ -2766,15 +2767,16 @@ def round_to_e2m1(x):
     code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4): that is how ModelOpt's exporter
     rounds weights (NVFP4QTensor._cast_fp4), so the scale search and the fidelity check score what is written, and
     how the runtimes' kernels round activations (PTX cvt.rn.satfinite.e2m1x2), so --eval's emulator computes what
-    they compute. window_sweep_kernel repeats the rule in Triton."""
+    they compute. window_sweep_kernel repeats the rule in Triton.
+
+    E2M1's grid is evenly spaced within each binade (0.5 below 2, 1 below 4, 2 above), so each magnitude is rounded
+    on its binade's step by torch.round, whose ties go to even, which is the even code; dividing by a power of two
+    is exact. Five passes over x instead of one comparison per code: the CPU search spends most of its time here."""
     import torch
 
     magnitude = x.abs()
-    steps = ((0.25, 0.5, False), (0.75, 0.5, True), (1.25, 0.5, False), (1.75, 0.5, True), (2.5, 1.0, False),
-             (3.5, 1.0, True), (5.0, 2.0, False))  # (threshold, step, inclusive: the tie rounds up to even)
-    rounded = sum(step * ((magnitude >= edge) if inclusive else (magnitude > edge)).to(x.dtype)
-                  for edge, step, inclusive in steps)
-    return torch.sign(x) * rounded
+    step = torch.where(magnitude < 2.0, 0.5, torch.where(magnitude < 4.0, 1.0, 2.0)).to(x.dtype)
+    return torch.sign(x) * torch.clamp(torch.round(magnitude / step) * step, max=6.0)
 
 
 def rounding_error(blocks, scale):

@@ -14,8 +14,8 @@ fresh process, timed from outside:
 Results (wall, calibration, each run's phase table, peak GPU memory) go to --json; --render writes them into the
 "End to end, as users run it" section of docs/benchmarks.md.
 
-    python benchmarks/bench_cli.py --work /tmp/bc --json benchmarks/results_cli_h200.json   # H200: ~7 min, 45 GB disk
-    python benchmarks/bench_cli.py --render benchmarks/results_cli_h200.json
+    python benchmarks/bench_cli.py --work /tmp/bc --json benchmarks/results/cli_h200.json   # H200: ~7 min, 45 GB disk
+    python benchmarks/bench_cli.py --render benchmarks/results/cli_h200.json
     python benchmarks/bench_cli.py --tiny --work /tmp/bc-tiny --json tiny.json               # CPU smoke run
 """
 from __future__ import annotations

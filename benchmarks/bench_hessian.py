@@ -2,8 +2,8 @@
 """local_hessian's per-block Hessian sums for one linear input: block_hessian against the masked fp32 copy it
 replaced, on 8B-shaped inputs (65,536 rows of 4,096 and of 14,336 features, bf16, a tenth of the rows padding).
 
-    python benchmarks/bench_hessian.py --json benchmarks/results_hessian_h100.json        # CUDA
-    python benchmarks/bench_hessian.py --render benchmarks/results_hessian_h100.json      # into docs/benchmarks.md
+    python benchmarks/bench_hessian.py --json benchmarks/results/hessian_h100.json        # CUDA
+    python benchmarks/bench_hessian.py --render benchmarks/results/hessian_h100.json      # into docs/benchmarks.md
 """
 from __future__ import annotations
 

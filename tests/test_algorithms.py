@@ -135,12 +135,13 @@ def test_algorithm_facts_come_from_the_table(monkeypatch):
     """Defaults, --help, the CUDA refusal and the offload script's choices all derive from ALGORITHMS."""
     import quantize_nvfp4_offload as offload
 
-    assert q.DEFAULT_ALGORITHMS == {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "max"}
+    assert q.DEFAULT_ALGORITHMS == {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "local_hessian"}
     assert offload.LAYER_LOOP_ALGORITHMS == [n for n, a in q.ALGORITHMS.items() if a.layer_loop]
     text = q.algorithm_help()
     for name, algorithm in q.ALGORITHMS.items():
         assert f"{name} ({algorithm.summary}" in text
-    assert "local_hessian (block scales searched to minimize each block's output error; default for W4A4)" in text
+    assert ("local_hessian (block scales searched to minimize each block's output error; default for W4A4, "
+            "--weight_only)") in text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name, algorithm in q.ALGORITHMS.items():
         if algorithm.cuda:
@@ -160,9 +161,9 @@ def test_algorithm_facts_come_from_the_table(monkeypatch):
                 offload.build_offload_settings(args)
 
 
-@pytest.mark.parametrize("flags, expected", [([], "local_hessian"), (["--w4a8"], "max"), (["--weight_only"], "max"),
-                                             (["--algorithm", "max"], "max")])
-def test_default_algorithm_is_local_hessian_for_w4a4_and_max_otherwise(flags, expected):
+@pytest.mark.parametrize("flags, expected", [([], "local_hessian"), (["--w4a8"], "max"),
+                                             (["--weight_only"], "local_hessian"), (["--algorithm", "max"], "max")])
+def test_default_algorithm_is_local_hessian_but_for_w4a8(flags, expected):
     args = q.build_parser().parse_args(["--input_model", "m", "--output_model", "o", "--dataset_yaml",
                                         LOCAL_YAML, *flags])
     assert q.build_settings(args, {}).algorithm == expected

@@ -194,8 +194,9 @@ def test_awq_lite_broken_fold_is_rejected(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_algorithm_benchmark_runs_tiny_on_cpu(tmp_path):
     """benchmarks/bench_algorithms.py --tiny: the built-in model, max in both scripts, the JSON summary with the
-    fidelity distribution; the offload script's quality read from its files equals the main script's --eval (the
-    checkpoints are identical on the CPU); no default is chosen without ModelOpt's in-process numbers (GPU only)."""
+    fidelity distribution; both judged from their files on the held-out rows, the offload script's quality equals the
+    main script's (the checkpoints are identical on the CPU); no default is chosen without ModelOpt's in-process
+    numbers (GPU only)."""
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_algorithms.py"), "--tiny", "--work",
                              str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600,
