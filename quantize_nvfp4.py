@@ -2809,6 +2809,7 @@ class LinearGroup:
     names: tuple[str, ...]
     weights: int
     loss: dict
+    weight_amax: Any = None     # the group's largest |w|: its FP8 weight scale
     algo: str | None = "NVFP4"
 
     def upgrade_cost(self, algo: str | None) -> float:
@@ -2865,14 +2866,23 @@ def group_amax(members: list):
     return max(m.weight.detach().abs().amax().float() for m in members)
 
 
-def score_group(modules: dict, names: tuple[str, ...], hessians: dict) -> LinearGroup:
-    """One group's predicted loss under NVFP4 (its calibrated scales), FP8 and 16 bits."""
+def score_group(model, modules: dict, names: tuple[str, ...], hessians: dict) -> LinearGroup:
+    """One group's predicted loss under NVFP4 (its calibrated scales), FP8 and 16 bits, its weights in place."""
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
     members = [modules[n] for n in names]
+    with contextlib.ExitStack() as stack:
+        for module in members:
+            stack.enter_context(enable_weight_access_and_writeback(module, model, modules))
+        return scored(names, members, hessians)
+
+
+def scored(names: tuple[str, ...], members: list, hessians: dict) -> LinearGroup:
     amax = group_amax(members)
     loss = {"NVFP4": sum(hessian_loss(nvfp4_weight_error(m), hessians[n]) for n, m in zip(names, members)),
             "FP8": sum(hessian_loss(fp8_weight_error(m, amax), hessians[n]) for n, m in zip(names, members)),
             None: 0.0}
-    return LinearGroup(names, sum(m.weight.numel() for m in members), loss)
+    return LinearGroup(names, sum(m.weight.numel() for m in members), loss, amax)
 
 
 def choose_formats(groups: list[LinearGroup], budget_bits: float) -> None:
@@ -2920,17 +2930,18 @@ def choose_mixed_precision(model, hessians: dict, budget_bits: float) -> dict:
     start = time.perf_counter()
     modules = dict(model.named_modules())
     names = [n for n in quantized_linear_shapes(model) if n in hessians]
-    groups = [score_group(modules, g, hessians) for g in Progress(linear_groups(names), desc="formats", unit="group")]
+    groups = [score_group(model, modules, g, hessians)
+              for g in Progress(linear_groups(names), desc="formats", unit="group")]
     choose_formats(groups, budget_bits)
     for group in groups:
-        members = [modules[n] for n in group.names]
-        for module in members if group.algo != "NVFP4" else ():
-            set_format(module, group.algo, group_amax(members))
+        for name in group.names if group.algo != "NVFP4" else ():
+            set_format(modules[name], group.algo, group.weight_amax)
     to_disk = export_names(model)
     weights = sum(g.weights for g in groups)
     return {"budget_bits": budget_bits,
             "effective_bits": round(sum(g.weights * WEIGHT_BITS[g.algo] for g in groups) / max(weights, 1), 4),
-            "counted": "stored bits per weight (NVFP4 4.5, FP8 8, 16-bit 16) over the linears calibration quantized",
+            "counted": "stored bits per weight over the linears calibration quantized: " + ", ".join(
+                f"{algo or '16-bit'} {WEIGHT_BITS[algo]:g}" for algo in ("NVFP4", "FP8", None)),
             "predicted_loss": {"chosen": sum(g.loss[g.algo] for g in groups),
                                "all_nvfp4": sum(g.loss["NVFP4"] for g in groups)},
             "seconds": round(time.perf_counter() - start, 2),
@@ -3750,7 +3761,7 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (),
     architecture = (config.architectures or [None])[0]
     quantized, expected, more = check_against_originals(originals, reader, layer_algo, tied, hidden, architecture)
     in_memory = set(quantized_in_memory)
-    problems += more + [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(in_memory - quantized)]
+    problems += more + [f"{n}: quantized in memory but not written quantized" for n in sorted(in_memory - quantized)]
     if in_memory:  # after an export: nothing written as NVFP4 that ModelOpt left in 16 bits
         problems += [f"{n}: written as NVFP4 but not quantized in memory [tensors: exactly the quantized modules]"
                      for n in sorted(quantized - in_memory) if not under_experts(n)]
