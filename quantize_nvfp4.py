@@ -1984,6 +1984,9 @@ class CalibrationState:
     peak_before_probe: int = 0            # bytes: the probe's peak, which the reset after it would lose
     searched: set = dataclasses.field(default_factory=set)
     search_seconds: float = 0.0
+    input_errors: dict | None = None      # --effective_bits: linear -> [per-block Σ e eᵀ of its input's rounding
+                                          # error in each of INPUT_ERROR_FORMATS, real rows]
+    input_error_last: tuple | None = None  # (input, its sums): linears fed the same tensor share one sum
 
 
 def calibration_forward(model) -> Callable:
@@ -2152,6 +2155,31 @@ def sum_block_hessian(name: str, state: CalibrationState):
         total[0] = total[0] + torch.einsum("tbi,tbj->bij", blocks, blocks)
         total[1] = total[1] + count
         state.hessian_input = (x, total)
+    return hook
+
+
+def sum_input_errors(name: str, state: CalibrationState):
+    """--effective_bits: a linear's pre-hook adding, per input block of 16, Σ e eᵀ over its real rows, e the input's
+    rounding error as each of INPUT_ERROR_FORMATS' GEMMs quantizes it (the batch's max standing in for the final
+    input scale): the input side of each format's output error. Linears fed the same tensor share one sum."""
+    import torch
+
+    def hook(module, args):
+        x, last = args[0], state.input_error_last
+        if last is not None and last[0] is x:
+            state.input_errors[name] = last[1]
+            return
+        rows, row_mask = x.reshape(-1, x.shape[-1]).float(), mask_for_rows(x, state.mask)
+        count = row_mask.sum() if row_mask is not None else rows.shape[0]
+        amax = masked_amax(x, state.mask).float().clamp_min(1e-30)
+        errors = torch.stack([rows - quantize(rows, amax / scale) for quantize, scale in INPUT_ERROR_FORMATS.values()])
+        if row_mask is not None:
+            errors = errors * row_mask.reshape(1, -1, 1)
+        blocks = errors.view(errors.shape[0], rows.shape[0], -1, HESSIAN_BLOCK)
+        total = state.input_errors.setdefault(name, [0, 0])
+        total[0] = total[0] + torch.einsum("ftbi,ftbj->fbij", blocks, blocks)
+        total[1] = total[1] + count
+        state.input_error_last = (x, total)
     return hook
 
 
@@ -2365,6 +2393,9 @@ def install_calibration_hooks(model, state: CalibrationState) -> None:
         for name, module in list(model.named_modules()):
             if block_searchable(module):
                 handles.append(module.register_forward_pre_hook(sum_block_hessian(name, state)))
+    for name, module in list(model.named_modules()) if state.input_errors is not None else ():
+        if block_searchable(module):
+            handles.append(module.register_forward_pre_hook(sum_input_errors(name, state)))
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(state)))
         handles.append(router.register_forward_hook(count_routed_tokens(name, state)))
@@ -2376,7 +2407,7 @@ def install_calibration_hooks(model, state: CalibrationState) -> None:
 def remove_calibration_hooks(state: CalibrationState) -> None:
     for handle in state.handles or []:
         handle.remove()
-    state.handles = state.mask = state.hessian_input = None
+    state.handles = state.mask = state.hessian_input = state.input_error_last = None
 
 
 def gpu_token_budget(forward, samples, device, budget_gib: float | None, state: CalibrationState):
@@ -2529,7 +2560,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     searches = ALGORITHMS[settings.algorithm].scale_search
     state = CalibrationState(pad_id, search=settings.algorithm if searches else None,
                              hessians={} if settings.algorithm == "local_hessian" else None,
-                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model))
+                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model),
+                             input_errors={} if settings.effective_bits else None)
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -2553,7 +2585,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     seconds = time.perf_counter() - start
     unreached = keep_unreached_in_16_bits(model)
     check_calibrated(model)
-    mixed = choose_mixed_precision(model, hessians, settings.effective_bits) if settings.effective_bits else None
+    mixed = choose_mixed_precision(model, hessians, state.input_errors, settings.effective_bits) \
+        if settings.effective_bits else None
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(state.forward_seconds, 2), "batches": len(state.batches_run),
@@ -2851,6 +2884,16 @@ def fp8_weight_error(module, amax):
     return error.reshape(weight.shape[0], -1, HESSIAN_BLOCK)
 
 
+def input_error_loss(weight, total, algo: str) -> float:
+    """Σ over output rows and input blocks of wᵀ E w, E the block's mean Σ e eᵀ of the input's rounding error in
+    `algo` (sum_input_errors): the expected squared output error per token from quantizing the input."""
+    import torch
+
+    errors = total[0][list(INPUT_ERROR_FORMATS).index(algo)] / max(float(total[1]), 1.0)
+    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+    return torch.einsum("cnb,nbd,cnd->", blocks, errors.to(blocks.device), blocks).item()
+
+
 def hessian_loss(error, total) -> float:
     """Σ over output rows and input blocks of dwᵀ H dw, H the block's damped mean Hessian: the expected squared
     output error per token, in the block-diagonal approximation local_hessian's search minimizes."""
@@ -2866,7 +2909,7 @@ def group_amax(members: list):
     return max(m.weight.detach().abs().amax().float() for m in members)
 
 
-def score_group(model, modules: dict, names: tuple[str, ...], hessians: dict) -> LinearGroup:
+def score_group(model, modules: dict, names: tuple[str, ...], hessians: dict, input_errors: dict) -> LinearGroup:
     """One group's predicted loss under NVFP4 (its calibrated scales), FP8 and 16 bits, its weights in place."""
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
@@ -2874,14 +2917,16 @@ def score_group(model, modules: dict, names: tuple[str, ...], hessians: dict) ->
     with contextlib.ExitStack() as stack:
         for module in members:
             stack.enter_context(enable_weight_access_and_writeback(module, model, modules))
-        return scored(names, members, hessians)
+        return scored(names, members, hessians, input_errors)
 
 
-def scored(names: tuple[str, ...], members: list, hessians: dict) -> LinearGroup:
+def scored(names: tuple[str, ...], members: list, hessians: dict, input_errors: dict) -> LinearGroup:
+    """Each format's loss: the weight's rounding error through the Hessian plus the input's through the weight."""
     amax = group_amax(members)
-    loss = {"NVFP4": sum(hessian_loss(nvfp4_weight_error(m), hessians[n]) for n, m in zip(names, members)),
-            "FP8": sum(hessian_loss(fp8_weight_error(m, amax), hessians[n]) for n, m in zip(names, members)),
-            None: 0.0}
+    weight_errors = {"NVFP4": nvfp4_weight_error, "FP8": lambda m: fp8_weight_error(m, amax)}
+    loss = {algo: sum(hessian_loss(error(m), hessians[n]) + input_error_loss(m.weight, input_errors[n], algo)
+                      for n, m in zip(names, members)) for algo, error in weight_errors.items()}
+    loss[None] = 0.0
     return LinearGroup(names, sum(m.weight.numel() for m in members), loss, amax)
 
 
@@ -2924,13 +2969,13 @@ def linear_format(module, mode: str) -> str:
     return "FP8" if module.weight_quantizer.num_bits == (4, 3) else MODE_QUANT_ALGO[mode]
 
 
-def choose_mixed_precision(model, hessians: dict, budget_bits: float) -> dict:
+def choose_mixed_precision(model, hessians: dict, input_errors: dict, budget_bits: float) -> dict:
     """--effective_bits after the scale search: every quantized linear scored under each format with its Hessian
-    sums, groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
+    and input-error sums, groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
     start = time.perf_counter()
     modules = dict(model.named_modules())
-    names = [n for n in quantized_linear_shapes(model) if n in hessians]
-    groups = [score_group(model, modules, g, hessians)
+    names = [n for n in quantized_linear_shapes(model) if n in hessians and n in input_errors]
+    groups = [score_group(model, modules, g, hessians, input_errors)
               for g in Progress(linear_groups(names), desc="formats", unit="group")]
     choose_formats(groups, budget_bits)
     for group in groups:
@@ -4056,6 +4101,10 @@ def fake_quant_fp8_input(x, input_scale):
 
     scaled = (x.float() / input_scale).clamp(-E4M3_MAX, E4M3_MAX)
     return (scaled.to(torch.float8_e4m3fn).float() * input_scale).to(x.dtype)
+
+
+# --effective_bits' input-error sums: format -> (its GEMM's input quantization, input amax / input_scale)
+INPUT_ERROR_FORMATS = {"NVFP4": (fake_quant_nvfp4_input, 6.0 * E4M3_MAX), "FP8": (fake_quant_fp8_input, E4M3_MAX)}
 
 
 def input_fake_quant(algo: str):

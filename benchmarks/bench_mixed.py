@@ -4,9 +4,10 @@
     python benchmarks/bench_mixed.py --input_model DIR --dataset_yaml Datasets/Local_Example.yaml \\
         --bits 4.75 5.0 5.5 --work /tmp/bench-mixed [--max_samples 64 --max_seq_len 256 --eval_samples 32]
 
-Each variant is one quantize_nvfp4.py run with --eval in its own process, all on the same calibration. The
-alternatives replace only the choice (quantize_nvfp4.choose_formats): groups upgraded to FP8 in their order while the
-budget allows, in a seeded random order or from the outermost decoder layers inwards. Writes results.json and a
+Each variant is one quantize_nvfp4.py run with --eval in its own process, all on the same calibration: `proxy` (the
+product), `proxy_weights_only` (its score without the input-error term), and two that replace only the choice
+(quantize_nvfp4.choose_formats), upgrading groups to FP8 while the budget allows in a seeded random order (`random`)
+or from the outermost decoder layers inwards (`first_last`). Writes results.json and a
 Markdown table to --work.
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ def run_variant(variant: str, argv: list[str]) -> int:
 
     if variant in ORDERS:
         q.choose_formats = upgrade_in_order(ORDERS[variant])
+    if variant == "proxy_weights_only":  # the score without its input-error term
+        q.input_error_loss = lambda weight, total, algo: 0.0
     return q.main(argv)
 
 
@@ -88,14 +91,16 @@ def main() -> int:
     p.add_argument("--input_model", required=True)
     p.add_argument("--dataset_yaml", default=str(ROOT / "Datasets" / "Local_Example.yaml"))
     p.add_argument("--bits", type=float, nargs="+", default=[4.75, 5.0, 5.5, 6.0])
-    p.add_argument("--variants", nargs="+", default=["proxy", *ORDERS])
+    p.add_argument("--variants", nargs="+", default=["proxy", "proxy_weights_only", *ORDERS])
     p.add_argument("--max_samples", type=int, default=64)
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--eval_samples", type=int, default=32)
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--no_baseline", dest="baseline", action="store_false", help="skip the pure NVFP4 run")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = [measure(args, "proxy", None)]  # pure NVFP4, the default
+    rows = [measure(args, "proxy", None)] if args.baseline else []  # pure NVFP4, the default
+
     for bits in args.bits:
         rows += [measure(args, variant, bits) for variant in args.variants]
         (args.work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
