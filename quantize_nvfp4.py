@@ -1941,6 +1941,18 @@ def check_ranks_agree(model, device: str) -> None:
                            "the calibration is not the same on every rank")
 
 
+def sum_across_ranks(sums: dict) -> None:
+    """Per-linear [sum, rows] pairs (linears fed one tensor share one pair) summed over every rank's batches, in
+    place, so that every rank decides alike."""
+    import torch
+
+    shared = {id(total): total for _, total in sorted(sums.items())}
+    for total in shared.values():
+        total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
+        for tensor in total:
+            torch.distributed.all_reduce(tensor)
+
+
 def placement_for(weight_bytes: int, gpu_budgets: list[int]) -> str:
     """'single' when the 16-bit weights fit one GPU's budget, 'balanced' across GPUs when they fit all of them."""
     if not gpu_budgets or weight_bytes <= gpu_budgets[0]:
@@ -2816,7 +2828,6 @@ def search_block_scales(linears: dict, state: CalibrationState, access: Callable
 def search_model_block_scales(model, state: CalibrationState) -> None:
     """After the max pass: every linear not searched yet (the offload loop searches its layers as it goes). Across
     ranks, every rank first sums every rank's Hessians, so all search alike."""
-    import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
     names = sorted(state.hessians) if state.hessians is not None else \
@@ -2824,11 +2835,7 @@ def search_model_block_scales(model, state: CalibrationState) -> None:
     if names:  # none left after the offload loop
         stage(STAGE_SEARCH)
     if current_ranks().distributed and state.hessians:
-        shared = {id(total): total for _, total in sorted(state.hessians.items())}
-        for total in shared.values():
-            total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
-            for tensor in total:
-                torch.distributed.all_reduce(tensor)
+        sum_across_ranks(state.hessians)
     modules = dict(model.named_modules())
     search_block_scales({name: modules[name] for name in names}, state,
                         access=lambda module: enable_weight_access_and_writeback(module, model, modules))
@@ -2838,7 +2845,7 @@ def search_model_block_scales(model, state: CalibrationState) -> None:
 @dataclasses.dataclass
 class LinearGroup:
     """Linears that take one format (a group the runtimes fuse, or one linear), their weight count, and the predicted
-    loss under each candidate format (quant_algo; None: 16-bit): the sum of their Hessian-weighted weight errors."""
+    loss under each candidate format (quant_algo; None: 16-bit), from their weights' and inputs' rounding errors."""
     names: tuple[str, ...]
     weights: int
     loss: dict
@@ -2961,7 +2968,7 @@ def set_format(module, algo: str | None, weight_amax) -> None:
     for role, amax in (("weight_quantizer", weight_amax), ("input_quantizer", module.input_quantizer.amax)):
         quantizer = TensorQuantizer(QuantizerAttributeConfig(**fp8[f"*{role}"]))
         quantizer.amax = amax.detach().float().reshape(())
-        setattr(module, role, quantizer.to(module.weight.device))
+        setattr(module, role, quantizer.to(amax.device))
 
 
 def linear_format(module, mode: str) -> str:
@@ -2973,6 +2980,8 @@ def choose_mixed_precision(model, hessians: dict, input_errors: dict, budget_bit
     """--effective_bits after the scale search: every quantized linear scored under each format with its Hessian
     and input-error sums, groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
     start = time.perf_counter()
+    if current_ranks().distributed:
+        sum_across_ranks(input_errors)  # the Hessians were summed for the search
     modules = dict(model.named_modules())
     names = [n for n in quantized_linear_shapes(model) if n in hessians and n in input_errors]
     groups = [score_group(model, modules, g, hessians, input_errors)
