@@ -50,6 +50,24 @@ def test_fused_linears_form_one_group():
         ("model.layers.0.mlp.down_proj",)])
 
 
+@pytest.mark.parametrize("algo", ["NVFP4", "FP8"])
+def test_input_error_score_predicts_the_output_error(algo):
+    """The hook's per-block sums, through the weight, give the mean squared output error that quantizing the input
+    causes (up to the cross-block terms the score leaves out)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    state = q.CalibrationState(pad_id=0, input_errors={})
+    handle = linear.register_forward_pre_hook(q.sum_input_errors("linear", state))
+    x = torch.randn(512, 64)
+    linear(x)
+    handle.remove()
+    quantize, scale = q.INPUT_ERROR_FORMATS[algo]
+    error = x - quantize(x, x.abs().max() / scale)
+    measured = (error @ linear.weight.detach().T).square().sum(-1).mean().item()
+    predicted = q.input_error_loss(linear.weight.detach(), state.input_errors["linear"], algo)
+    assert predicted == pytest.approx(measured, rel=0.1)
+
+
 @pytest.mark.parametrize("bits, mode, algorithm, kv, fragment", [
     (4.0, "nvfp4", "local_hessian", "none", "between 4.5"),
     (16.5, "nvfp4", "local_hessian", "none", "between 4.5"),
