@@ -3193,6 +3193,7 @@ RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and w
                      "`quantized_layers`; 0.15 refuses MIXED_PRECISION): FP4 layers as for NVFP4, FP8 layers as FP8.",
 }
 VLLM_QUANTIZATION = {MIXED_PRECISION: "modelopt_mixed", "FP8": "modelopt"}  # quant_algo -> vLLM's name; else NVFP4's
+FORMAT_NAMES = {MIXED_PRECISION: "NVFP4, FP8 and 16-bit layers", "FP8": "FP8"}  # the model card's words; else NVFP4
 KV_NOTES = {
     "FP8": "FP8 KV cache: vLLM picks it up from the checkpoint with the default `--kv-cache-dtype auto`.",
     "NVFP4": "NVFP4 KV cache: vLLM reads it as `nvfp4` (FlashInfer; Blackwell, or SM80-120 with head size != 64); "
@@ -3217,7 +3218,7 @@ def model_card(manifest: dict, folder_name: str) -> str:
     lines = [
         "---", *base_model, "library_name: transformers", "tags: [nvfp4, modelopt, quantized]", "---", "",
         f"# {folder_name}", "",
-        f"`{manifest['source_model']}` quantized to NVFP4 (`{algo}`) with NVIDIA ModelOpt "
+        f"`{manifest['source_model']}` quantized to {FORMAT_NAMES.get(algo, 'NVFP4')} (`{algo}`) with NVIDIA ModelOpt "
         f"{manifest['versions'].get('nvidia-modelopt')} by `{manifest['tool']}`.", "",
         "| | |", "|---|---|",
         f"| mode | {MODES[manifest['mode']][2]} (`{manifest['modelopt_config']}`) |",
@@ -3256,7 +3257,7 @@ def model_card(manifest: dict, folder_name: str) -> str:
 def formats_cell(validation: dict) -> str:
     """A checkpoint's linears per format (mixed precision), or its group size."""
     if validation["quant_algo"] != MIXED_PRECISION:
-        return f"group size {validation['group_size']}"
+        return f"group size {validation['group_size'] or 'none: per-tensor scales'}"
     return ", ".join(f"{n} {algo}" for algo, n in validation["formats"].items())
 
 
@@ -3940,8 +3941,8 @@ def run_verify(folder: Path, source: Path | None = None) -> int:
         print(f"verify: {folder}: {len(problems)} problem(s)")
         return 1
     kv = f", KV cache {summary['kv_cache_quant_algo']}" if summary["kv_cache_quant_algo"] else ""
-    formats = f"group {summary['group_size']}" if summary["quant_algo"] != MIXED_PRECISION else \
-        ", ".join(f"{n} {algo}" for algo, n in summary["formats"].items())
+    formats = ", ".join(f"{n} {algo}" for algo, n in summary["formats"].items()) \
+        if summary["quant_algo"] == MIXED_PRECISION else f"group {summary['group_size'] or 'none: per-tensor scales'}"
     print(f"verify: {folder}: OK against the {summary['checked_against']} ({summary['quant_algo']}, {formats}{kv}, "
           f"{summary['quantized_linears']} quantized / {summary['unquantized_linears']} 16-bit linears, "
           f"{summary['tensors']} tensors)")

@@ -195,3 +195,16 @@ def test_refusals_before_the_model_loads(tiny_model, moe_model, tmp_path):
     offload = ROOT / "quantize_nvfp4_offload.py"
     assert_usage_error(run_cli("--input_model", str(tiny_model), *common, "--effective_bits", "6",
                                "--offload_folder", str(tmp_path / "off"), script=offload), "quantize_nvfp4.py")
+
+
+@pytest.mark.slow
+def test_one_format_left_is_written_as_that_format(tiny_model, tmp_path):
+    """Where the choice leaves one format (on this model and data, every linear FP8 at 8 bits once one down_proj is
+    skipped), ModelOpt writes that format's plain checkpoint, which --verify checks as such; with an FP8 KV cache."""
+    out = quantize_cli(tiny_model, tmp_path / "fp8", "--effective_bits", "8", "--kv_cache", "fp8", "--skip_layers",
+                       "layers.1.mlp.down_proj")
+    hf, inline = quant_configs(out)
+    assert (hf["quant_algo"], inline["quant_algo"], hf["kv_cache_quant_algo"]) == ("FP8", "FP8", "FP8")
+    ok = run_cli("--verify", str(out))
+    assert ok.returncode == 0 and "OK against the config (FP8, group none: per-tensor scales, KV cache FP8" in ok.stdout
+    assert 'quantization="modelopt"' in (out / "README.md").read_text()
