@@ -5,7 +5,8 @@
         --bits 4.75 5.0 5.5 --work /tmp/bench-mixed [--max_samples 64 --max_seq_len 256 --eval_samples 32]
 
 Each variant is one quantize_nvfp4.py run with --eval in its own process, all on the same calibration: `proxy` (the
-product), `proxy_weights_only` (its score without the input-error term), and two that replace only the choice
+product), `proxy_weights_only` (its score without the input-error term), `proxy_relative` (each group's score
+divided by its output's energy), and two that replace only the choice
 (quantize_nvfp4.choose_formats), upgrading groups to FP8 while the budget allows in a seeded random order (`random`)
 or from the outermost decoder layers inwards (`first_last`). Writes results.json and a
 Markdown table to --work.
@@ -62,7 +63,21 @@ def run_variant(variant: str, argv: list[str]) -> int:
         q.choose_formats = upgrade_in_order(ORDERS[variant])
     if variant == "proxy_weights_only":  # the score without its input-error term
         q.input_error_loss = lambda weight, total, algo: 0.0
+    if variant == "proxy_relative":  # each group's score over its output's energy Σ wᵀ H w
+        q.scored = relative(q.scored)
     return q.main(argv)
+
+
+def relative(scored):
+    import quantize_nvfp4 as q
+
+    def score(names, members, hessians, input_errors):
+        group = scored(names, members, hessians, input_errors)
+        energy = sum(q.hessian_loss(m.weight.float().reshape(m.weight.shape[0], -1, q.HESSIAN_BLOCK), hessians[n])
+                     for n, m in zip(names, members))
+        group.loss = {algo: loss / max(energy, 1e-30) for algo, loss in group.loss.items()}
+        return group
+    return score
 
 
 def measure(args, variant: str, bits: float | None) -> dict:
