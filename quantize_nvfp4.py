@@ -2576,6 +2576,13 @@ def split_batch(batch: list[int]) -> tuple[list[int], list[int]]:
     return batch[:half], batch[half:]
 
 
+def batches_after(done: list[list[int]], lengths: list[int], batch_size: int | None, cap: float) -> list[list[int]]:
+    """The batches of the samples `done` did not run (indices into `lengths`), grouped as group_batches groups."""
+    skip = {i for batch in done for i in batch}
+    rest = [i for i in range(len(lengths)) if i not in skip]
+    return [[rest[j] for j in batch] for batch in group_batches([lengths[i] for i in rest], batch_size, cap)]
+
+
 def plan_batches(forward, samples, settings: Settings, device: str, state: CalibrationState) -> None:
     """Decide the batches once; an algorithm's later passes run the same ones.
 
@@ -2590,10 +2597,7 @@ def plan_batches(forward, samples, settings: Settings, device: str, state: Calib
         state.done = [[probe]]  # every rank ran it: max is idempotent, so that changes nothing
         if ranks.distributed:  # one plan for all ranks: the smallest budget
             state.cap = all_reduce_min(state.cap, device)
-    skip = {i for batch in state.done for i in batch}
-    rest = [i for i in range(len(samples)) if i not in skip]
-    grouped = group_batches([lengths[i] for i in rest], settings.batch_size, state.cap)
-    state.plan = [[rest[j] for j in batch] for batch in grouped]
+    state.plan = batches_after(state.done, lengths, settings.batch_size, state.cap)
     if ranks.distributed:
         state.plan = rank_share(state.plan, lengths, ranks.rank, ranks.world)
 

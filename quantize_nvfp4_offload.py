@@ -665,7 +665,7 @@ def execution_device(placement: Placement) -> str:
 
 def clean_offload_folder(offload: OffloadSettings) -> None:
     """Delete only what this script created; the folder itself only if nothing else is left in it."""
-    for name in (WEIGHTS_DIR, LAYERWISE_DIR, EVAL_WEIGHTS_DIR):
+    for name in (WEIGHTS_DIR, LAYERWISE_DIR):
         shutil.rmtree(offload.offload_folder / name, ignore_errors=True)
     (offload.offload_folder / JOB_FILE).unlink(missing_ok=True)
     if not any(offload.offload_folder.iterdir()):
@@ -689,6 +689,13 @@ def output_form(output) -> int:
         return len(output)
     raise q.UsageError(f"a decoder layer returned {type(output).__name__}, which the layer-by-layer loop cannot "
                        "pass on to the next layer: use quantize_nvfp4.py for this model")
+
+
+def hidden_of(output):
+    """A decoder layer's output hidden states (output_form says which forms there are)."""
+    import torch
+
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def shaped_like(form: int, hidden):
@@ -721,14 +728,12 @@ def replaced_forwards(layers, forwards: dict[int, Callable]):
 
 def layer_pass(layer, inputs: list, calls: list, masks: list, state: q.CalibrationState, keep_outputs: bool) -> list:
     """Every batch through one decoder layer; its hidden-state outputs are the next layer's inputs."""
-    import torch
-
     outputs = []
     for hidden, (args, kwargs), mask in zip(inputs, calls, masks):
         state.mask = mask  # the layer's pre-hook refines it from its own attention mask
         output = layer(hidden, *args, **kwargs)
         if keep_outputs:
-            outputs.append(output if isinstance(output, torch.Tensor) else output[0])
+            outputs.append(hidden_of(output))
     return outputs
 
 
@@ -1082,7 +1087,7 @@ def reference_device_map(model, device: str) -> dict:
             return {prefix: "disk"}
         children = list(module.named_children())
         if not any(id(m) in layers for _, m in module.named_modules()) or not children:
-            return {prefix: device}
+            return {prefix: execution}
         placed = {}
         for name, child in children:
             placed |= place(child, f"{prefix}.{name}" if prefix else name)
@@ -1097,13 +1102,8 @@ def reference_device_map(model, device: str) -> dict:
 
 def run_layer(layer, inputs: list, calls: list, device: str) -> list:
     """Each held-out sample's hidden states through one decoder layer (kept on the CPU between layers)."""
-    import torch
-
-    outputs = []
-    for hidden, (args, kwargs) in zip(inputs, calls):
-        output = layer(hidden.to(device), *args, **kwargs)
-        outputs.append((output if isinstance(output, torch.Tensor) else output[0]).to("cpu"))
-    return outputs
+    return [hidden_of(layer(hidden.to(device), *args, **kwargs)).to("cpu")
+            for hidden, (args, kwargs) in zip(inputs, calls)]
 
 
 class StreamedEvaluation:

@@ -89,13 +89,11 @@ def write_yaml(work: Path) -> Path:
 
 
 def save_model(folder: Path, workload: Workload, device: str, seed: int) -> None:
-    from bench_calibration import LLAMA3_8B, build_model, free_memory
+    from bench_calibration import LLAMA3_8B
     from bench_calibration import TINY as TINY_SHAPE
+    from bench_offload import save_random_model
 
-    model, _ = build_model(LLAMA3_8B if workload.shape == "8b" else TINY_SHAPE, device, seed)
-    model.save_pretrained(str(folder), max_shard_size="4GB")
-    del model
-    free_memory(device)
+    save_random_model(folder, LLAMA3_8B if workload.shape == "8b" else TINY_SHAPE, device, seed)
 
 
 def selected_samples(work: Path, workload: Workload, tokenizer) -> list[list[int]]:
@@ -128,9 +126,8 @@ def gpu_name(device: str) -> str:
 # --------------------------------------------------------------------------- the bf16 forward (a child process)
 def default_batches(lengths: list[int], cap: float) -> list[list[int]]:
     """The default run's batches: the longest sample alone first (its memory probe on a GPU), then the plan."""
-    probe = max(range(len(lengths)), key=lambda i: lengths[i])
-    rest = [i for i in range(len(lengths)) if i != probe]
-    return [[probe]] + [[rest[j] for j in b] for b in q.group_batches([lengths[i] for i in rest], None, cap)]
+    probe = [max(range(len(lengths)), key=lambda i: lengths[i])]
+    return [probe] + q.batches_after([probe], lengths, None, cap)
 
 
 def bf16_forward(work: Path, device: str, cap: float) -> dict:
