@@ -4265,7 +4265,8 @@ def print_plan(settings: Settings, stats: dict) -> None:
 
 
 def print_table(header: tuple, rows: list[tuple]) -> None:
-    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    """Aligned columns under a ruled header; a missing value (None) shows as '-'."""
+    cells = [tuple(str(c) for c in header)] + [tuple("-" if c is None else str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for n, row in enumerate(cells):
         log("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))

@@ -258,15 +258,6 @@ def check_targets(results: dict) -> list[dict]:
     return out
 
 
-def print_table(header: tuple, rows: list[tuple]) -> None:
-    cells = [header] + [tuple("-" if c is None else str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark NVFP4 calibration throughput and memory (random weights).")
     p.add_argument("--tiny", action="store_true", help="tiny Llama, 16 samples x <= 128 tokens: a CPU smoke test")
@@ -301,7 +292,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plan_only:
         rows = plan_report(args)
-        print_table(tuple(rows[0]), [tuple(r.values()) for r in rows])
+        q.print_table(tuple(rows[0]), [tuple(r.values()) for r in rows])
         return 0
     device, shape = args.device, TINY if args.tiny else LLAMA3_8B
     samples = make_samples(args.samples, args.median_len, args.max_len, shape["vocab_size"], args.seed)
@@ -344,23 +335,23 @@ def main(argv=None) -> int:
         rows.append((r["label"], r["tokens"], r["seconds"], r.get("forward_seconds"), r.get("batches"),
                      r.get("padding_fraction"), r["tokens_per_s"], r["peak_gpu_memory_gib"], r["peak_over_weights"],
                      r["vs_ceiling"]))
-    print()
-    print_table(("variant", "tokens", "seconds", "loop s", "batches", "padding", "tokens/s", "peak GiB",
+    q.log("")
+    q.print_table(("variant", "tokens", "seconds", "loop s", "batches", "padding", "tokens/s", "peak GiB",
                  "peak/weights", "vs ceiling"), rows)
     targets = check_targets(results)
     if "machine_first_process" in results:
-        print(f"\nthe machine's first CUDA process ('ours' cold, not in the targets): "
+        q.log(f"\nthe machine's first CUDA process ('ours' cold, not in the targets): "
               f"{results['machine_first_process']['seconds']} s")
     cold, warm = results.get("ceiling_cold"), results.get("ceiling")
     if cold and warm:
         per_shape = (cold["seconds"] - warm["seconds"]) / cold["shapes"]
-        print(f"\ncold set-up per batch shape (bf16 forward, cold - warm over {cold['shapes']} shapes): "
+        q.log(f"\ncold set-up per batch shape (bf16 forward, cold - warm over {cold['shapes']} shapes): "
               f"{per_shape:.3f} s = {per_shape * warm['tokens_per_s']:.0f} tokens at the warm rate "
               f"(BATCH_OVERHEAD_TOKENS is {q.BATCH_OVERHEAD_TOKENS})")
-    print()
+    q.log("")
     for t in targets:
         verdict = "SKIP" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
-        print(f"{verdict}  {t['target']}: measured {t['measured']}")
+        q.log(f"{verdict}  {t['target']}: measured {t['measured']}")
     report = {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "versions": q.library_versions(), "command": shlex.join(["python"] + sys.argv),
@@ -373,10 +364,10 @@ def main(argv=None) -> int:
         cap = args.ceiling_batch_tokens or measured.get("max_batch_tokens") or q.DEFAULT_BATCH_TOKENS
         for name in ("ours", "ceiling"):
             free_memory(device)
-            print(f"\n== profile: {name} (self GPU time)\n" + profile_variant(name, args, shape, samples, device, cap,
+            q.log(f"\n== profile: {name} (self GPU time)\n" + profile_variant(name, args, shape, samples, device, cap,
                                                                              Path(args.json).parent))
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    q.log(f"\nwrote {args.json}")
     return 0
 
 
