@@ -153,8 +153,8 @@ def bf16_forward(work: Path, device: str, cap: float) -> dict:
 
 # --------------------------------------------------------------------------- imports (a child process)
 # what a run imports before its first phase (the script, then import_libraries' modules), in dependency order
-IMPORTS = "import quantize_nvfp4; import torch; import transformers; import modelopt.torch.quantization, " \
-          "modelopt.torch.export"
+IMPORTED = ("quantize_nvfp4", "torch", "transformers", "modelopt.torch.quantization", "modelopt.torch.export")
+IMPORTS = "; ".join(f"import {module}" for module in IMPORTED)
 def import_profile() -> dict:
     """A fresh process that imports what a run imports before its first phase, under `python -X importtime`: its
     wall time from outside, and per top-level package the import time of what importing it first brought in (the
@@ -168,8 +168,9 @@ def import_profile() -> dict:
         fields = line.split("|")
         if line.startswith("import time:") and len(fields) == 3 and fields[1].strip().isdigit() \
                 and not fields[2].startswith("  "):  # outermost: imported by the -c line itself
-            package = fields[2].strip().split(".")[0]
-            by_package[package] = by_package.get(package, 0.0) + int(fields[1]) / 1e6
+            package = fields[2].strip().split(".")[0]  # the interpreter's own start-up (site) is no run's import
+            if package in {module.split(".")[0] for module in IMPORTED}:
+                by_package[package] = by_package.get(package, 0.0) + int(fields[1]) / 1e6
     return {"wall_s": round(wall, 2), "imports_s": round(sum(by_package.values()), 2),
             "by_package_s": {name: round(seconds, 2) for name, seconds in by_package.items() if seconds >= 0.01}}
 
@@ -314,7 +315,8 @@ def plain_and_imports(results: dict) -> list[str]:
                             f"calibration {plain['calibration_s']} s, export {plain['export_s']} s; the rest of its "
                             f"{plain['wall_s']} s (interpreter start, imports, exit) {rest} s."), ""]
     if imports:
-        packages = ", ".join(f"{name} {seconds} s" for name, seconds in imports["by_package_s"].items())
+        packages = ", ".join(f"{name} {seconds} s" for name, seconds in imports["by_package_s"].items()
+                             if name in {module.split(".")[0] for module in IMPORTED})
         lines += [paragraph(f"Imports: a fresh process that imports what a run imports before its first phase, and "
                             f"exits, takes {imports['wall_s']} s, of which `python -X importtime` counts "
                             f"{imports['imports_s']} s of imports; what each package brought in, in the order "
