@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 import warnings
@@ -1329,4 +1328,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    q.exit_without_teardown(main())

@@ -151,6 +151,30 @@ def bf16_forward(work: Path, device: str, cap: float) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- imports (a child process)
+# what a run imports before its first phase (the script, then import_libraries' modules), in dependency order
+IMPORTED = ("quantize_nvfp4", "torch", "transformers", "modelopt.torch.quantization", "modelopt.torch.export")
+IMPORTS = "; ".join(f"import {module}" for module in IMPORTED)
+def import_profile() -> dict:
+    """A fresh process that imports what a run imports before its first phase, under `python -X importtime`: its
+    wall time from outside, and per top-level package the import time of what importing it first brought in (the
+    cumulative time of the outermost imports, which add up to all of it)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", IMPORTS], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    wall = time.perf_counter() - start
+    by_package: dict[str, float] = {}
+    for line in result.stderr.splitlines():
+        fields = line.split("|")
+        if line.startswith("import time:") and len(fields) == 3 and fields[1].strip().isdigit() \
+                and not fields[2].startswith("  "):  # outermost: imported by the -c line itself
+            package = fields[2].strip().split(".")[0]  # the interpreter's own start-up (site) is no run's import
+            if package in {module.split(".")[0] for module in IMPORTED}:
+                by_package[package] = by_package.get(package, 0.0) + int(fields[1]) / 1e6
+    return {"wall_s": round(wall, 2), "imports_s": round(sum(by_package.values()), 2),
+            "by_package_s": {name: round(seconds, 2) for name, seconds in by_package.items() if seconds >= 0.01}}
+
+
 # --------------------------------------------------------------------------- the runs (this process)
 def command(variant: str, work: Path, workload: Workload, device: str) -> list[str]:
     model, out = str(work / "model"), str(work / f"out-{variant}")
@@ -189,7 +213,8 @@ def manifest_result(out: Path) -> dict:
             "hessian_s": calib.get("hessian_seconds"), "scale_search_s": calib.get("scale_search", {}).get("seconds"),
             "peak_gpu_memory_gib": calib.get("peak_gpu_memory_gib"), "tokens": calib["tokens"],
             "max_batch_tokens": calib["max_batch_tokens"], "manifest_wall_s": manifest["timings"]["wall_s"],
-            "phases_s": manifest["timings"]["phases_s"]}
+            "phases_s": manifest["timings"]["phases_s"],
+            "export_hf_checkpoint_s": manifest["timings"].get("export_hf_checkpoint_s")}
 
 
 def run_variant(variant: str, work: Path, workload: Workload, device: str, cap: float) -> dict:
@@ -230,7 +255,7 @@ def run_all(args: argparse.Namespace) -> dict:
     data = json.loads((work / "workload.json").read_text())
     _, warm_up_s = run_logged([sys.executable, str(ROOT / "quantize_nvfp4.py"), "--self_test"], work / "warm-up.log")
     results = {"workload": {"shape": workload.shape, **data, "setup_s": setup_s, "warm_up_s": warm_up_s},
-               "versions": q.library_versions(), "runs": {}, "targets": {}}
+               "versions": q.library_versions(), "imports": import_profile(), "runs": {}, "targets": {}}
     runs, cap = results["runs"], q.DEFAULT_BATCH_TOKENS
     for variant in args.variants:
         runs[variant] = run_variant(variant, work, workload, args.device, cap)
@@ -273,8 +298,29 @@ def phases_table(runs: dict) -> list[str]:
     lines = ["| phase | " + " | ".join(v for v in ours) + " |", "|---|" + "---|" * len(ours)]
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(cell(runs[v]["phases_s"].get(phase)) for v in ours) + " |")
+        if phase == q.STAGE_EXPORT and any(runs[v].get("export_hf_checkpoint_s") for v in ours):
+            lines.append("| of which ModelOpt's `export_hf_checkpoint` | "
+                         + " | ".join(cell(runs[v].get("export_hf_checkpoint_s")) for v in ours) + " |")
     lines.append("| wall in the manifest (the phases' sum) / seen from outside | "
                  + " | ".join(f"{runs[v]['manifest_wall_s']} / {runs[v]['wall_s']}" for v in ours) + " |")
+    return lines
+
+
+def plain_and_imports(results: dict) -> list[str]:
+    """Where the plain flow's wall goes, and what the imports that start every run cost, as paragraphs."""
+    lines, plain, imports = [], results["runs"].get("plain", {}), results.get("imports")
+    if plain.get("returncode") == 0:
+        rest = round(plain["wall_s"] - plain["load_s"] - plain["calibration_s"] - plain["export_s"], 2)
+        lines += [paragraph(f"ModelOpt's plain flow, timed inside its script: loading {plain['load_s']} s, "
+                            f"calibration {plain['calibration_s']} s, export {plain['export_s']} s; the rest of its "
+                            f"{plain['wall_s']} s (interpreter start, imports, exit) {rest} s."), ""]
+    if imports:
+        packages = ", ".join(f"{name} {seconds} s" for name, seconds in imports["by_package_s"].items()
+                             if name in {module.split(".")[0] for module in IMPORTED})
+        lines += [paragraph(f"Imports: a fresh process that imports what a run imports before its first phase, and "
+                            f"exits, takes {imports['wall_s']} s, of which `python -X importtime` counts "
+                            f"{imports['imports_s']} s of imports; what each package brought in, in the order "
+                            f"imported: {packages}."), ""]
     return lines
 
 
@@ -301,7 +347,8 @@ def render(results: dict, results_path: str) -> str:
         "code cached as an installed package has it); ModelOpt's plain flow calibrates on the same samples, padded as "
         "`hf_ptq.py` pads them (all to the longest), in batches of 16, with full logits."), "",
         *runs_table(results["runs"]), "", "Seconds per phase, from each run's manifest:", "",
-        *phases_table(results["runs"]), "", "Targets:", "", *targets_lines(results["targets"]), "", ""])
+        *phases_table(results["runs"]), "", *plain_and_imports(results), "Targets:", "",
+        *targets_lines(results["targets"]), "", ""])
 
 
 def write_section(text: str, title: str = SECTION, before: str = NEXT_SECTION) -> None:

@@ -86,7 +86,7 @@ def settings_for(folder: Path, samples, args) -> q.Settings:
 def job_for(settings: q.Settings, samples) -> q.Job:
     config = q.load_model_config(settings)
     skeleton = q.empty_model(config, False)
-    return q.Job(config, None, skeleton, q.always_unquantized(skeleton), samples, {}, time.perf_counter())
+    return q.Job(config, None, skeleton, q.always_unquantized(skeleton), samples, {})
 
 
 def export(model, folder: Path | None) -> float | None:

@@ -69,13 +69,14 @@ def timed_run(run, *args, **kwargs) -> tuple[subprocess.CompletedProcess, float]
 
 def assert_phases_add_up(manifest: dict, process_wall: float, phases: Iterable[str]) -> None:
     """Every phase measured, in the run's order, from the process's start: their sum is the manifest's wall time,
-    which is the process's less what comes after the manifest (the rename, the summary, the interpreter's exit)."""
+    which is the process's less what comes after the manifest (the rename, the summary, the exit): well under the
+    2-3 s the interpreter's own teardown would take (exit_without_teardown)."""
     timings = manifest["timings"]
     written = timings["phases_s"]
     assert list(written)[0] == q.STAGE_STARTUP and set(phases) <= set(written), written
     assert all(seconds >= 0 for seconds in written.values()), written
     assert abs(sum(written.values()) - timings["wall_s"]) < 1.0
-    assert timings["wall_s"] <= process_wall + 0.1 and process_wall - timings["wall_s"] < 5.0, (process_wall, timings)
+    assert timings["wall_s"] <= process_wall + 0.1 and process_wall - timings["wall_s"] < 1.5, (process_wall, timings)
 
 
 def quantize_cli(model, out, *flags, samples="16", seq_len="96"):

@@ -14,9 +14,9 @@ from conftest import ROOT
 
 NOISE = ("Inserted", "Registered <class", "Generating train split", "deprecated", "\r")
 MAIN_STAGES = (q.STAGE_CHECKS, q.STAGE_DATA, q.STAGE_LOAD, q.STAGE_CALIBRATION, q.STAGE_SEARCH, q.STAGE_EXPORT,
-               q.STAGE_VALIDATION, q.STAGE_FIDELITY)
+               q.STAGE_VALIDATION)
 OFFLOAD_STAGES = (q.STAGE_CHECKS, q.STAGE_DATA, qo.STAGE_PLACEMENT, q.STAGE_LOAD, qo.STAGE_LAYER_CALIBRATION,
-                  q.STAGE_EXPORT, q.STAGE_VALIDATION, q.STAGE_FIDELITY)
+                  q.STAGE_EXPORT, q.STAGE_VALIDATION)
 
 
 def self_test(script: str, *extra: str) -> subprocess.CompletedProcess:
