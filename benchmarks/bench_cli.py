@@ -39,6 +39,10 @@ sys.path.insert(0, str(ROOT))
 import quantize_nvfp4 as q  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
+# the README's one sentence on speed, rendered from the same results
+README_CLAIM = re.compile(r"On an? \S+ this run of an 8B-shaped model .*?"
+                          r"\(docs/benchmarks\.md#end-to-end-as-users-run-it\)\)\.", re.DOTALL)
 SECTION = "## End to end, as users run it"
 NEXT_SECTION = "## Calibration speed and memory"
 VARIANTS = ("default", "max", "plain", "offload", "forward")
@@ -351,6 +355,24 @@ def render(results: dict, results_path: str) -> str:
         *targets_lines(results["targets"]), "", ""])
 
 
+def readme_claim(results: dict) -> str:
+    """The README's sentence on the 8B run, from the results file the docs' table comes from."""
+    w, runs = results["workload"], results["runs"]
+    gpu = w["gpu"].removeprefix("NVIDIA ").split()[0]
+    return paragraph(
+        f"On an {gpu} this run of an 8B-shaped model ({w['samples']} samples, {w['tokens'] / 1000:.0f}k tokens) took "
+        f"{runs['default']['wall_s']:.0f} s, {runs['default']['calibration_s']:.0f} s of it calibration; ModelOpt's "
+        f"plain flow took {runs['plain']['wall_s']:.0f} s on the same samples "
+        "([end to end](docs/benchmarks.md#end-to-end-as-users-run-it)).")
+
+
+def write_readme_claim(results: dict) -> None:
+    readme = README.read_text()
+    if not README_CLAIM.search(readme):
+        raise SystemExit("README.md has no sentence on the 8B run to replace (README_CLAIM)")
+    README.write_text(README_CLAIM.sub(lambda _: readme_claim(results), readme, count=1))
+
+
 def write_section(text: str, title: str = SECTION, before: str = NEXT_SECTION) -> None:
     """`text` (starting with the `title` line) in place of that section of docs/benchmarks.md, or before `before`."""
     docs = DOCS.read_text()
@@ -371,7 +393,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="the tiny Llama on the CPU: a smoke test")
     p.add_argument("--device", default=None, help="default: cuda:0 if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--render", metavar="RESULTS_JSON", help="write RESULTS_JSON's table into docs/benchmarks.md")
+    p.add_argument("--render", metavar="RESULTS_JSON",
+                   help="write RESULTS_JSON's tables into docs/benchmarks.md and its 8B sentence into README.md")
     p.add_argument("--child", choices=("workload", "forward"), help=argparse.SUPPRESS)
     p.add_argument("--cap", type=float, default=q.DEFAULT_BATCH_TOKENS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -380,7 +403,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
-        write_section(render(json.loads(Path(args.render).read_text()), args.render))
+        results = json.loads(Path(args.render).read_text())
+        write_section(render(results, args.render))
+        write_readme_claim(results)
         return 0
     args.device = args.device or q.pick_device()
     if args.child == "workload":

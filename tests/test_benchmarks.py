@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from benchmarks import bench_algorithms as bench
@@ -39,3 +40,15 @@ def test_quality_table_compares_each_mode_with_its_max(tmp_path: Path):
     assert lines[4].startswith("| `--weight_only --algorithm local_hessian`")
     assert lines[4].rstrip(" |").split(" | ")[1:] == ["10.0 (5.0)", "10.00%", "0.100", "0.800", "0.50", "0.50"]
     assert "Not measured: gptq (skipped: --budget_s spent)." in lines[-1]
+
+
+def test_end_to_end_section_and_readme_sentence_are_rendered_from_the_committed_results():
+    """docs/benchmarks.md's end-to-end section and README's sentence on the 8B run equal what
+    `bench_cli.py --render` writes from the one committed results file."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_cli
+
+    [path] = sorted((ROOT / "benchmarks" / "results").glob("cli_*.json"))
+    results, name = json.loads(path.read_text()), str(path.relative_to(ROOT))
+    assert bench_cli.render(results, name) in (ROOT / "docs" / "benchmarks.md").read_text(), f"run --render {name}"
+    assert bench_cli.readme_claim(results) in (ROOT / "README.md").read_text(), f"run --render {name}"
