@@ -119,7 +119,6 @@ class Algorithm:
     default_for: tuple[str, ...] = ()   # the modes whose default it is
     cuda: bool = True                   # fake-quantized forwards on ModelOpt's CUDA kernels
     scale_search: bool = False          # the max pass, then our block-scale search (a torch path beside Triton's)
-    rewrites_weights: bool = False      # the exported FP4 values are not the weights' nearest: rewritten weights
     layer_loop: bool = False            # the offload script's layer loop runs it
 
     @property
@@ -136,7 +135,7 @@ ALGORITHMS = {
     "local_hessian": Algorithm("block scales searched to minimize each block's output error",
                                {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",
                                default_for=("nvfp4", "weight_only"),
-                               cuda=False, scale_search=True, rewrites_weights=True, layer_loop=True),
+                               cuda=False, scale_search=True, layer_loop=True),
     # ModelOpt's four_over_six recipe (each block's largest value on FP4's 6 or its 4, whichever rounds the block
     # with less squared error; FP8 scales normalized to 256 so that 1.5x fits), searched after the one max pass
     "four_over_six": Algorithm("each block's max on FP4's 6 or 4, whichever rounds it better", {"method": "max"},
@@ -145,7 +144,7 @@ ALGORITHMS = {
     # (ModelOpt's layer-by-layer mode replays each layer's inputs; measured no better here, and 10x slower)
     "gptq": Algorithm("Hessian-guided rounding with error feedback",
                       {"method": "gptq", "fused": True, "layerwise": {"enable": False}},
-                      "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", rewrites_weights=True, layer_loop=True),
+                      "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", layer_loop=True),
     "mse": Algorithm("FP8 block scales minimizing the weight's error", None, "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG"),
     "awq_clip": Algorithm("clipped per-block weight ranges, searched", {"method": "awq_clip"}),
     "awq_lite": Algorithm("per-channel smoothing scales, searched per layer", {"method": "awq_lite"}),
@@ -2918,45 +2917,14 @@ def damped(hessian):
     return hessian + HESSIAN_DAMPING * hessian.diagonal(dim1=-2, dim2=-1).mean() * eye
 
 
-def feedback_rounded_weight(weight, block_amax, global_amax, hessian):
-    """The weight rounded GPTQ's way inside each block of 16 inputs, under the block scales `block_amax`: the
-    block's columns rounded in order, each one's error, through the block's inverse Hessian, pushed onto the
-    columns not yet rounded. The Hessian is block-diagonal, so blocks are independent and the 16 steps run over
-    all of them at once. Returns the weight on the FP4 grid of those scales, as the export stores it."""
-    import torch
-    from modelopt.torch.quantization.tensor_quant import fp8_eager
-
-    blocks = weight.detach().float().reshape(weight.shape[0], -1, HESSIAN_BLOCK).clone()
-    global_amax = global_amax.detach().float().to(weight.device).reshape(())
-    scale = fp8_eager(block_amax.float().reshape(blocks.shape[:2]).to(weight.device) / 6.0, global_amax / 6.0)
-    safe = torch.where(scale > 0, scale, 1.0)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian.double()))
-    upper = torch.linalg.cholesky(inverse, upper=True).float()  # GPTQ's factor: row j weighs column j's error
-    rounded = torch.empty_like(blocks)
-    for j in range(HESSIAN_BLOCK):
-        column = blocks[:, :, j]
-        rounded[:, :, j] = torch.where(scale > 0, round_to_e2m1(column / safe) * safe, 0.0)
-        error = (column - rounded[:, :, j]) / upper[:, j, j]
-        blocks[:, :, j + 1:] -= error[..., None] * upper[None, :, j, j + 1:]
-    return rounded.reshape(weight.shape)
-
-
-def search_linear(module, algorithm: str, total) -> None:
-    """One linear's block amaxes from the run's search (weights in place); `total`: local_hessian's sums, whose
-    weights are then rounded with error feedback under the searched scales."""
-    import torch
-
+def searched_block_amax(module, algorithm: str, total):
+    """One linear's block amaxes from the run's search (weights in place); `total`: local_hessian's sums."""
     quantizer = module.weight_quantizer
     if algorithm == "four_over_six":
-        best = four_over_six_search(module.weight, quantizer.amax, quantizer.global_amax)
-        quantizer.amax = best.reshape(quantizer.amax.shape)
-        return
+        return four_over_six_search(module.weight, quantizer.amax, quantizer.global_amax)
+    hessian = damped(total[0] / max(float(total[1]), 1.0))
     # summed where the input was: across GPUs, before accelerate moved it to this linear's device
-    hessian = damped(total[0] / max(float(total[1]), 1.0)).to(module.weight.device)
-    best = hessian_sweep(module.weight, quantizer.global_amax, hessian, quantizer.amax)
-    quantizer.amax = best.reshape(quantizer.amax.shape)
-    with torch.no_grad():
-        module.weight.copy_(feedback_rounded_weight(module.weight, best, quantizer.global_amax, hessian))
+    return hessian_sweep(module.weight, quantizer.global_amax, hessian.to(module.weight.device), quantizer.amax)
 
 
 def searchable_linears(module, prefix: str) -> dict:
@@ -2977,7 +2945,8 @@ def search_block_scales(linears: dict, state: CalibrationState, access: Callable
         if state.hessians is not None and total is None:
             continue  # local_hessian, a linear that saw no tokens: max's scales stay
         with access(module) if access else contextlib.nullcontext():
-            search_linear(module, state.search, total)
+            best = searched_block_amax(module, state.search, total)
+        module.weight_quantizer.amax = best.reshape(module.weight_quantizer.amax.shape)
         state.searched.add(name)
     state.search_seconds = state.search_seconds + time.perf_counter() - start
 

@@ -43,9 +43,8 @@ PROGRESS_FILE = "manifest.json"              # the last committed layer; written
 RESUME_FORMAT = "nvfp4-layer-loop-1"         # what this version writes; anything else is not resumed
 QUANTIZERS_FILE = "quantizers.pt"            # one layer's quantizer state (a few KiB)
 INPUTS_FILE = "next_inputs"                  # .bin: the next layer's inputs as raw bytes; .json: their index
-REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as gptq or local_hessian rewrote them; disk-
-                                             # offloaded ones are read from here from then on (the source checkpoint
-                                             # is never touched)
+REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as GPTQ rewrote them; disk-offloaded ones are
+                                             # read from here from then on (the source checkpoint is never touched)
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
@@ -79,7 +78,7 @@ class Placement:
     bytes_per_device: dict           # "cuda:0" / "cpu" / "disk" -> weight bytes
     layers_per_device: dict          # same keys -> decoder layers
     activation_cache_bytes: int      # one layer's cached inputs for every batch (GPTQ: both its streams)
-    rewritten_bytes: int = 0         # gptq, local_hessian: every decoder layer's rewritten weights, on disk
+    rewritten_bytes: int = 0         # GPTQ: every decoder layer's rewritten weights, written to the offload folder
 
     @property
     def offload_disk_bytes(self) -> int:
@@ -551,9 +550,8 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     # current and next layer's inputs; the layer being calibrated (weights and temporaries), the next one prefetched
     reserve = 2 * cache + 3 * largest_layer
     rewritten = 0
-    if settings.algorithm == "gptq":  # its Hessians
+    if settings.algorithm == "gptq":  # its Hessians, and a copy of every decoder layer as GPTQ rewrote it on disk
         reserve += gptq_hessian_bytes(job)
-    if q.ALGORITHMS[settings.algorithm].rewrites_weights:  # a copy of every decoder layer as rewritten, on disk
         rewritten = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
     device_map = infer_auto_device_map(job.skeleton, max_memory=max_memory_map(offload, reserve),
                                        no_split_module_classes=job.skeleton._no_split_modules or [], dtype=dtype)
@@ -607,7 +605,7 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
     if free < needed:
         raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
                            f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
-                           f"{', rewritten weights' if placement.rewritten_bytes else ''}"
+                           f"{', GPTQ-rewritten weights' if placement.rewritten_bytes else ''}"
                            f"{', the output' if same_disk else ''}); "
                            "point it at a larger disk or raise --max_cpu_memory")
 
@@ -646,7 +644,7 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
     rows = [(device, placement.layers_per_device.get(device, 0), q.human_bytes(size))
             for device, size in sorted(placement.bytes_per_device.items(), key=lambda kv: ("cuda" not in kv[0], kv[0]))]
     q.print_table(("device", "decoder layers", "weights"), rows)
-    rewritten = f"rewritten weights: {q.human_bytes(placement.rewritten_bytes)}; " \
+    rewritten = f"GPTQ-rewritten weights: {q.human_bytes(placement.rewritten_bytes)}; " \
         if placement.rewritten_bytes else ""
     q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; {rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
@@ -854,7 +852,7 @@ def layer_snapshot(layer, name: str, state: q.CalibrationState) -> dict:
 def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, state: q.CalibrationState,
                    rewritten: bool) -> None:
     """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once);
-    with `rewritten` (GPTQ, local_hessian), their rewritten weights too."""
+    with `rewritten` (GPTQ), their rewritten weights too."""
     from safetensors.torch import load_file
 
     names = decoder_layer_names(model)
@@ -890,8 +888,7 @@ def restore_layer(model, layer, modules: dict, path: Path, state: q.CalibrationS
 
 def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.CalibrationState, max_kwargs: dict | None,
                     gptq: dict | None) -> dict:
-    """One decoder layer's calibration, its weights in place; returns the weights GPTQ or local_hessian rewrote
-    (else nothing).
+    """One decoder layer's calibration, its weights in place; returns GPTQ's rewritten weights (else nothing).
 
     `passes` run every batch through the layer: "outputs" on the 16-bit model's stream, and for GPTQ
     "quantized_outputs" on the stream its Hessians are summed over (see gptq_layer). `gptq`: GPTQ's settings,
@@ -906,11 +903,7 @@ def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.Cali
         else:
             max_calibrate(layer, passes["outputs"], **max_kwargs)
     if state.search:  # local_hessian, four_over_six: this layer's block scales, weights in place
-        linears = q.searchable_linears(layer, name)
-        q.search_block_scales(linears, state)
-        if q.ALGORITHMS[state.search].rewrites_weights:
-            rewritten |= {f"{n}.weight": m.weight.detach().to("cpu", copy=True) for n, m in linears.items()
-                          if n in state.searched}
+        q.search_block_scales(q.searchable_linears(layer, name), state)
     return rewritten
 
 
@@ -944,8 +937,7 @@ class LayerLoop:
         """The layers calibrated before a kill restored and the next layer's inputs read back; returns that layer."""
         start, folder = resume_after + 1, self.offload.layerwise_dir
         self.form = read_progress(folder)["output_form"]
-        rewrote = self.gptq is not None or bool(self.state.search and q.ALGORITHMS[self.state.search].rewrites_weights)
-        restore_layers(self.model, self.layers, self.modules, folder, start, self.state, rewrote)
+        restore_layers(self.model, self.layers, self.modules, folder, start, self.state, len(self.streams) > 1)
         cached, count = read_tensors(layer_dir(folder, resume_after) / INPUTS_FILE, self.device), len(self.batches)
         self.inputs = {stream: cached[i * count:(i + 1) * count] for i, stream in enumerate(self.streams)}
         self.calls, _ = self.capture_calls(start, run_first=False)
@@ -1003,7 +995,7 @@ class LayerLoop:
                                                                     keep_outputs=keep)})
 
     def calibrate(self, index: int) -> tuple[dict, dict]:
-        """Layer `index` calibrated with its weights in place: (rewritten weights, if any; resume snapshot)."""
+        """Layer `index` calibrated with its weights in place: (GPTQ's rewritten weights, its resume snapshot)."""
         import torch
         from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 

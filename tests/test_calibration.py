@@ -295,27 +295,6 @@ def test_hessian_search_is_never_worse_than_max_scales_and_often_better():
     assert (chosen < baseline * 0.99).float().mean() > 0.3
 
 
-def test_error_feedback_lowers_the_searched_scales_output_error_and_stays_on_their_grid():
-    """local_hessian's rounding with error feedback inside each block, under the searched scales: the total
-    dwᵀ H dw falls below plain rounding's, and the weight is exactly what the export stores for them."""
-    from modelopt.torch.quantization.tensor_quant import fp8_eager
-
-    weight, global_amax, _ = random_sweep_case()
-    generator = torch.Generator().manual_seed(4)
-    x = torch.randn(512, 64, generator=generator) @ (torch.eye(64) + torch.randn(64, 64, generator=generator) / 4)
-    blocks = x.reshape(512, -1, 16)  # correlated inputs, as a model's are: where the feedback has work to do
-    hessian = q.damped(torch.einsum("tbi,tbj->bij", blocks, blocks) / 512)
-    searched = q.hessian_sweep_reference(weight, global_amax, hessian, max_amax(weight))
-    rounded = q.feedback_rounded_weight(weight, searched, global_amax, hessian)
-    scale = fp8_eager(searched.reshape(weight.shape[0], -1) / 6.0, global_amax / 6.0)[..., None]
-    blocks = rounded.reshape(weight.shape[0], -1, 16)
-    assert torch.equal(q.round_to_e2m1(blocks / scale) * scale, blocks)
-    error = (weight - rounded).reshape(blocks.shape)
-    feedback = torch.einsum("cnb,nbd,cnd->cn", error, hessian, error).sum()
-    plain = block_losses(weight, global_amax, hessian, searched).sum()
-    assert feedback < 0.99 * plain
-
-
 def test_the_window_is_the_candidates_around_each_blocks_max_scale_and_the_full_sweep_when_wide():
     """HESSIAN_WINDOW's steps around the first candidate reaching the block's max amax; all 126 when it is wide."""
     weight, global_amax, hessian = random_sweep_case()
