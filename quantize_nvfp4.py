@@ -4184,7 +4184,8 @@ def token_metrics(reference_logits, quantized_logits, input_ids) -> dict:
 
 def eval_batches(holdout: list[list[int]]) -> list[list[int]]:
     """Indices of held-out samples of equal length, at most EVAL_BATCH_TOKENS tokens (or one sample) a batch:
-    no padding, so each sample's logits are those of a forward of its own."""
+    no padding, so each sample is computed as in a forward of its own (bit for bit on the CPU, tested; a GPU's
+    matrix kernels may round differently for another batch size)."""
     by_length: dict[int, list[int]] = {}
     for index, sample in enumerate(holdout):
         by_length.setdefault(len(sample), []).append(index)
