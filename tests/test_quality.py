@@ -22,6 +22,32 @@ def test_identical_models_score_identically(tiny_model):
     assert report["tokens"] == 7
 
 
+def test_samples_of_one_length_share_a_forward_with_the_numbers_of_one_forward_each(tiny_model, monkeypatch):
+    """Equal-length held-out samples run batched (no padding), up to EVAL_BATCH_TOKENS tokens; the report equals
+    the one of a forward per sample, summed in the samples' order."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        for param in quantized.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    generator = torch.Generator().manual_seed(1)
+    holdout = [torch.randint(4, 200, (n,), generator=generator).tolist() for n in (12, 30, 12, 12, 30, 7, 12)]
+    monkeypatch.setattr(q, "EVAL_BATCH_TOKENS", 24)
+    assert q.eval_batches(holdout) == [[5], [0, 2], [3, 6], [1], [4]]
+    calls = []
+
+    def forward(model):
+        return lambda ids: calls.append(ids.shape[0]) or model(input_ids=ids).logits
+
+    batched = q.quality_report(forward(reference), forward(quantized), holdout, "cpu", "x")
+    monkeypatch.setattr(q, "EVAL_BATCH_TOKENS", 1)
+    assert q.eval_batches(holdout) == [[5], [0], [2], [3], [6], [1], [4]]
+    assert batched == q.quality_report(forward(reference), forward(quantized), holdout, "cpu", "x")
+    assert calls[:10] == [1, 1, 2, 2, 2, 2, 1, 1, 1, 1] and len(calls) == 24
+
+
 def test_token_metrics_by_hand():
     ids = torch.tensor([[0, 1, 1]])
     ref = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.5, 0.5]]]))
