@@ -25,7 +25,7 @@ Sections, in the order the data flows (each starts with a `# ---- name` line):
                                  among them), mtq.quantize
     scale search                 local_hessian and four_over_six block scales after the max pass
     mixed precision              --effective_bits: each linear group's format (NVFP4, FP8, 16-bit) from its
-                                 Hessian-weighted weight error, under the budget of average weight bits
+                                 output-loss score (auto_quantize's), under the budget of average weight bits
     export                       export_hf_checkpoint into staging, tokenizer, manifest, model card, rename
     checks of the written files  validation against vLLM's and TensorRT-LLM's loaders (returns problems)
     export fidelity              each exported linear against the calibrated model
@@ -200,6 +200,7 @@ MIXED_LAYER_ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8")  # per-layer formats vLLM's 
 # 16-bit and are not counted.
 WEIGHT_BITS = {**{algo: 4 + 8 / group for algo, group in QUANT_ALGO_GROUP_SIZE.items() if group},
                "FP8": 8.0, None: 16.0}
+FORMAT_CANDIDATES = ("NVFP4", "FP8")  # --effective_bits' quantized formats for a linear (else 16-bit, loss 0)
 HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input features, NVFP4's scale block
 HESSIAN_WINDOW = (6, 9)          # local_hessian tries the FP8 scales from 6 steps below each block's max scale to 9
                                  # above (an octave is 8 steps), not all 126: where ModelOpt's full sweep put 99.94%
@@ -734,7 +735,7 @@ def check_effective_bits(bits: float | None, mode: str, algorithm: str, kv_cache
             "FP8 layers need input scales, which weight-only calibration does not measure"
         raise UsageError(f"--effective_bits mixes W4A4 NVFP4, FP8 and 16-bit linears: not with --{mode} ({why})")
     if algorithm != "local_hessian":
-        raise UsageError(f"--effective_bits scores each linear with local_hessian's Hessians: use --algorithm "
+        raise UsageError(f"--effective_bits scores NVFP4 under local_hessian's searched block scales: use --algorithm "
                          f"local_hessian (the W4A4 default), not {algorithm}")
     if kv_cache == "nvfp4":
         raise UsageError("--effective_bits with --kv_cache nvfp4: vLLM's mixed-precision config was not checked with "
@@ -2095,9 +2096,6 @@ class CalibrationState:
     searched: set = dataclasses.field(default_factory=set)
     search_seconds: float = 0.0
     hessian_clock: DeviceClock = dataclasses.field(default_factory=DeviceClock)
-    input_errors: dict | None = None      # --effective_bits: linear -> [per-block Σ e eᵀ of its input's rounding
-                                          # error in each of INPUT_ERROR_FORMATS, real rows]
-    input_error_last: tuple | None = None  # (input, its sums): linears fed the same tensor share one sum
 
 
 def calibration_forward(model) -> Callable:
@@ -2362,31 +2360,6 @@ def sum_block_hessian(name: str, state: CalibrationState):
     return hook
 
 
-def sum_input_errors(name: str, state: CalibrationState):
-    """--effective_bits: a linear's pre-hook adding, per input block of 16, Σ e eᵀ over its real rows, e the input's
-    rounding error as each of INPUT_ERROR_FORMATS' GEMMs quantizes it (the batch's max standing in for the final
-    input scale): the input side of each format's output error. Linears fed the same tensor share one sum."""
-    import torch
-
-    def hook(module, args):
-        x, last = args[0], state.input_error_last
-        if last is not None and last[0] is x:
-            state.input_errors[name] = last[1]
-            return
-        rows, row_mask = x.reshape(-1, x.shape[-1]).float(), mask_for_rows(x, state.mask)
-        count = row_mask.sum() if row_mask is not None else rows.shape[0]
-        amax = masked_amax(x, state.mask).float().clamp_min(1e-30)
-        errors = torch.stack([rows - quantize(rows, amax / scale) for quantize, scale in INPUT_ERROR_FORMATS.values()])
-        if row_mask is not None:
-            errors = errors * row_mask.reshape(1, -1, 1)
-        blocks = errors.view(errors.shape[0], rows.shape[0], -1, HESSIAN_BLOCK)
-        total = state.input_errors.setdefault(name, [0, 0])
-        total[0] = total[0] + torch.einsum("ftbi,ftbj->fbij", blocks, blocks)
-        total[1] = total[1] + count
-        state.input_error_last = (x, total)
-    return hook
-
-
 def moe_blocks(model) -> list[tuple[str, Any, Any]]:
     """(name, block, router) for every mixture-of-experts block: a module with `experts` and a `gate`/`router`."""
     import torch
@@ -2599,9 +2572,6 @@ def install_calibration_hooks(model, state: CalibrationState) -> None:
         for name, module in list(model.named_modules()):
             if block_searchable(module):
                 handles.append(module.register_forward_pre_hook(sum_block_hessian(name, state)))
-    for name, module in list(model.named_modules()) if state.input_errors is not None else ():
-        if block_searchable(module):
-            handles.append(module.register_forward_pre_hook(sum_input_errors(name, state)))
     for name, block, router in moe_blocks(model):
         handles.append(block.register_forward_pre_hook(zero_padding(state)))
         handles.append(router.register_forward_hook(count_routed_tokens(name, state)))
@@ -2622,7 +2592,7 @@ def collect_weights_once(model) -> None:
 def remove_calibration_hooks(state: CalibrationState) -> None:
     for handle in state.handles or []:
         handle.remove()
-    state.handles = state.mask = state.hessian_input = state.input_error_last = None
+    state.handles = state.mask = state.hessian_input = None
 
 
 def gpu_token_budget(forward, samples, device, budget_gib: float | None, state: CalibrationState):
@@ -2787,8 +2757,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     searches = ALGORITHMS[settings.algorithm].scale_search
     state = CalibrationState(pad_id, search=settings.algorithm if searches else None,
                              hessians={} if settings.algorithm == "local_hessian" else None,
-                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model),
-                             input_errors={} if settings.effective_bits else None)
+                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model))
     on_gpu, phase = device.startswith("cuda"), CONSOLE.phases.current
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -2801,8 +2770,6 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
             else:
                 calibrate(model, config, state)
             book_calibration_phases(state, phase)
-            # the search pops each sum to free it; --effective_bits scores with them afterwards
-            hessians = dict(state.hessians or {}) if settings.effective_bits else {}
             if state.search:
                 search_model_block_scales(model, state)
     finally:
@@ -2814,8 +2781,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     seconds = time.perf_counter() - start
     unreached = keep_unreached_in_16_bits(model)
     check_calibrated(model)
-    mixed = choose_mixed_precision(model, hessians, state.input_errors, settings.effective_bits) \
-        if settings.effective_bits else None
+    mixed = choose_mixed_precision(model, samples, pad_id, settings.effective_bits) if settings.effective_bits else None
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(state.forward_seconds, 2), "batches": len(state.batches_run),
@@ -3065,7 +3031,7 @@ def search_model_block_scales(model, state: CalibrationState) -> None:
 @dataclasses.dataclass
 class LinearGroup:
     """Linears that take one format (a group the runtimes fuse, or one linear), their weight count, and the predicted
-    loss under each candidate format (quant_algo; None: 16-bit), from their weights' and inputs' rounding errors."""
+    loss under each candidate format (quant_algo; None: 16-bit): the sum of their output_loss_scores."""
     names: tuple[str, ...]
     weights: int
     loss: dict
@@ -3111,50 +3077,113 @@ def fp8_weight_error(module, amax):
     return error.reshape(weight.shape[0], -1, HESSIAN_BLOCK)
 
 
-def input_error_loss(weight, total, algo: str) -> float:
-    """Σ over output rows and input blocks of wᵀ E w, E the block's mean Σ e eᵀ of the input's rounding error in
-    `algo` (sum_input_errors): the expected squared output error per token from quantizing the input."""
-    import torch
-
-    errors = total[0][list(INPUT_ERROR_FORMATS).index(algo)] / max(float(total[1]), 1.0)
-    blocks = weight.float().reshape(weight.shape[0], -1, HESSIAN_BLOCK)
-    return torch.einsum("cnb,nbd,cnd->", blocks, errors.to(blocks.device), blocks).item()
-
-
-def hessian_loss(error, total) -> float:
-    """Σ over output rows and input blocks of dwᵀ H dw, H the block's damped mean Hessian: the expected squared
-    output error per token, in the block-diagonal approximation local_hessian's search minimizes."""
-    import torch
-
-    hessian = damped(total[0] / max(float(total[1]), 1.0)).to(error.device)
-    return torch.einsum("cnb,nbd,cnd->", error, hessian, error).item()
-
-
 def group_amax(members: list):
     """The largest |w| over a fused group: its FP8 weight scale is one for all, as vLLM (which requantizes differing
     ones to their max) and TensorRT-LLM compute it."""
     return max(m.weight.detach().abs().amax().float() for m in members)
 
 
-def score_group(model, modules: dict, names: tuple[str, ...], hessians: dict, input_errors: dict) -> LinearGroup:
-    """One group's predicted loss under NVFP4 (its calibrated scales), FP8 and 16 bits, its weights in place."""
-    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+def format_gemms(module, weight_amax) -> dict[str, Callable]:
+    """format -> what the linear's GEMM computes from an input in that format: NVFP4 under its calibrated (searched)
+    block scales and input amax, FP8 with per-tensor weight (the group's `weight_amax`) and input scales."""
+    import torch.nn.functional as F
 
-    members = [modules[n] for n in names]
-    with contextlib.ExitStack() as stack:
-        for module in members:
-            stack.enter_context(enable_weight_access_and_writeback(module, model, modules))
-        return scored(names, members, hessians, input_errors)
+    input_amax = module.input_quantizer.amax.float()
+    shape = module.weight.shape
+
+    def nvfp4(x):
+        weight = module.weight.float() - nvfp4_weight_error(module).reshape(shape)
+        return F.linear(fake_quant_nvfp4_input(x.float(), input_amax / (6.0 * E4M3_MAX)), weight)
+
+    def fp8(x):
+        weight = module.weight.float() - fp8_weight_error(module, weight_amax).reshape(shape)
+        return F.linear(fake_quant_fp8_input(x.float(), input_amax / E4M3_MAX), weight)
+    return {"NVFP4": nvfp4, "FP8": fp8}
 
 
-def scored(names: tuple[str, ...], members: list, hessians: dict, input_errors: dict) -> LinearGroup:
-    """Each format's loss: the weight's rounding error through the Hessian plus the input's through the weight."""
-    amax = group_amax(members)
-    weight_errors = {"NVFP4": nvfp4_weight_error, "FP8": lambda m: fp8_weight_error(m, amax)}
-    loss = {algo: sum(hessian_loss(error(m), hessians[n]) + input_error_loss(m.weight, input_errors[n], algo)
-                      for n, m in zip(names, members)) for algo, error in weight_errors.items()}
-    loss[None] = 0.0
-    return LinearGroup(names, sum(m.weight.numel() for m in members), loss, amax)
+def output_loss_hook(gemms: dict[str, Callable], scores):
+    """A linear's forward hook for the score: under autograd, each format's output change (Y_format - Y, without the
+    bias, which no format changes) is kept until Y's gradient arrives, then Σ (dLoss/dY · ΔY)² is added to `scores`
+    (one entry per format, in `gemms`' order)."""
+    import torch
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():  # the first, checkpointed pass: the layer is run again for the backward
+            return
+        with torch.no_grad():
+            x = args[0]
+            exact = F.linear(x.float(), module.weight.float())
+            changes = [(gemm(x) - exact).to(output.dtype) for gemm in gemms.values()]
+
+        def add(grad):
+            for index, change in enumerate(changes):
+                scores[index] += (grad.float() * change.float()).square().sum()
+        output.register_hook(add)
+    return hook
+
+
+@contextlib.contextmanager
+def unquantized_with_gradients(model):
+    """The model as it was before quantization (every quantizer off), with activation gradients (the embeddings
+    require grad, no other parameter) and, where transformers supports it, gradient checkpointing per decoder layer,
+    so that one layer's activations and output changes are held at a time (ModelOpt's auto_quantize does the same)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    checkpointed = getattr(model, "supports_gradient_checkpointing", False)
+    try:
+        for quantizer in quantizers:
+            quantizer.disable()
+        for parameter in grads:
+            parameter.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        if checkpointed:
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+            for module in model.modules():  # checkpointing runs in training mode; nothing else is switched to it
+                module.train(hasattr(module, "gradient_checkpointing"))
+        yield
+    finally:
+        if checkpointed:
+            model.gradient_checkpointing_disable()
+        model.eval()
+        for parameter, wanted in grads.items():
+            parameter.requires_grad_(wanted)
+        for quantizer in quantizers:
+            quantizer.enable()
+
+
+def output_loss_scores(model, groups: list[tuple[str, ...]], samples: list[list[int]], pad_id: int) -> dict:
+    """linear -> format -> ModelOpt auto_quantize's sensitivity: Σ over calibration tokens of (dLoss/dY · (Y_format -
+    Y))², Y the linear's output in the unquantized model and Loss its next-token loss (summed over tokens): a Fisher
+    estimate of the loss increase from that linear alone in that format. One forward and backward per batch."""
+    import torch
+
+    modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
+    names = [n for g in groups for n in g]
+    gemms = {n: format_gemms(modules[n], group_amax([modules[m] for m in g])) for g in groups for n in g}
+    scores = torch.zeros(len(names), len(FORMAT_CANDIDATES), dtype=torch.float64, device=device)
+    handles = [modules[n].register_forward_hook(output_loss_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
+    lengths, ranks = [len(s) for s in samples], current_ranks()
+    batches = group_batches(lengths, None, DEFAULT_BATCH_TOKENS)
+    if ranks.distributed:
+        batches = rank_share(batches, lengths, ranks.rank, ranks.world)
+    forward = text_generator(model)
+    try:
+        with unquantized_with_gradients(model):
+            for batch in Progress(batches, desc="format scores", unit="batch"):
+                input_ids, mask = padded_batch(samples, batch, pad_id)
+                labels = input_ids.masked_fill(mask == 0, -100)
+                output = forward(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 labels=labels.to(device), use_cache=False)
+                (output.loss * int(mask[:, 1:].sum())).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if ranks.distributed:
+        torch.distributed.all_reduce(scores)
+    return {n: dict(zip(FORMAT_CANDIDATES, row.tolist())) for n, row in zip(names, scores)}
 
 
 def choose_formats(groups: list[LinearGroup], budget_bits: float) -> None:
@@ -3196,16 +3225,17 @@ def linear_format(module, mode: str) -> str:
     return "FP8" if module.weight_quantizer.num_bits == (4, 3) else MODE_QUANT_ALGO[mode]
 
 
-def choose_mixed_precision(model, hessians: dict, input_errors: dict, budget_bits: float) -> dict:
-    """--effective_bits after the scale search: every quantized linear scored under each format with its Hessian
-    and input-error sums, groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
+def choose_mixed_precision(model, samples: list[list[int]], pad_id: int, budget_bits: float) -> dict:
+    """--effective_bits after calibration and the scale search: every quantized linear scored under each format
+    (output_loss_scores), groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
     start = time.perf_counter()
-    if current_ranks().distributed:
-        sum_across_ranks(input_errors)  # the Hessians were summed for the search
     modules = dict(model.named_modules())
-    names = [n for n in quantized_linear_shapes(model) if n in hessians and n in input_errors]
-    groups = [score_group(model, modules, g, hessians, input_errors)
-              for g in Progress(linear_groups(names), desc="formats", unit="group")]
+    names = [n for n in quantized_linear_shapes(model) if block_searchable(modules[n])]
+    fused = linear_groups(names)
+    scores = output_loss_scores(model, fused, samples, pad_id)
+    groups = [LinearGroup(g, sum(modules[n].weight.numel() for n in g),
+                          {**{algo: sum(scores[n][algo] for n in g) for algo in FORMAT_CANDIDATES}, None: 0.0},
+                          group_amax([modules[n] for n in g])) for g in fused]
     choose_formats(groups, budget_bits)
     for group in groups:
         for name in group.names if group.algo != "NVFP4" else ():
@@ -4331,10 +4361,6 @@ def fake_quant_fp8_input(x, input_scale):
 
     scaled = (x.float() / input_scale).clamp(-E4M3_MAX, E4M3_MAX)
     return (scaled.to(torch.float8_e4m3fn).float() * input_scale).to(x.dtype)
-
-
-# --effective_bits' input-error sums: format -> (its GEMM's input quantization, input amax / input_scale)
-INPUT_ERROR_FORMATS = {"NVFP4": (fake_quant_nvfp4_input, 6.0 * E4M3_MAX), "FP8": (fake_quant_fp8_input, E4M3_MAX)}
 
 
 def input_fake_quant(algo: str):

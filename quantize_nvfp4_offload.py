@@ -136,8 +136,9 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
                            "python quantize_nvfp4.py --verify DIR (add --eval --reference MODEL --dataset_yaml YAML "
                            "for a quality report)")
     if args.effective_bits is not None:
-        raise q.UsageError("--effective_bits: this script's layer loop does not choose formats yet; run python "
-                           "quantize_nvfp4.py --effective_bits B on GPUs that hold the model")
+        raise q.UsageError("--effective_bits scores each linear with a backward pass through the whole model, which "
+                           "the layer loop cannot run; run python quantize_nvfp4.py --effective_bits B on GPUs that "
+                           "hold the model")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")

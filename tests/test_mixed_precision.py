@@ -50,22 +50,49 @@ def test_fused_linears_form_one_group():
         ("model.layers.0.mlp.down_proj",)])
 
 
-@pytest.mark.parametrize("algo", ["NVFP4", "FP8"])
-def test_input_error_score_predicts_the_output_error(algo):
-    """The hook's per-block sums, through the weight, give the mean squared output error that quantizing the input
-    causes (up to the cross-block terms the score leaves out)."""
+def test_output_loss_score_is_the_squared_gradient_weighted_output_change():
+    """The hook adds, per format, Σ (dLoss/dY · (Y_format - Y))² once Y's gradient arrives; nothing without
+    autograd (the first, checkpointed pass)."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 32, bias=False)
-    state = q.CalibrationState(pad_id=0, input_errors={})
-    handle = linear.register_forward_pre_hook(q.sum_input_errors("linear", state))
-    x = torch.randn(512, 64)
-    linear(x)
+    linear = torch.nn.Linear(32, 8)
+    x, weights = torch.randn(4, 5, 32), torch.randn(4, 5, 8)
+    gemms = {"half": lambda x: torch.nn.functional.linear(x, linear.weight.detach() / 2),
+             "same": lambda x: torch.nn.functional.linear(x, linear.weight.detach())}
+    scores = torch.zeros(2, dtype=torch.float64)
+    handle = linear.register_forward_hook(q.output_loss_hook(gemms, scores))
+    with torch.no_grad():
+        linear(x)
+    assert scores.tolist() == [0.0, 0.0]
+    (linear(x) * weights).sum().backward()
     handle.remove()
-    quantize, scale = q.INPUT_ERROR_FORMATS[algo]
-    error = x - quantize(x, x.abs().max() / scale)
-    measured = (error @ linear.weight.detach().T).square().sum(-1).mean().item()
-    predicted = q.input_error_loss(linear.weight.detach(), state.input_errors["linear"], algo)
-    assert predicted == pytest.approx(measured, rel=0.1)
+    change = torch.nn.functional.linear(x, linear.weight.detach() / 2) - torch.nn.functional.linear(
+        x, linear.weight.detach())
+    assert scores[0].item() == pytest.approx((weights * change).square().sum().item(), rel=1e-5)
+    assert scores[1].item() == pytest.approx(0.0, abs=1e-8)
+
+
+@pytest.mark.slow
+def test_scores_rank_formats_and_leave_the_model_as_it_was(tiny_model):
+    """On the calibrated tiny Llama: FP8 scores below NVFP4 on every linear, and scoring leaves every quantizer on,
+    each parameter's requires_grad as it was, and the model in eval mode."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    args = q.build_parser().parse_args(["--input_model", str(tiny_model), "--output_model", "/nonexistent/x",
+                                        "--dataset_yaml", LOCAL_YAML])
+    settings = q.build_settings(args, {})
+    samples = [list(range(4, 60)), list(range(10, 40))] * 4
+    q.quantize_model(model, settings, q.always_unquantized(model), samples, "cpu", 0)
+    modules = dict(model.named_modules())
+    names = [n for n in q.quantized_linear_shapes(model) if q.block_searchable(modules[n])]
+    enabled = [m for m in model.modules() if isinstance(m, mtq.nn.TensorQuantizer) and m.is_enabled]
+    grads = [p.requires_grad for p in model.parameters()]
+    scores = q.output_loss_scores(model, q.linear_groups(names), samples, 0)
+    assert set(scores) == set(names)
+    assert all(0 <= s["FP8"] < s["NVFP4"] for s in scores.values()), scores
+    assert all(m.is_enabled for m in enabled) and [p.requires_grad for p in model.parameters()] == grads
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("bits, mode, algorithm, kv, fragment", [
