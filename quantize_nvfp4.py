@@ -3167,8 +3167,9 @@ def output_loss_scores(model, groups: list[tuple[str, ...]], samples: list[list[
     handles = [modules[n].register_forward_hook(output_loss_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
     lengths, ranks = [len(s) for s in samples], current_ranks()
     batches = group_batches(lengths, None, DEFAULT_BATCH_TOKENS)
-    if ranks.distributed:
-        batches = rank_share(batches, lengths, ranks.rank, ranks.world)
+    if ranks.distributed:  # each rank scores its share; one sample a batch where there are fewer batches than ranks
+        batches = rank_share(batches if len(batches) >= ranks.world else [[i] for i in range(len(samples))], lengths,
+                             ranks.rank, ranks.world)
     forward = text_generator(model)
     try:
         with unquantized_with_gradients(model):
