@@ -24,6 +24,8 @@ Sections, in the order the data flows (each starts with a `# ---- name` line):
     calibration                  CalibrationState, the forward loop and its hooks (local_hessian's Hessian sums
                                  among them), mtq.quantize
     scale search                 local_hessian and four_over_six block scales after the max pass
+    mixed precision              --effective_bits: each linear group's format (NVFP4, FP8, 16-bit) from its
+                                 output-loss score (auto_quantize's), under the budget of average weight bits
     export                       export_hf_checkpoint into staging, tokenizer, manifest, model card, rename
     checks of the written files  validation against vLLM's and TensorRT-LLM's loaders (returns problems)
     export fidelity              each exported linear against the calibrated model
@@ -69,7 +71,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -190,6 +192,17 @@ LOCAL_DATA_BUILDERS = {
 # Linears that runtimes fuse into one GEMM (vLLM qkv_proj / gate_up_proj, TRT-LLM likewise): all or none
 # of a group may be excluded, or the checkpoint does not load.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# quant_algo -> its weight block size as the runtimes load it (None: FP8's one scale per tensor)
+QUANT_ALGO_GROUP_SIZE = {"NVFP4": 16, "W4A16_NVFP4": 16, "W4A8_NVFP4_FP8": 32, "FP8": None}
+MIXED_PRECISION = "MIXED_PRECISION"   # ModelOpt's quant_algo when layers differ; quantized_layers gives each its own
+MIXED_LAYER_ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8")  # per-layer formats vLLM's ModelOpt mixed config dispatches
+# --effective_bits counts the stored bits per weight of each linear the run would otherwise quantize: 4-bit FP4
+# values plus one FP8 scale per block (4.5 for blocks of 16; the per-tensor FP32 scales are not counted), FP8's 8, or
+# 16 for a linear left unquantized (key None); averaged over those linears' weights. Embeddings and lm_head stay
+# 16-bit and are not counted.
+WEIGHT_BITS = {**{algo: 4 + 8 / group for algo, group in QUANT_ALGO_GROUP_SIZE.items() if group},
+               "FP8": 8.0, None: 16.0}
+FORMAT_CANDIDATES = ("NVFP4", "FP8")  # --effective_bits' quantized formats for a linear (else 16-bit, loss 0)
 HESSIAN_BLOCK = 16               # local_hessian's Hessians: one per 16 input features, NVFP4's scale block
 HESSIAN_WINDOW = (6, 9)          # local_hessian tries the FP8 scales from 6 steps below each block's max scale to 9
                                  # above (an octave is 8 steps), not all 126: where ModelOpt's full sweep put 99.94%
@@ -200,6 +213,7 @@ FOUR_OVER_SIX_FACTORS = (1.0, 1.5)  # four_over_six's block amaxes: the block's 
 FOUR_OVER_SIX_FP8_MAX = 256.0    # ModelOpt's FP8 block-scale normalization for four_over_six (448 otherwise)
 HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
                                  # scale with least weight error (with H = 0 every scale ties and the smallest wins)
+E4M3_MAX = 448.0                 # FP8 E4M3's largest value: an FP8 per-tensor scale maps max |x| to it
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations)
 MAX_BATCH_TOKENS = 65536         # GEMMs are saturated long before this on any GPU
@@ -477,6 +491,7 @@ class Settings:
     eval: bool = False
     eval_samples: int = EVAL_SAMPLES
     max_ppl_increase: float | None = None   # percent
+    effective_bits: float | None = None     # --effective_bits: the mixed-precision budget; None: one format
     hf_token: str | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -712,6 +727,26 @@ def check_algorithm(algorithm: str, mode: str) -> None:
                          "pip install triton, or use --algorithm max")
 
 
+def check_effective_bits(bits: float | None, mode: str, algorithm: str, kv_cache: str) -> None:
+    """--effective_bits: a budget between all-NVFP4 and all-16-bit, and only with what its formats were checked in."""
+    if bits is None:
+        return
+    low, high = WEIGHT_BITS["NVFP4"], WEIGHT_BITS[None]
+    if not low <= bits <= high:  # also refuses NaN
+        raise UsageError(f"--effective_bits must be between {low:g} (every linear NVFP4) and {high:g} (none "
+                         f"quantized), got {bits}")
+    if mode != "nvfp4":
+        why = "vLLM does not load W4A8_NVFP4_FP8" if mode == "w4a8" else \
+            "FP8 layers need input scales, which weight-only calibration does not measure"
+        raise UsageError(f"--effective_bits mixes W4A4 NVFP4, FP8 and 16-bit linears: not with --{mode} ({why})")
+    if algorithm != "local_hessian":
+        raise UsageError(f"--effective_bits scores NVFP4 under local_hessian's searched block scales: use --algorithm "
+                         f"local_hessian (the W4A4 default), not {algorithm}")
+    if kv_cache == "nvfp4":
+        raise UsageError("--effective_bits with --kv_cache nvfp4: vLLM's mixed-precision config was not checked with "
+                         "an NVFP4 KV cache; use --kv_cache fp8 or none")
+
+
 def cpu_algorithms() -> list[str]:
     return [name for name, a in ALGORITHMS.items() if not a.cuda]
 
@@ -773,6 +808,7 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     mode = "w4a8" if args.w4a8 else "weight_only" if args.weight_only else "nvfp4"
     algorithm = args.algorithm or DEFAULT_ALGORITHMS[mode]
     check_algorithm(algorithm, mode)
+    check_effective_bits(args.effective_bits, mode, algorithm, args.kv_cache)
     return Settings(
         input_model=input_model,
         output_model=Path(output_model).expanduser().resolve() if output_model else None,
@@ -782,7 +818,8 @@ def build_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         trust_remote_code=args.trust_remote_code, mode=mode, skip_layers=list(args.skip_layers or []),
         overwrite=args.overwrite, dry_run=args.dry_run, kv_cache=args.kv_cache, algorithm=algorithm,
         moe_calibration=args.moe_calibration, eval=args.eval or args.max_ppl_increase is not None,
-        eval_samples=args.eval_samples, max_ppl_increase=args.max_ppl_increase, hf_token=env.get("HF_TOKEN") or None,
+        eval_samples=args.eval_samples, max_ppl_increase=args.max_ppl_increase, effective_bits=args.effective_bits,
+        hf_token=env.get("HF_TOKEN") or None,
     )
 
 
@@ -1137,6 +1174,14 @@ def check_algorithm_fits(skeleton, algorithm: str) -> None:
     if algorithm == "gptq" and moe_blocks(skeleton):
         raise UsageError("--algorithm gptq: mixture-of-experts models are not supported (ModelOpt 0.47 updates "
                          "linear layers only and calls GPTQ on experts open research); use --algorithm mse or max")
+
+
+def check_mixed_precision_fits(skeleton, effective_bits: float | None) -> None:
+    """--effective_bits scores and switches dense linears; a mixture-of-experts block's experts would need one
+    format for the whole block (vLLM runs them as one fused layer), which is not written yet."""
+    if effective_bits is not None and moe_blocks(skeleton):
+        raise UsageError("--effective_bits: mixture-of-experts models are not supported yet (a block's experts must "
+                         "share one format); quantize this model without --effective_bits")
 
 
 def check_awq_foldable(skeleton) -> None:
@@ -1969,6 +2014,18 @@ def check_ranks_agree(model, device: str) -> None:
                            "the calibration is not the same on every rank")
 
 
+def sum_across_ranks(sums: dict) -> None:
+    """Per-linear [sum, rows] pairs (linears fed one tensor share one pair) summed over every rank's batches, in
+    place, so that every rank decides alike."""
+    import torch
+
+    shared = {id(total): total for _, total in sorted(sums.items())}
+    for total in shared.values():
+        total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
+        for tensor in total:
+            torch.distributed.all_reduce(tensor)
+
+
 def placement_for(weight_bytes: int, gpu_budgets: list[int]) -> str:
     """'single' when the 16-bit weights fit one GPU's budget, 'balanced' across GPUs when they fit all of them."""
     if not gpu_budgets or weight_bytes <= gpu_budgets[0]:
@@ -2729,6 +2786,7 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     seconds = time.perf_counter() - start
     unreached = keep_unreached_in_16_bits(model)
     check_calibrated(model)
+    mixed = choose_mixed_precision(model, samples, pad_id, settings.effective_bits) if settings.effective_bits else None
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(state.forward_seconds, 2), "batches": len(state.batches_run),
@@ -2742,6 +2800,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
         stats["hessian_seconds"] = round(state.hessian_clock.seconds, 2)
     if gptq_relative_mse:
         stats["gptq_relative_mse"] = gptq_relative_mse
+    if mixed:
+        stats["mixed_precision"] = mixed
     if on_gpu:
         peak = max(torch.cuda.max_memory_allocated(device), state.peak_before_probe)
         stats["peak_gpu_memory_gib"] = round(peak / 2**30, 2)
@@ -2959,7 +3019,6 @@ def search_block_scales(linears: dict, state: CalibrationState, access: Callable
 def search_model_block_scales(model, state: CalibrationState) -> None:
     """After the max pass: every linear not searched yet (the offload loop searches its layers as it goes). Across
     ranks, every rank first sums every rank's Hessians, so all search alike."""
-    import torch
     from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
     names = sorted(state.hessians) if state.hessians is not None else \
@@ -2967,14 +3026,236 @@ def search_model_block_scales(model, state: CalibrationState) -> None:
     if names:  # none left after the offload loop
         stage(STAGE_SEARCH)
     if current_ranks().distributed and state.hessians:
-        shared = {id(total): total for _, total in sorted(state.hessians.items())}
-        for total in shared.values():
-            total[1] = torch.as_tensor(total[1], dtype=torch.float32, device=total[0].device)
-            for tensor in total:
-                torch.distributed.all_reduce(tensor)
+        sum_across_ranks(state.hessians)
     modules = dict(model.named_modules())
     search_block_scales({name: modules[name] for name in names}, state,
                         access=lambda module: enable_weight_access_and_writeback(module, model, modules))
+
+
+# --------------------------------------------------------------------------- mixed precision
+@dataclasses.dataclass
+class LinearGroup:
+    """Linears that take one format (a group the runtimes fuse, or one linear), their weight count, and the predicted
+    loss under each candidate format (quant_algo; None: 16-bit): the sum of their output_loss_scores."""
+    names: tuple[str, ...]
+    weights: int
+    loss: dict
+    weight_amax: Any = None     # the group's largest |w|: its FP8 weight scale
+    algo: str | None = "NVFP4"
+
+    def upgrade_cost(self, algo: str | None) -> float:
+        return self.weights * (WEIGHT_BITS[algo] - WEIGHT_BITS[self.algo])
+
+
+def linear_groups(names: Iterable[str]) -> list[tuple[str, ...]]:
+    """The linears grouped as the runtimes fuse them (FUSED_GROUPS under one parent), each other linear alone."""
+    remaining, groups = set(names), []
+    for name in sorted(remaining):
+        if name not in remaining:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        fused = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
+        members = tuple(f"{parent}.{m}" for m in fused if f"{parent}.{m}" in remaining)
+        remaining -= set(members)
+        groups.append(members)
+    return groups
+
+
+def nvfp4_weight_error(module):
+    """w - its NVFP4 value in blocks of 16, under the weight quantizer's (searched) block amaxes and global amax."""
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    quantizer = module.weight_quantizer
+    blocks = module.weight.float().reshape(module.weight.shape[0], -1, HESSIAN_BLOCK)
+    scale = fp8_eager(quantizer.amax.float().reshape(blocks.shape[:2]) / 6.0, quantizer.global_amax.float() / 6.0)
+    return rounding_error(blocks, scale[..., None])
+
+
+def fp8_weight_error(module, amax):
+    """w - its FP8 E4M3 value under one per-tensor scale, amax / 448 (a fused group's largest: group_amax), in
+    blocks of 16."""
+    import torch
+
+    weight = module.weight.float()
+    scale = amax.float().clamp_min(1e-30) / E4M3_MAX
+    error = weight - (weight / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    return error.reshape(weight.shape[0], -1, HESSIAN_BLOCK)
+
+
+def group_amax(members: list):
+    """The largest |w| over a fused group: its FP8 weight scale is one for all, as vLLM (which requantizes differing
+    ones to their max) and TensorRT-LLM compute it."""
+    return max(m.weight.detach().abs().amax().float() for m in members)
+
+
+def format_gemms(module, weight_amax) -> dict[str, Callable]:
+    """format -> what the linear's GEMM computes from an input in that format: NVFP4 under its calibrated (searched)
+    block scales and input amax, FP8 with per-tensor weight (the group's `weight_amax`) and input scales."""
+    import torch.nn.functional as F
+
+    input_amax = module.input_quantizer.amax.float()
+    shape = module.weight.shape
+
+    def nvfp4(x):
+        weight = module.weight.float() - nvfp4_weight_error(module).reshape(shape)
+        return F.linear(fake_quant_nvfp4_input(x.float(), input_amax / (6.0 * E4M3_MAX)), weight)
+
+    def fp8(x):
+        weight = module.weight.float() - fp8_weight_error(module, weight_amax).reshape(shape)
+        return F.linear(fake_quant_fp8_input(x.float(), input_amax / E4M3_MAX), weight)
+    return {"NVFP4": nvfp4, "FP8": fp8}
+
+
+def output_loss_hook(gemms: dict[str, Callable], scores):
+    """A linear's forward hook for the score: under autograd, each format's output change (Y_format - Y, without the
+    bias, which no format changes) is kept until Y's gradient arrives, then Σ (dLoss/dY · ΔY)² is added to `scores`
+    (one entry per format, in `gemms`' order)."""
+    import torch
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():  # the first, checkpointed pass: the layer is run again for the backward
+            return
+        with torch.no_grad():
+            x = args[0]
+            exact = F.linear(x.float(), module.weight.float())
+            changes = [(gemm(x) - exact).to(output.dtype) for gemm in gemms.values()]
+
+        def add(grad):
+            for index, change in enumerate(changes):
+                scores[index] += (grad.float() * change.float()).square().sum()
+        output.register_hook(add)
+    return hook
+
+
+@contextlib.contextmanager
+def unquantized_with_gradients(model):
+    """The model as it was before quantization (every quantizer off), with activation gradients (the embeddings
+    require grad, no other parameter) and, where transformers supports it, gradient checkpointing per decoder layer,
+    so that one layer's activations and output changes are held at a time (ModelOpt's auto_quantize does the same)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    checkpointed = getattr(model, "supports_gradient_checkpointing", False)
+    try:
+        for quantizer in quantizers:
+            quantizer.disable()
+        for parameter in grads:
+            parameter.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        if checkpointed:
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+            for module in model.modules():  # checkpointing runs in training mode; nothing else is switched to it
+                module.train(hasattr(module, "gradient_checkpointing"))
+        yield
+    finally:
+        if checkpointed:
+            model.gradient_checkpointing_disable()
+        model.eval()
+        for parameter, wanted in grads.items():
+            parameter.requires_grad_(wanted)
+        for quantizer in quantizers:
+            quantizer.enable()
+
+
+def output_loss_scores(model, groups: list[tuple[str, ...]], samples: list[list[int]], pad_id: int) -> dict:
+    """linear -> format -> ModelOpt auto_quantize's sensitivity: Σ over calibration tokens of (dLoss/dY · (Y_format -
+    Y))², Y the linear's output in the unquantized model and Loss its next-token loss (summed over tokens): a Fisher
+    estimate of the loss increase from that linear alone in that format. One forward and backward per batch."""
+    import torch
+
+    modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
+    names = [n for g in groups for n in g]
+    gemms = {n: format_gemms(modules[n], group_amax([modules[m] for m in g])) for g in groups for n in g}
+    scores = torch.zeros(len(names), len(FORMAT_CANDIDATES), dtype=torch.float64, device=device)
+    handles = [modules[n].register_forward_hook(output_loss_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
+    lengths, ranks = [len(s) for s in samples], current_ranks()
+    batches = group_batches(lengths, None, DEFAULT_BATCH_TOKENS)
+    if ranks.distributed:  # each rank scores its share; one sample a batch where there are fewer batches than ranks
+        batches = rank_share(batches if len(batches) >= ranks.world else [[i] for i in range(len(samples))], lengths,
+                             ranks.rank, ranks.world)
+    forward = text_generator(model)
+    try:
+        with unquantized_with_gradients(model):
+            for batch in Progress(batches, desc="format scores", unit="batch"):
+                input_ids, mask = padded_batch(samples, batch, pad_id)
+                labels = input_ids.masked_fill(mask == 0, -100)
+                output = forward(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 labels=labels.to(device), use_cache=False)
+                (output.loss * int(mask[:, 1:].sum())).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if ranks.distributed:
+        torch.distributed.all_reduce(scores)
+    return {n: dict(zip(FORMAT_CANDIDATES, row.tolist())) for n, row in zip(names, scores)}
+
+
+def choose_formats(groups: list[LinearGroup], budget_bits: float) -> None:
+    """Each group's format for the least total predicted loss with average weight bits at most `budget_bits`: from
+    all NVFP4, greedily the upgrade (to FP8 or 16 bits) that removes the most loss per added bit and still fits."""
+    total = sum(g.weights for g in groups)
+    spare = budget_bits * total - sum(g.weights * WEIGHT_BITS[g.algo] for g in groups)
+    while True:
+        moves = [((g.loss[g.algo] - g.loss[algo]) / g.upgrade_cost(algo), n, algo) for n, g in enumerate(groups)
+                 for algo in g.loss if WEIGHT_BITS[algo] > WEIGHT_BITS[g.algo] and g.upgrade_cost(algo) <= spare]
+        moves = [m for m in moves if m[0] > 0]
+        if not moves:
+            return
+        _, index, algo = max(moves, key=lambda m: m[0])
+        spare -= groups[index].upgrade_cost(algo)
+        groups[index].algo = algo
+
+
+def set_format(module, algo: str | None, weight_amax) -> None:
+    """A calibrated NVFP4 linear switched to FP8 (ModelOpt's FP8_DEFAULT_CFG quantizers: the group's weight amax,
+    and the input amax the max pass measured) or to 16 bits (its quantizers off)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    if algo is None:
+        module.weight_quantizer.disable()
+        module.input_quantizer.disable()
+        return
+    fp8 = {e["quantizer_name"]: e["cfg"] for e in mtq.FP8_DEFAULT_CFG["quant_cfg"] if "cfg" in e}
+    for role, amax in (("weight_quantizer", weight_amax), ("input_quantizer", module.input_quantizer.amax)):
+        quantizer = TensorQuantizer(QuantizerAttributeConfig(**fp8[f"*{role}"]))
+        quantizer.amax = amax.detach().float().reshape(())
+        setattr(module, role, quantizer.to(amax.device))
+
+
+def linear_format(module, mode: str) -> str:
+    """The quant_algo a quantized linear is written in: FP8 where --effective_bits chose it, else the mode's."""
+    return "FP8" if module.weight_quantizer.num_bits == (4, 3) else MODE_QUANT_ALGO[mode]
+
+
+def choose_mixed_precision(model, samples: list[list[int]], pad_id: int, budget_bits: float) -> dict:
+    """--effective_bits after calibration and the scale search: every quantized linear scored under each format
+    (output_loss_scores), groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
+    start = time.perf_counter()
+    modules = dict(model.named_modules())
+    names = [n for n in quantized_linear_shapes(model) if block_searchable(modules[n])]
+    fused = linear_groups(names)
+    scores = output_loss_scores(model, fused, samples, pad_id)
+    groups = [LinearGroup(g, sum(modules[n].weight.numel() for n in g),
+                          {**{algo: sum(scores[n][algo] for n in g) for algo in FORMAT_CANDIDATES}, None: 0.0},
+                          group_amax([modules[n] for n in g])) for g in fused]
+    choose_formats(groups, budget_bits)
+    for group in groups:
+        for name in group.names if group.algo != "NVFP4" else ():
+            set_format(modules[name], group.algo, group.weight_amax)
+    to_disk = export_names(model)
+    weights = sum(g.weights for g in groups)
+    return {"budget_bits": budget_bits,
+            "effective_bits": round(sum(g.weights * WEIGHT_BITS[g.algo] for g in groups) / max(weights, 1), 4),
+            "counted": "stored bits per weight over the linears calibration quantized: " + ", ".join(
+                f"{algo or '16-bit'} {WEIGHT_BITS[algo]:g}" for algo in ("NVFP4", "FP8", None)),
+            "predicted_loss": {"chosen": sum(g.loss[g.algo] for g in groups),
+                               "all_nvfp4": sum(g.loss["NVFP4"] for g in groups)},
+            "seconds": round(time.perf_counter() - start, 2),
+            "per_linear": {to_disk(n): g.algo or "16-bit" for g in groups for n in g.names}}
 
 
 # --------------------------------------------------------------------------- export
@@ -3163,7 +3444,12 @@ RUNTIME_NOTES = {  # quant_algo -> where it runs (sources in README "Modes and w
     "W4A16_NVFP4": "vLLM 2026 releases (Marlin, SM >= 75) and recent TensorRT-LLM builds; older ones reject "
                    "W4A16_NVFP4.",
     "W4A8_NVFP4_FP8": "TensorRT-LLM on Blackwell only; vLLM does not load W4A8_NVFP4_FP8.",
+    "FP8": "vLLM and TensorRT-LLM: FP8 GEMMs on Ada, Hopper and Blackwell.",
+    MIXED_PRECISION: "vLLM 0.17 and newer (its `modelopt_mixed` config reads each linear's format from "
+                     "`quantized_layers`; 0.15 refuses MIXED_PRECISION): FP4 layers as for NVFP4, FP8 layers as FP8.",
 }
+VLLM_QUANTIZATION = {MIXED_PRECISION: "modelopt_mixed", "FP8": "modelopt"}  # quant_algo -> vLLM's name; else NVFP4's
+FORMAT_NAMES = {MIXED_PRECISION: "NVFP4, FP8 and 16-bit layers", "FP8": "FP8"}  # the model card's words; else NVFP4
 KV_NOTES = {
     "FP8": "FP8 KV cache: vLLM picks it up from the checkpoint with the default `--kv-cache-dtype auto`.",
     "NVFP4": "NVFP4 KV cache: vLLM reads it as `nvfp4` (FlashInfer; Blackwell, or SM80-120 with head size != 64); "
@@ -3182,19 +3468,21 @@ def model_card(manifest: dict, folder_name: str) -> str:
     args, calib, validation = manifest["arguments"], manifest["calibration"], manifest["validation"]
     algo, kv = validation["quant_algo"], validation.get("kv_cache_quant_algo")
     source = manifest["source_model"]
+    unlisted = "every linear not in `quantized_layers` (embeddings, `lm_head`)" if algo == MIXED_PRECISION else "none"
     # the hub links base_model to a model page: a local path (always absolute here) names none
     base_model = [] if Path(source).is_absolute() else [f"base_model: {source}"]
     lines = [
         "---", *base_model, "library_name: transformers", "tags: [nvfp4, modelopt, quantized]", "---", "",
         f"# {folder_name}", "",
-        f"`{manifest['source_model']}` quantized to NVFP4 (`{algo}`) with NVIDIA ModelOpt "
+        f"`{manifest['source_model']}` quantized to {FORMAT_NAMES.get(algo, 'NVFP4')} (`{algo}`) with NVIDIA ModelOpt "
         f"{manifest['versions'].get('nvidia-modelopt')} by `{manifest['tool']}`.", "",
         "| | |", "|---|---|",
         f"| mode | {MODES[manifest['mode']][2]} (`{manifest['modelopt_config']}`) |",
         f"| calibration algorithm | `{args['algorithm']}` |",
         f"| KV cache | {kv or '16-bit (not quantized)'} |",
-        f"| quantized linears | {validation['quantized_linears']} (group size {validation['group_size']}) |",
-        f"| kept in 16 bits | {', '.join(f'`{m}`' for m in manifest['excluded_modules']) or 'none'} |",
+        f"| quantized linears | {validation['quantized_linears']} ({formats_cell(validation)}) |",
+        *mixed_precision_rows(manifest["calibration_run"].get("mixed_precision")),
+        f"| kept in 16 bits | {', '.join(f'`{m}`' for m in manifest['excluded_modules']) or unlisted} |",
         *special_16_bit_rows(manifest),
         f"| calibration data | {calib['kept_samples']} samples, {calib['tokens']['total']} tokens (max "
         f"{args['max_seq_len']} per sample, seed {args['seed']}) from `{Path(args['dataset_yaml']).name}` |", "",
@@ -3211,14 +3499,51 @@ def model_card(manifest: dict, folder_name: str) -> str:
                   f"`{MANIFEST_NAME}`.", ""]
     lines += ["## Serving", "", RUNTIME_NOTES[algo] + (" " + KV_NOTES[kv] if kv else ""), ""]
     if algo != "W4A8_NVFP4_FP8":
+        vllm_name = VLLM_QUANTIZATION.get(algo, "modelopt_fp4")
         lines += ["vLLM:", "", "```python", "from vllm import LLM",
-                  f'llm = LLM(model="./{folder_name}", quantization="modelopt_fp4")', "```", "",
-                  f"or `vllm serve ./{folder_name} --quantization modelopt_fp4`.", ""]
+                  f'llm = LLM(model="./{folder_name}", quantization="{vllm_name}")', "```", "",
+                  f"or `vllm serve ./{folder_name} --quantization {vllm_name}`.", ""]
     lines += ["TensorRT-LLM (PyTorch backend):", "", "```python", "from tensorrt_llm import LLM",
               f'llm = LLM(model="./{folder_name}")  # reads hf_quant_config.json', "```", "",
               f"or `trtllm-serve ./{folder_name}`.", "",
               f"`{MANIFEST_NAME}` records every setting, library version and timing of this run.", ""]
     return "\n".join(lines)
+
+
+def formats_cell(validation: dict) -> str:
+    """A checkpoint's linears per format (mixed precision), or its group size."""
+    if validation["quant_algo"] != MIXED_PRECISION:
+        return f"group size {validation['group_size'] or 'none: per-tensor scales'}"
+    return ", ".join(f"{n} {algo}" for algo, n in validation["formats"].items())
+
+
+def mixed_precision_rows(mixed: dict | None) -> list[str]:
+    """Model-card rows for --effective_bits: the bits reached, and each format's linears."""
+    if not mixed:
+        return []
+    return [f"| effective bits | {mixed['effective_bits']} (budget {mixed['budget_bits']}; {mixed['counted']}) |",
+            *[f"| {algo} linears | {cell} |" for algo, cell in format_layers(mixed["per_linear"]).items()]]
+
+
+def format_layers(per_linear: dict[str, str]) -> dict[str, str]:
+    """format -> its linears, compactly: each projection with the decoder layers holding it in that format."""
+    layers: dict[str, dict[str, list[int]]] = {}
+    for name, algo in per_linear.items():
+        match = re.search(r"\.(\d+)\.(.+)$", name)
+        projection, index = (match.group(2), int(match.group(1))) if match else (name, -1)
+        layers.setdefault(algo, {}).setdefault(projection, []).append(index)
+    return {algo: "; ".join(f"{p} {index_ranges(i)}" for p, i in sorted(by.items())) for algo, by in layers.items()}
+
+
+def index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (-1: not in a numbered layer)."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs if a >= 0) or "(no layer index)"
 
 
 def special_16_bit_rows(manifest: dict) -> list[str]:
@@ -3339,7 +3664,6 @@ def write_records(staging: Path, manifest: dict, model_name: str) -> None:
 
 
 # --------------------------------------------------------------------------- checks of the written files
-QUANT_ALGO_GROUP_SIZE = {"NVFP4": 16, "W4A16_NVFP4": 16, "W4A8_NVFP4_FP8": 32}  # what the runtimes load
 MODE_QUANT_ALGO = {"nvfp4": "NVFP4", "w4a8": "W4A8_NVFP4_FP8", "weight_only": "W4A16_NVFP4"}
 SIXTEEN_BIT = ("BF16", "F16")
 KV_CACHE_SCHEMES = {  # kv_cache_quant_algo -> what config.json's kv_cache_scheme must be for vLLM to agree
@@ -3417,17 +3741,15 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
     except (OSError, json.JSONDecodeError) as exc:
         return {}, [f"{exc} [config: hf_quant_config.json and config.json readable]"]
     quant = hf.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    required = ("quant_algo", "kv_cache_quant_algo") + (("quantized_layers",) if algo == MIXED_PRECISION else
+                                                        ("exclude_modules",) + (("group_size",) * bool(
+                                                            QUANT_ALGO_GROUP_SIZE.get(algo))))
     problems = [f"hf_quant_config.json: missing key quantization.{k} [config: vLLM requires it]"
-                for k in ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules") if k not in quant]
+                for k in required if k not in quant]
     problems += [f"hf_quant_config.json: exclude pattern {p!r} holds a control character and matches no module "
                  "[config: exclude_modules]" for p in quant.get("exclude_modules") or [] if not p.isprintable()]
-    algo = quant.get("quant_algo")
-    if algo not in QUANT_ALGO_GROUP_SIZE:
-        problems.append(f"hf_quant_config.json: quant_algo {algo!r} is not one of {', '.join(QUANT_ALGO_GROUP_SIZE)} "
-                        "[config: quant_algo]")
-    elif quant.get("group_size") != QUANT_ALGO_GROUP_SIZE[algo]:
-        problems.append(f"hf_quant_config.json: group_size {quant.get('group_size')} for {algo}, expected "
-                        f"{QUANT_ALGO_GROUP_SIZE[algo]} [config: group_size]")
+    problems += algo_problems(quant)
     if not isinstance(inline, dict):
         return quant, problems + ["config.json: no quantization_config [config: runtimes read it]"]
     if inline.get("quant_method") != "modelopt":
@@ -3436,6 +3758,9 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
     if inline.get("quant_algo") != algo:
         problems.append(f"config.json: quant_algo {inline.get('quant_algo')!r} but hf_quant_config.json says {algo!r} "
                         "[config: agreement]")
+    if inline.get("quantized_layers") != quant.get("quantized_layers"):
+        problems.append("config.json: quantization_config.quantized_layers differs from hf_quant_config.json's; vLLM "
+                        "reads config.json's [config: agreement]")
     if sorted(inline.get("ignore") or []) != sorted(quant.get("exclude_modules") or []):
         problems.append("config.json: quantization_config.ignore differs from hf_quant_config.json exclude_modules "
                         "[config: agreement]")
@@ -3447,6 +3772,47 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
         problems.append(f"config.json: kv_cache_scheme {scheme!r} does not say {kv_algo}, which hf_quant_config.json "
                         "says; vLLM reads config.json [config: agreement]")
     return quant, problems
+
+
+def format_problems(where: str, algo, group_size, allowed: Iterable[str]) -> list[str]:
+    """One quant_algo (and its group size) against the formats a runtime loads."""
+    if algo not in allowed:
+        return [f"{where}: quant_algo {algo!r} is not one of {', '.join(allowed)} [config: quant_algo]"]
+    if group_size != QUANT_ALGO_GROUP_SIZE[algo]:
+        return [f"{where}: group_size {group_size} for {algo}, expected {QUANT_ALGO_GROUP_SIZE[algo]} "
+                "[config: group_size]"]
+    return []
+
+
+def algo_problems(quant: dict) -> list[str]:
+    """The checkpoint's quant_algo, or for MIXED_PRECISION each quantized_layers entry's: formats this tool checks."""
+    algo = quant.get("quant_algo")
+    if algo != MIXED_PRECISION:
+        return format_problems("hf_quant_config.json", algo, quant.get("group_size"), QUANT_ALGO_GROUP_SIZE)
+    layers = quant.get("quantized_layers")
+    if not isinstance(layers, dict) or not layers:
+        return ["hf_quant_config.json: MIXED_PRECISION without a quantized_layers map [config: quantized_layers]"]
+    entries = {name: entry if isinstance(entry, dict) else {} for name, entry in layers.items()}
+    return [p for name, e in entries.items() for p in format_problems(
+        f"hf_quant_config.json: quantized_layers[{name!r}]", e.get("quant_algo"), e.get("group_size"),
+        MIXED_LAYER_ALGOS)]
+
+
+def layer_formats(quant: dict) -> Callable[[str], str | None]:
+    """Exported linear name -> the quant_algo its tensors are in: MIXED_PRECISION's quantized_layers entry (None for
+    a linear it does not list, which vLLM loads in 16 bits), else the checkpoint's one quant_algo."""
+    if quant.get("quant_algo") != MIXED_PRECISION:
+        return lambda name: quant.get("quant_algo")
+    layers = quant["quantized_layers"]
+    return lambda name: layers[name]["quant_algo"] if name in layers else None
+
+
+def tensor_scales(algo: str) -> tuple[str, ...]:
+    """A quantized linear's per-tensor scales: FP8's weight and input scales; NVFP4's global weight scale and, when
+    inputs are quantized, the input scale."""
+    if algo == "FP8":
+        return ("weight_scale", "input_scale")
+    return ("weight_scale_2",) + (() if algo == "W4A16_NVFP4" else ("input_scale",))
 
 
 def check_scale_values(label: str, values, per_block: bool) -> list[str]:
@@ -3463,9 +3829,16 @@ def check_scale_values(label: str, values, per_block: bool) -> list[str]:
     return []
 
 
-def check_linear(reader: CheckpointReader, name: str, shape: tuple, algo: str) -> list[str]:
+def check_linear(reader: CheckpointReader, name: str, shape: tuple, algo: str | None) -> list[str]:
     """One quantized linear [out, in] against what vLLM and TensorRT-LLM load: dtypes, shapes, scales."""
     out_f, in_f = shape
+    if algo is None:
+        return [f"{name}: written quantized but not in quantized_layers; vLLM would load it as 16-bit "
+                "[config: quantized_layers]"]
+    if algo == "FP8":
+        return check_quantized_tensors(reader, {s: f"{name}.{s}" for s in ("weight", "weight_scale", "input_scale")},
+                                       {"weight": ("F8_E4M3", [out_f, in_f]), "weight_scale": ("F32", []),
+                                        "input_scale": ("F32", [])})
     group = QUANT_ALGO_GROUP_SIZE[algo]
     if in_f % group:
         return [f"{name}: in_features {in_f} is not a multiple of the group size {group} [tensors: shape]"]
@@ -3476,7 +3849,9 @@ def check_linear(reader: CheckpointReader, name: str, shape: tuple, algo: str) -
 def check_expert_stack(reader: CheckpointReader, key: str, shape: list[int], algo: str) -> list[str]:
     """A 3-D expert stack [experts, in, out] (GPT-OSS, Llama 4) as ModelOpt writes it: FP4 packed along `in`,
     with `{key}_weight_scale` [experts, in/group, out] and per-stack scalar scales."""
-    group = QUANT_ALGO_GROUP_SIZE[algo]
+    group = QUANT_ALGO_GROUP_SIZE.get(algo)
+    if not group:
+        return [f"{key}: a {algo} expert stack, which this tool does not check [tensors: dtype and shape]"]
     if len(shape) != 3 or shape[1] % group:
         return [f"{key}: expert stack of shape {shape} is not [experts, in, out] with in a multiple of {group} "
                 "[tensors: shape]"]
@@ -3493,6 +3868,11 @@ def check_nvfp4_tensors(reader: CheckpointReader, keys: dict[str, str], weight_s
         rules.pop("input_scale")
         if keys["input_scale"] in reader:
             return [f"{keys['input_scale']}: present in a weight-only checkpoint [tensors: no extra]"]
+    return check_quantized_tensors(reader, keys, rules)
+
+
+def check_quantized_tensors(reader: CheckpointReader, keys: dict[str, str], rules: dict[str, tuple]) -> list[str]:
+    """Each role's tensor (weight, scales) present with its dtype and shape; scale values finite and positive."""
     problems = []
     for role, (dtype, want) in rules.items():
         key = keys[role]
@@ -3502,12 +3882,14 @@ def check_nvfp4_tensors(reader: CheckpointReader, keys: dict[str, str], weight_s
             problems.append(f"{key}: expected {dtype} {want}, got {reader.dtype(key)} {reader.shape(key)} "
                             "[tensors: dtype and shape]")
         elif role != "weight":
-            problems += check_scale_values(key, reader.tensor(key), per_block=role == "weight_scale")
+            problems += check_scale_values(key, reader.tensor(key), per_block=bool(want))
     return problems
 
 
-def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: set[str]) -> list[str]:
-    """Layers the runtimes fuse (q/k/v, gate/up) are all quantized or all not, with equal global scales."""
+def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: set[str],
+                       layer_algo: Callable[[str], str | None]) -> list[str]:
+    """Layers the runtimes fuse (q/k/v, gate/up) are all quantized or all not, in one format, with equal per-tensor
+    scales."""
     import torch
 
     problems = []
@@ -3521,7 +3903,12 @@ def check_fused_groups(reader: CheckpointReader, quantized: set[str], linears: s
                 problems.append(f"{parent}: {'/'.join(group)} are partly quantized; vLLM and TensorRT-LLM fuse them "
                                 "[fused: all or none]")
                 continue
-            for suffix in ("weight_scale_2", "input_scale") if states == {True} else ():
+            algos = {layer_algo(m) for m in members} if states == {True} else set()
+            if len(algos) > 1:
+                problems.append(f"{parent}: {'/'.join(group)} are in different formats ({', '.join(map(str, algos))}); "
+                                "vLLM refuses a fused layer whose parts differ [fused: one format]")
+                continue
+            for suffix in tensor_scales(algos.pop()) if algos else ():
                 values = [reader.tensor(f"{m}.{suffix}") for m in members if f"{m}.{suffix}" in reader]
                 if len(values) > 1 and not all(torch.equal(values[0], v) for v in values[1:]):
                     problems.append(f"{parent}.{{{','.join(group)}}}.{suffix}: differ; TensorRT-LLM asserts they are "
@@ -3582,32 +3969,34 @@ def expert_stack_linears(key: str, shape: list[int], hidden: int,
     return None
 
 
-def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader, algo: str,
-                            tied: set[str], hidden: int,
+def check_against_originals(originals: dict[str, list[int]], reader: CheckpointReader,
+                            layer_algo: Callable[[str], str | None], tied: set[str], hidden: int,
                             architecture: str | None) -> tuple[set[str], set[str], list[str]]:
-    """Every original tensor is written as NVFP4 (a linear's weight, a 3-D expert stack, or a fused expert
-    stack split per expert: expert_stack_linears) or carried over with its shape. Returns (what was quantized,
-    every key the checkpoint may hold, problems)."""
-    scalars = ("weight_scale_2",) + (() if algo == "W4A16_NVFP4" else ("input_scale",))
+    """Every original tensor is written quantized in its linear's format (a linear's weight, a 3-D expert stack,
+    or a fused expert stack split per expert: expert_stack_linears) or carried over with its shape. Returns (what
+    was quantized, every key the checkpoint may hold, problems)."""
     quantized, expected, problems = set(), set(), []
     for key, shape in originals.items():
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module and f"{module}.weight_scale" in reader and len(shape) == 2:
+            algo = layer_algo(module)
             quantized.add(module)
             problems += check_linear(reader, module, tuple(shape), algo)
-            expected |= {key, f"{module}.weight_scale"} | {f"{module}.{s}" for s in scalars}
+            expected |= {key, f"{module}.weight_scale"} | {f"{module}.{s}" for s in tensor_scales(algo or "NVFP4")}
         elif f"{key}_weight_scale" in reader:
+            algo = layer_algo(key) or "NVFP4"
             quantized.add(key)
             problems += check_expert_stack(reader, key, shape, algo)
-            expected |= {key, f"{key}_weight_scale"} | {f"{key}_{s}" for s in scalars}
+            expected |= {key, f"{key}_weight_scale"} | {f"{key}_{s}" for s in tensor_scales(algo)}
         elif key in reader:
             expected.add(key)
             if reader.shape(key) != shape:
                 problems.append(f"{key}: shape {reader.shape(key)}, the original has {shape} [tensors: carried over]")
         elif (split := expert_stack_linears(key, shape, hidden, architecture)) is not None:
             quantized |= set(split)
-            expected |= {f"{m}.{s}" for m in split for s in ("weight", "weight_scale") + scalars}
-            problems += [p for m, linear in split.items() for p in check_linear(reader, m, linear, algo)]
+            expected |= {f"{m}.{s}" for m in split for s in ("weight", "weight_scale") + tensor_scales(
+                layer_algo(m) or "NVFP4")}
+            problems += [p for m, linear in split.items() for p in check_linear(reader, m, linear, layer_algo(m))]
         elif key not in tied:
             problems.append(f"{key}: missing [tensors: complete]")
     return quantized, expected, problems
@@ -3681,17 +4070,18 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (), sou
     reader = CheckpointReader(folder)
     problems += reader.problems
     algo, patterns = quant.get("quant_algo"), quant.get("exclude_modules") or []
-    if algo not in QUANT_ALGO_GROUP_SIZE:
+    if algo_problems(quant):
         return {}, problems
+    layer_algo = layer_formats(quant)
     config, skeleton = written or written_model(folder)
     originals, checked_against = original_tensors(skeleton, source)
     tie = any(getattr(c, "tie_word_embeddings", False) for c in (config, config.get_text_config()))  # either may say
     tied = {k for k in originals if k.endswith("lm_head.weight")} if tie else set()
     hidden = config.get_text_config().hidden_size
     architecture = (config.architectures or [None])[0]
-    quantized, expected, more = check_against_originals(originals, reader, algo, tied, hidden, architecture)
+    quantized, expected, more = check_against_originals(originals, reader, layer_algo, tied, hidden, architecture)
     in_memory = set(quantized_in_memory)
-    problems += more + [f"{n}: quantized in memory but not written as NVFP4" for n in sorted(in_memory - quantized)]
+    problems += more + [f"{n}: quantized in memory but not written quantized" for n in sorted(in_memory - quantized)]
     if in_memory:  # after an export: nothing written as NVFP4 that ModelOpt left in 16 bits
         problems += [f"{n}: written as NVFP4 but not quantized in memory [tensors: exactly the quantized modules]"
                      for n in sorted(quantized - in_memory) if not under_experts(n)]
@@ -3700,8 +4090,9 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (), sou
                if isinstance(m, torch.nn.Linear)}
     linears.update({n: None for n in quantized if n not in linears})
     kv_problems, kv_keys = check_kv_scales(reader, quant.get("kv_cache_quant_algo"), linears)
-    problems += kv_problems + check_exclusions(reader, quantized, linears, patterns)
-    problems += check_fused_groups(reader, quantized, set(linears))
+    problems += kv_problems + check_exclusions(reader, quantized, linears, patterns, layer_algo,
+                                               mixed=algo == MIXED_PRECISION)
+    problems += check_fused_groups(reader, quantized, set(linears), layer_algo)
     extra = set(reader.location) - expected - kv_keys
     carried, carried_problems = check_carried_unloaded(reader, extra, type(skeleton), patterns)
     problems += carried_problems + [f"{k}: unexpected tensor [tensors: no extra]" for k in sorted(extra - carried)]
@@ -3710,7 +4101,8 @@ def verify_checkpoint(folder: Path, quantized_in_memory: Iterable[str] = (), sou
     summary = {"quant_algo": algo, "group_size": quant.get("group_size"),
                "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"), "quantized_linears": len(quantized),
                "unquantized_linears": len(set(linears) - quantized), "tensors": len(reader.location),
-               "checked_against": checked_against, "exclude_modules": patterns}
+               "checked_against": checked_against, "exclude_modules": patterns,
+               "formats": dict(sorted(Counter(str(layer_algo(n)) for n in quantized).items()))}
     return summary, problems
 
 
@@ -3732,8 +4124,10 @@ def check_carried_unloaded(reader: CheckpointReader, extra: set[str], cls, patte
     return carried, problems
 
 
-def check_exclusions(reader: CheckpointReader, quantized: set[str], linears: dict, patterns: list[str]) -> list[str]:
-    """A quantized linear must match no exclude pattern; a 16-bit one must match in both runtimes' matchers."""
+def check_exclusions(reader: CheckpointReader, quantized: set[str], linears: dict, patterns: list[str],
+                     layer_algo: Callable[[str], str | None], mixed: bool) -> list[str]:
+    """A quantized linear must match no exclude pattern; a 16-bit one must match in both runtimes' matchers, or in a
+    MIXED_PRECISION checkpoint be absent from quantized_layers (the runtimes load what it does not list in 16 bits)."""
     problems = []
     for name in sorted(linears):
         if name in quantized:
@@ -3744,19 +4138,28 @@ def check_exclusions(reader: CheckpointReader, quantized: set[str], linears: dic
             if reader.dtype(f"{name}.weight") not in SIXTEEN_BIT:
                 problems.append(f"{name}.weight: unquantized linear stored as {reader.dtype(f'{name}.weight')} "
                                 "[tensors: dtype and shape]")
-            if not (vllm_excludes(name, patterns) and trtllm_excludes(name, patterns)):
+            if mixed and layer_algo(name) is not None:
+                problems.append(f"{name}: left in 16 bits but listed in quantized_layers as {layer_algo(name)} "
+                                "[exclude: consistent]")
+            elif not mixed and not (vllm_excludes(name, patterns) and trtllm_excludes(name, patterns)):
                 problems.append(f"{name}: left in 16 bits but not matched by exclude_modules; the runtimes would load "
                                 "it as FP4 [exclude: consistent]")
     return problems
 
 
-def validate_export(folder: Path, expected: Iterable[str], mode: str, source: Path | None,
+def validate_export(folder: Path, expected: dict[str, str], source: Path | None,
                     written: tuple[Any, Any] | None = None) -> dict:
     """verify_checkpoint on what was just written against the source checkpoint, plus: exactly the modules
-    ModelOpt quantized (`expected`, by exported name), in the right mode."""
+    ModelOpt quantized (`expected`: exported name -> the quant_algo meant for it), each in its format, under the
+    quant_algo ModelOpt writes for them (MIXED_PRECISION when they differ)."""
     summary, problems = verify_checkpoint(folder, quantized_in_memory=expected, source=source, written=written)
-    if summary and summary["quant_algo"] != MODE_QUANT_ALGO[mode]:
-        problems.append(f"quant_algo {summary['quant_algo']}, expected {MODE_QUANT_ALGO[mode]} for --{mode}")
+    algos = set(expected.values())
+    want = algos.pop() if len(algos) == 1 else MIXED_PRECISION
+    if summary and summary["quant_algo"] != want:
+        problems.append(f"quant_algo {summary['quant_algo']}, expected {want}")
+    elif summary:
+        layer_algo = layer_formats(json.loads((folder / "hf_quant_config.json").read_text())["quantization"])
+        problems += [f"{n}: written as {layer_algo(n)}, chosen {a}" for n, a in expected.items() if layer_algo(n) != a]
     if problems:
         raise RuntimeError(f"exported checkpoint failed validation ({len(problems)} problems), first: "
                            + "; ".join(problems[:5]))
@@ -3804,8 +4207,9 @@ def run_verify(folder: Path, source: Path | None = None) -> int:
         print(f"verify: {folder}: {len(problems)} problem(s)")
         return 1
     kv = f", KV cache {summary['kv_cache_quant_algo']}" if summary["kv_cache_quant_algo"] else ""
-    print(f"verify: {folder}: OK against the {summary['checked_against']} ({summary['quant_algo']}, "
-          f"group {summary['group_size']}{kv}, "
+    formats = ", ".join(f"{n} {algo}" for algo, n in summary["formats"].items()) \
+        if summary["quant_algo"] == MIXED_PRECISION else f"group {summary['group_size'] or 'none: per-tensor scales'}"
+    print(f"verify: {folder}: OK against the {summary['checked_against']} ({summary['quant_algo']}, {formats}{kv}, "
           f"{summary['quantized_linears']} quantized / {summary['unquantized_linears']} 16-bit linears, "
           f"{summary['tensors']} tensors)")
     return 0
@@ -3885,10 +4289,10 @@ def channel_ratio(scaled, original):
     return (scaled * original).sum(0) / (original * original).sum(0).clamp_min(1e-30)
 
 
-def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str, group: int):
-    """What the runtime computes for `x` from the exported tensors: FP4 weight x block scale x global
-    scale, the input quantized with the stored input_scale as the kernels do."""
-    weight, quantize = exported_weight(reader, name, group, x.device), input_fake_quant(algo)
+def exported_linear_output(reader: CheckpointReader, name: str, x, algo: str):
+    """What the runtime computes for `x` from the exported tensors in `algo`'s format (exported_weight), the input
+    quantized with the stored input_scale as the kernels do."""
+    weight, quantize = exported_weight(reader, name, algo, x.device), input_fake_quant(algo)
     if quantize is not None:
         x = quantize(x, reader.tensor(f"{name}.input_scale").float().to(x.device))
     return x @ weight.T
@@ -3899,7 +4303,7 @@ def fidelity_limit(median: float) -> float:
 
 
 def linear_error(reader: CheckpointReader, name: str, original, before: tuple, after: tuple | None, algo: str,
-                 group: int, device: str) -> float:
+                 device: str) -> float:
     """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs.
 
     Where the export folded scales (awq_lite: into norms, v_proj and up_proj), the runtime's input and
@@ -3911,10 +4315,10 @@ def linear_error(reader: CheckpointReader, name: str, original, before: tuple, a
     x = before[0].to(device).float()
     expected = x @ original.to(device).float().T
     if after is None:
-        runtime = exported_linear_output(reader, name, x, algo, group)
+        runtime = exported_linear_output(reader, name, x, algo)
     else:
         x_folded, y_folded = after[0].to(device).float(), after[1].to(device).float()
-        runtime = exported_linear_output(reader, name, x_folded, algo, group) / channel_ratio(y_folded, expected)
+        runtime = exported_linear_output(reader, name, x_folded, algo) / channel_ratio(y_folded, expected)
     return (torch.linalg.norm(runtime - expected) / torch.linalg.norm(expected).clamp_min(1e-30)).item()
 
 
@@ -3923,8 +4327,7 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
     checkpoint's 16-bit weight on the captured inputs (capture_linear_io; `after` only where the export
     folded scales). Raises ExportRejected when a linear is far outside NVFP4's normal range (fidelity_limit)."""
     reader, original = CheckpointReader(folder), CheckpointReader(source)
-    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
-    algo, group = quant["quant_algo"], int(quant["group_size"])
+    layer_algo = layer_formats(json.loads((folder / "hf_quant_config.json").read_text())["quantization"])
     errors, unchecked, modules = {}, [], modules_by_exported_name(model)
     names = sorted(k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale"))
     for name in Progress(names, desc="fidelity", unit="linear"):
@@ -3933,7 +4336,8 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
             unchecked.append(name)
             continue
         errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
-                                          after[module_name] if after is not None else None, algo, group, device), 5)
+                                          after[module_name] if after is not None else None, layer_algo(name),
+                                          device), 5)
     if names and not errors:
         raise RuntimeError(f"the fidelity check matched none of the {len(names)} quantized linears of the export to a "
                            f"module and a source weight (first: {names[0]}); the export's names are not the source's")
@@ -3952,8 +4356,8 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
     return report
 
 
-def check_written_files(model, folder: Path, expected: Iterable[str], mode: str, source: Path | None,
-                        exported: Export, device: str) -> tuple[dict, dict]:
+def check_written_files(model, folder: Path, expected: dict[str, str], source: Path | None, exported: Export,
+                        device: str) -> tuple[dict, dict]:
     """validate_export and check_fidelity on the staged files at once: the validation reads headers and scales on
     the CPU in a thread while the fidelity check moves weights to the GPU and multiplies there. Both finish before
     this returns; a failed validation is raised first (broken files explain a failed fidelity check).
@@ -3962,7 +4366,7 @@ def check_written_files(model, folder: Path, expected: Iterable[str], mode: str,
     dtype, accelerate's patched parameter registration) that must not change under the fidelity check."""
     written = written_model(folder)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="validation") as pool:
-        validating = pool.submit(validate_export, folder, expected, mode, source, written)
+        validating = pool.submit(validate_export, folder, expected, source, written)
         try:
             fidelity = check_fidelity(model, folder, source, exported.before, exported.after, device)
         finally:
@@ -3972,7 +4376,6 @@ def check_written_files(model, folder: Path, expected: Iterable[str], mode: str,
 
 # --------------------------------------------------------------------------- quality report
 REPORT_NAME = "quality_report.json"
-E4M3_MAX = 448.0
 EVAL_BATCH_TOKENS = 2048  # held-out samples of one length share a forward up to this many tokens: never more
 #                           memory than one sample of the default max_seq_len, and far fewer small ops on a CPU
 
@@ -3989,7 +4392,7 @@ def fake_quant_nvfp4_input(x, input_scale, group: int = 16):
 
 
 def fake_quant_fp8_input(x, input_scale):
-    """What a W4A8 GEMM does to its input: per-tensor FP8 E4M3 with the stored input_scale."""
+    """What a W4A8 or FP8 GEMM does to its input: per-tensor FP8 E4M3 with the stored input_scale."""
     import torch
 
     scaled = (x.float() / input_scale).clamp(-E4M3_MAX, E4M3_MAX)
@@ -3998,13 +4401,17 @@ def fake_quant_fp8_input(x, input_scale):
 
 def input_fake_quant(algo: str):
     """How the runtime quantizes a quantized linear's input for `algo`: NVFP4 blocks, FP8 per tensor, or not at all."""
-    return {"NVFP4": fake_quant_nvfp4_input, "W4A8_NVFP4_FP8": fake_quant_fp8_input}.get(algo)
+    return {"NVFP4": fake_quant_nvfp4_input, "W4A8_NVFP4_FP8": fake_quant_fp8_input,
+            "FP8": fake_quant_fp8_input}.get(algo)
 
 
-def exported_weight(reader: CheckpointReader, name: str, group: int, device=None):
-    """The float32 weight the runtime multiplies by: the exported FP4 weight x block scale x global scale."""
-    return dequantize_nvfp4(*(reader.tensor(f"{name}.{suffix}").to(device) for suffix in
-                              ("weight", "weight_scale", "weight_scale_2")), group)
+def exported_weight(reader: CheckpointReader, name: str, algo: str, device=None):
+    """The float32 weight the runtime multiplies by: the exported FP4 weight x block scale x global scale, or the
+    FP8 weight x its per-tensor scale."""
+    tensors = [reader.tensor(f"{name}.{suffix}").to(device) for suffix in ("weight", "weight_scale")]
+    if algo == "FP8":
+        return tensors[0].float() * tensors[1].float()
+    return dequantize_nvfp4(*tensors, reader.tensor(f"{name}.weight_scale_2").to(device), QUANT_ALGO_GROUP_SIZE[algo])
 
 
 def use_eager_experts(model) -> None:
@@ -4041,8 +4448,7 @@ def exported_experts(module, name: str, reader: CheckpointReader, to_disk: Calla
     return names if all(f"{n}.weight_scale" in reader for n in names) else set()
 
 
-def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str,
-                          group: int) -> list:
+def emulate_fused_experts(module, key: Callable[[int, str], str], reader: CheckpointReader, algo: str) -> list:
     """transformers 5's fused experts (fused_expert_stacks), exported one linear per expert (`key(e, proj)` is
     its exported name): dequantized FP4 weights into the 3-D tensors, and each stack's input quantized with
     the max of its experts' input scales, as vLLM's FlashInfer MoE takes it."""
@@ -4053,7 +4459,7 @@ def emulate_fused_experts(module, key: Callable[[int, str], str], reader: Checkp
     with torch.no_grad():
         for stack, parts in stacks.items():
             for e in range(experts):
-                getattr(module, stack)[e].copy_(torch.cat([exported_weight(reader, key(e, p), group) for p in parts]))
+                getattr(module, stack)[e].copy_(torch.cat([exported_weight(reader, key(e, p), algo) for p in parts]))
     if algo == "W4A16_NVFP4":
         return []
     scales = {stack: torch.stack([reader.tensor(f"{key(e, parts[0])}.input_scale").float().reshape(())
@@ -4061,9 +4467,11 @@ def emulate_fused_experts(module, key: Callable[[int, str], str], reader: Checkp
     return quantize_expert_inputs(module, scales, algo)
 
 
-def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: str, group: int) -> list:
+def emulate_expert_stacks(module, prefix: str, reader: CheckpointReader, algo: str) -> list:
     """Expert stacks [E, in, out] (GPT-OSS, Llama 4) exported as 3-D NVFP4 tensors packed along `in`."""
     import torch
+
+    group = QUANT_ALGO_GROUP_SIZE[algo]
 
     def dequantized(key: str, e: int):
         weight, scale = reader.tensor(key)[e], reader.tensor(f"{key}_weight_scale")[e]
@@ -4158,21 +4566,21 @@ def emulate_checkpoint(model, folder: Path) -> list:
     """
     reader = CheckpointReader(folder)
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
-    algo, group = quant["quant_algo"], int(quant["group_size"])
+    layer_algo = layer_formats(quant)
     to_disk, hooks, applied = export_names(model), [], set()
     use_eager_experts(model)
     copy_unquantized_tensors(model, reader, to_disk)
     for name, module in model.named_modules():
         prefix = to_disk(name)
         if is_fused_experts(module) and f"{prefix}.gate_up_proj_weight_scale" in reader:
-            hooks += emulate_expert_stacks(module, prefix, reader, algo, group)
+            hooks += emulate_expert_stacks(module, prefix, reader, layer_algo(f"{prefix}.gate_up_proj"))
             applied |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
         elif experts := exported_experts(module, name, reader, to_disk):
             key = lambda e, proj, n=name: to_disk(f"{n}.{e}.{proj}")  # noqa: E731
-            hooks += emulate_fused_experts(module, key, reader, algo, group)
+            hooks += emulate_fused_experts(module, key, reader, layer_algo(key(0, "down_proj")))
             applied |= experts
         elif f"{prefix}.weight_scale" in reader and hasattr(module, "weight"):
-            hooks += emulate_linear(module, prefix, reader, algo, group)
+            hooks += emulate_linear(module, prefix, reader, layer_algo(prefix))
             applied.add(prefix)
     in_files = {k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale")} | \
         {k[: -len("_weight_scale")] for k in reader.location if k.endswith("_weight_scale")}
@@ -4186,12 +4594,12 @@ def emulate_checkpoint(model, folder: Path) -> list:
     return hooks
 
 
-def emulate_linear(module, prefix: str, reader: CheckpointReader, algo: str, group: int) -> list:
-    """The dequantized FP4 weight, and a hook quantizing the input with the stored input_scale."""
+def emulate_linear(module, prefix: str, reader: CheckpointReader, algo: str) -> list:
+    """The dequantized weight in `algo`'s format, and a hook quantizing the input with the stored input_scale."""
     import torch
 
     with torch.no_grad():
-        module.weight.copy_(exported_weight(reader, prefix, group).to(module.weight.dtype))
+        module.weight.copy_(exported_weight(reader, prefix, algo).to(module.weight.dtype))
     quantize = input_fake_quant(algo)
     if quantize is None:
         return []
@@ -4353,6 +4761,10 @@ def print_summary(manifest: dict, output: Path) -> None:
     ]
     if calib.get("kept_16_bit_unreached"):
         rows.append(("16-bit: never reached by calibration", len(calib["kept_16_bit_unreached"])))
+    mixed = calib.get("mixed_precision")
+    if mixed:
+        rows.append(("effective bits", f"{mixed['effective_bits']} (budget {mixed['budget_bits']})"))
+        rows += [(f"{algo} layers", cell) for algo, cell in format_layers(mixed["per_linear"]).items()]
     if manifest.get("carried_unloaded"):
         rows.append(("copied, not loaded by transformers", f"{manifest['carried_unloaded']['tensors']} tensors"))
     fidelity = manifest.get("fidelity")
@@ -4549,6 +4961,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv_cache", choices=tuple(KV_CACHE_CONFIGS), default="none",
                    help="quantize the KV cache: fp8 (vLLM, TensorRT-LLM) or nvfp4 (Blackwell runtimes); default none")
     p.add_argument("--algorithm", choices=tuple(ALGORITHMS), help=algorithm_help())
+    p.add_argument("--effective_bits", type=float, metavar="BITS",
+                   help="mixed precision: each linear group NVFP4, FP8 or 16-bit, least predicted loss for this "
+                        f"average of weight bits ({WEIGHT_BITS['NVFP4']:g} to {WEIGHT_BITS[None]:g}; dense models, "
+                        "W4A4, local_hessian)")
     p.add_argument("--moe_calibration", choices=MOE_CALIBRATION, default="routed",
                    help="mixture-of-experts: calibrate experts on the tokens routed to them (default), or every "
                         "expert on every token (all: slower, no expert left uncalibrated)")
@@ -4618,6 +5034,7 @@ def prepare_job(settings: Settings) -> Job:
     unquantized = always_unquantized(skeleton) + resolve_skip_layers(skeleton, settings.skip_layers)
     check_something_to_quantize(skeleton, unquantized)
     check_algorithm_fits(skeleton, settings.algorithm)
+    check_mixed_precision_fits(skeleton, settings.effective_bits)
     samples, data_stats, holdout = prepare_calibration_data(settings, tokenizer)
     print_plan(settings, data_stats)
     job = Job(config, tokenizer, skeleton, unquantized, samples, data_stats, holdout)
@@ -4650,7 +5067,7 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
 
     Returns the exit status: 1 when --max_ppl_increase is exceeded (the checkpoint is still written).
     """
-    expected = expected_quantized(model, job.unquantized)
+    expected = expected_quantized(model, job.unquantized, settings.mode)
     manifest = {
         "tool": tool, "source_model": source_model_id(settings.input_model), "mode": settings.mode,
         "modelopt_config": settings.modelopt_config_name, "arguments": settings.public_dict(),
@@ -4670,7 +5087,7 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         timings["export_s"], manifest["carried_unloaded"] = exported.seconds, exported.carried_unloaded
         timings["export_hf_checkpoint_s"] = exported.modelopt_seconds
         stage(STAGE_VALIDATION)
-        validation, fidelity = check_written_files(model, staging, expected, settings.mode, source, exported, device)
+        validation, fidelity = check_written_files(model, staging, expected, source, exported, device)
         manifest["validation"], manifest["excluded_modules"] = validation, validation.pop("exclude_modules")
         manifest["fidelity"] = fidelity
         if evaluate:
@@ -4688,15 +5105,16 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
     return quality_gate(manifest.get("quality"), settings.max_ppl_increase)
 
 
-def expected_quantized(model, unquantized: list[str]) -> list[str]:
-    """The on-disk names of the linears quantized in memory: what the validation expects in the files. A module
-    meant to stay in 16 bits that was quantized anyway is a bug, never exported."""
+def expected_quantized(model, unquantized: list[str], mode: str) -> dict[str, str]:
+    """The on-disk names of the linears quantized in memory and the quant_algo each is to be written in (the mode's,
+    or FP8 where --effective_bits chose it): what the validation expects in the files. A module meant to stay in 16
+    bits that was quantized anyway is a bug, never exported."""
     quantized = quantized_linear_shapes(model)
     skipped_but_quantized = [n for n in quantized if kept_in_16_bits(n, unquantized)]
     if skipped_but_quantized:
         raise RuntimeError(f"modules meant to stay unquantized were quantized: {skipped_but_quantized[:3]}")
     to_disk = export_names(model)
-    return [to_disk(n) for n in quantized]
+    return {to_disk(n): linear_format(model.get_submodule(n), mode) for n in quantized}
 
 
 def modelopt_quality(model, settings: Settings, job: Job, device: str) -> dict | None:

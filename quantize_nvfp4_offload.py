@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.description = ("Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 "
                           "(offloaded, layer by layer).")
     for action in parser._actions:  # what this script refuses is not offered
-        if action.dest in VERIFY_OPTIONS:
+        if action.dest in VERIFY_OPTIONS + ("effective_bits",):
             action.help = argparse.SUPPRESS
     group = parser.add_argument_group("offloading")
     group.add_argument("--offload_folder", help="where offloaded weights and per-layer checkpoints go (required)")
@@ -134,6 +134,10 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError("--verify / --reference check an existing checkpoint, and this script quantizes: run "
                            "python quantize_nvfp4.py --verify DIR (add --eval --reference MODEL --dataset_yaml YAML "
                            "for a quality report)")
+    if args.effective_bits is not None:
+        raise q.UsageError("--effective_bits scores each linear with a backward pass through the whole model, which "
+                           "the layer loop cannot run; run python quantize_nvfp4.py --effective_bits B on GPUs that "
+                           "hold the model")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
@@ -1124,7 +1128,7 @@ class StreamedEvaluation:
         self.modules, self.to_disk = dict(model.named_modules()), q.export_names(model)
         self.reader = q.CheckpointReader(folder)
         quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
-        self.algo, self.group = quant["quant_algo"], int(quant["group_size"])
+        self.layer_algo = q.layer_formats(quant)
         self.samples = [torch.tensor([sample], device=device) for sample in holdout]
         self.form: int | None = None
         self.applied: set[str] = set()
@@ -1175,7 +1179,7 @@ class StreamedEvaluation:
         for child, module in self.layers[index].named_modules():
             prefix = self.to_disk(f"{self.names[index]}.{child}" if child else self.names[index])
             if f"{prefix}.weight_scale" in self.reader and hasattr(module, "weight"):
-                hooks += q.emulate_linear(module, prefix, self.reader, self.algo, self.group)
+                hooks += q.emulate_linear(module, prefix, self.reader, self.layer_algo(prefix))
                 self.applied.add(prefix)
         return hooks
 

@@ -32,10 +32,11 @@ def torchrun(*args, fail_rank=None):
                           capture_output=True, text=True, env=full_env, timeout=300)
 
 
-def test_two_processes_write_the_same_checkpoint_as_one(tiny_model, tmp_path):
-    one = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "one"), *DATA)
+@pytest.mark.parametrize("flags", [(), ("--effective_bits", "6")], ids=["nvfp4", "mixed"])
+def test_two_processes_write_the_same_checkpoint_as_one(tiny_model, tmp_path, flags):
+    one = run_cli("--input_model", str(tiny_model), "--output_model", str(tmp_path / "one"), *DATA, *flags)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun("--input_model", str(tiny_model), "--output_model", str(tmp_path / "two"), *DATA)
+    two = torchrun("--input_model", str(tiny_model), "--output_model", str(tmp_path / "two"), *DATA, *flags)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "data parallel: 2 processes" in two.stderr
     assert two.stderr.count("\nsummary\n") == 1  # rank 0 alone reports and exports
