@@ -3145,13 +3145,15 @@ def unquantized_with_gradients(model):
             parameter.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)
         if checkpointed:
-            model.gradient_checkpointing_enable({"use_reentrant": True})
+            # transformers renamed it (the old name warns from 5.2x and goes in v6); >= 5.17 is supported
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": True})
             for module in model.modules():  # checkpointing runs in training mode; nothing else is switched to it
                 module.train(hasattr(module, "gradient_checkpointing"))
         yield
     finally:
         if checkpointed:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
         for parameter, wanted in grads.items():
             parameter.requires_grad_(wanted)
@@ -4730,7 +4732,7 @@ def print_table(header: tuple, rows: list[tuple]) -> None:
     cells = [tuple(str(c) for c in header)] + [tuple("-" if c is None else str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for n, row in enumerate(cells):
-        log("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        log(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths))).rstrip())
         if n == 0:
             log("  " + "  ".join("-" * w for w in widths))
 
