@@ -258,6 +258,7 @@ STAGE_DATA = "calibration data"
 STAGE_LOAD = "loading weights"
 STAGE_CALIBRATION = "calibration"
 STAGE_SEARCH = "scale search"
+STAGE_MIXED = "mixed precision scores"  # --effective_bits: the output-loss pass and the choice
 STAGE_EXPORT = "export"
 STAGE_VALIDATION = "checks of the written files"  # validation and the fidelity check, side by side
 STAGE_QUALITY = "quality report"
@@ -3236,6 +3237,7 @@ def linear_format(module, mode: str) -> str:
 def choose_mixed_precision(model, samples: list[list[int]], pad_id: int, budget_bits: float) -> dict:
     """--effective_bits after calibration and the scale search: every quantized linear scored under each format
     (output_loss_scores), groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
+    stage(STAGE_MIXED)
     start = time.perf_counter()
     modules = dict(model.named_modules())
     names = [n for n in quantized_linear_shapes(model) if block_searchable(modules[n])]
