@@ -3075,11 +3075,8 @@ def nvfp4_weight_error(module):
 def fp8_weight_error(module, amax):
     """w - its FP8 E4M3 value under one per-tensor scale, amax / 448 (a fused group's largest: group_amax), in
     blocks of 16."""
-    import torch
-
     weight = module.weight.float()
-    scale = amax.float().clamp_min(1e-30) / E4M3_MAX
-    error = weight - (weight / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    error = weight - fake_quant_fp8_input(weight, amax.float().clamp_min(1e-30) / E4M3_MAX)  # the same FP8 rounding
     return error.reshape(weight.shape[0], -1, HESSIAN_BLOCK)
 
 
