@@ -13,7 +13,8 @@ rows; the trained judge trains on neither), so calibration never sees a held-out
     python benchmarks/bench_algorithms.py --tiny --work /tmp/bench-tiny --out tiny.json   # CPU, max (both scripts)
 
 Each variant runs quantize_nvfp4.py (the "offload" variants quantize_nvfp4_offload.py, the model split across GPU,
-RAM and disk) in its own process under what is left of --budget_s, so one slow variant cannot eat the rest. Its
+RAM and disk) in its own process under what is left of --budget_s, so one slow variant cannot eat the rest;
+--parallel N runs N variants at a time (the same quality, contended calibration seconds). Its
 quality is the project's own emulator reading the exported files on the held-out rows
 (quantize_nvfp4.py --verify OUT --eval --reference MODEL). Without a GPU, the CUDA-only algorithms are left out.
 On a GPU each main-script variant also runs --eval on the calibration mix's own held-out rows, for ModelOpt's
@@ -25,6 +26,7 @@ than 2x max's 8B calibration time.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -59,6 +61,7 @@ QUALITY_FACTOR = 0.8    # the default's perplexity increase <= this x ModelOpt i
 TIME_FACTOR = 2.0       # ... at <= this x max's calibration time on the 8B-shaped model
 TIMING_8B_LIMIT_S = 120  # per algorithm, start-up included: far beyond 2x max's calibration, which is seconds
 JUDGES = ("smollm2", "trained")
+IN_PROCESS_COLUMN = "other rows: ours / ModelOpt in process"  # ppl increase on the calibration mix's held-out rows
 BLOCK_BEGIN, BLOCK_END = "<!-- bench_algorithms: {} -->", "<!-- /bench_algorithms -->"  # --render's blocks in docs/
 # Python standard-library files (real text, offline): calibration and the judge's held-out rows from disjoint files;
 # the trained judge trains on neither
@@ -350,6 +353,8 @@ def main() -> None:
                         help="default: every variant on a GPU, the CPU-capable ones on a CPU")
     parser.add_argument("--budget_s", type=float, default=500.0,
                         help="wall-clock budget for everything after training; variants that no longer fit are skipped")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="variants run at a time: quality is unchanged, their calibration seconds are contended")
     parser.add_argument("--samples_8b", type=int, default=64, help="calibration samples (x 512 tokens) for the 8B "
                                                                    "timing; 0 skips it")
     parser.add_argument("--tiny", action="store_true",
@@ -383,14 +388,10 @@ def run_benchmark(args) -> None:
                        "max_seq_len": args.max_seq_len, "source": TEXT_SOURCE}
     variants = args.variants or [name for name in VARIANTS if on_gpu or not needs_cuda(name)]
     deadline, timings = start + args.budget_s, {}
-    for name in variants:
-        left = deadline - time.perf_counter()
-        row = run_variant(name, VARIANTS[name], model, mixes, work, args, left) if left > 20 else \
-            {"variant": name, "error": "skipped: --budget_s spent"}
-        print(json.dumps({k: v for k, v in row.items() if k != "fidelity_distribution"}), flush=True)
-        if "fidelity_distribution" in row:
-            print(f"  fidelity per linear ({name}): {json.dumps(row['fidelity_distribution'])}", flush=True)
-        results["variants"].append(row)
+    results["parallel"] = args.parallel
+    results["variants"] = run_variants(variants, model, mixes, work, args, deadline)
+    for row in results["variants"]:  # alone on the machine, after every variant: these times are not contended
+        name = row["variant"]
         if on_gpu and args.samples_8b and (name in W4A4_ALGORITHMS or name in PATCHES) and \
                 is_candidate(row, results["variants"]):
             left = deadline - time.perf_counter()
@@ -405,6 +406,22 @@ def run_benchmark(args) -> None:
     print(f"perplexity of the original model on held-out text: "
           f"{next((r['perplexity_original'] for r in results['variants'] if 'error' not in r), math.nan)}; "
           f"results in {args.out}")
+
+
+def run_variants(variants: list[str], model: Path, mixes: tuple[Path, Path], work: Path, args,
+                 deadline: float) -> list[dict]:
+    """Each variant's row, in `variants`' order, run --parallel at a time (each in its own processes); a variant
+    that would start with less than 20 s of --budget_s left is skipped."""
+    def one(name: str) -> dict:
+        left = deadline - time.perf_counter()
+        row = run_variant(name, VARIANTS[name], model, mixes, work, args, left) if left > 20 else \
+            {"variant": name, "error": "skipped: --budget_s spent"}
+        print(json.dumps({k: v for k, v in row.items() if k != "fidelity_distribution"}), flush=True)
+        if "fidelity_distribution" in row:
+            print(f"  fidelity per linear ({name}): {json.dumps(row['fidelity_distribution'])}", flush=True)
+        return row
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        return list(pool.map(one, variants))
 
 
 def judge_model(args, work: Path, results: dict) -> Path:
@@ -490,7 +507,9 @@ def run_details(results: dict, path: Path) -> str:
             f"Model: {judge.get('model')}{' from ' + judge['from'] if 'from' in judge else ''}. "
             f"Data: {data.get('source', '?')}; {data.get('calibration_samples')} calibration and "
             f"{data.get('heldout_samples')} held-out samples of up to {data.get('max_seq_len')} tokens. "
-            f"Total {results.get('seconds')} s.")
+            f"Total {results.get('seconds')} s."
+            + (f" Variants ran {results['parallel']} at a time, so their calibration seconds are contended: compare "
+               f"quality here, speed in the 8B timings." if results.get("parallel", 1) > 1 else ""))
 
 
 def quality_table(results: dict, details: bool = False) -> str:
@@ -499,7 +518,7 @@ def quality_table(results: dict, details: bool = False) -> str:
     by_name = {r["variant"]: r for r in rows}
     original = rows[0]["perplexity_original"] if rows else None
     head = ["variant", "calibration s (search s)", "perplexity increase", "mean KL", "top-1 agreement",
-            "ppl increase × max", "KL × max"] + (["fidelity worst / median"] if details else [])
+            "ppl increase × max", "KL × max"] + (["fidelity worst / median", IN_PROCESS_COLUMN] if details else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         base = by_name.get("weight_only max" if r["variant"].startswith("weight_only") else "max")
@@ -507,11 +526,24 @@ def quality_table(results: dict, details: bool = False) -> str:
         cells = [variant_label(r["variant"]), f"{r['calibration_s']}{search}", f"{r['perplexity_increase_pct']:.2f}%",
                  f"{r['mean_kl']:.3f}", f"{r['top1_agreement']:.3f}", ratio(r, base, "perplexity_increase_pct"),
                  ratio(r, base, "mean_kl")]
-        cells += [f"{r['fidelity_worst']:.3f} / {r['fidelity_median']:.3f}"] if details else []
+        cells += [f"{r['fidelity_worst']:.3f} / {r['fidelity_median']:.3f}", in_process_cell(r)] if details else []
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [f"{r['variant']} ({r['error']})" for r in results["variants"] if "error" in r]
     note = f"\n\nOriginal perplexity on the held-out rows: {original:.3f}." if original else ""
+    window = [f"{variant_label(r['variant'])} {100 * r['scale_steps']['in_window']:.2f}%" for r in rows
+              if details and r.get("scale_steps")]
+    note += f" Searched block scales inside HESSIAN_WINDOW {q.HESSIAN_WINDOW}: {', '.join(window)}." if window else ""
     return "\n".join(lines) + note + (f" Not measured: {'; '.join(map(str, skipped))}." if skipped else "")
+
+
+def in_process_cell(row: dict) -> str:
+    """The variant's --eval on the calibration mix's own held-out rows beside ModelOpt's in-process figure there (GPU
+    runs; on `max`'s row ModelOpt's is NVFP4_DEFAULT_CFG)."""
+    ours, theirs = row.get("calibration_mix_eval"), row.get("modelopt_in_process")
+    if not ours:
+        return ""
+    theirs_cell = f"{theirs['perplexity_increase_pct']:.2f}%" if theirs else "-"
+    return f"{ours['perplexity_increase_pct']:.2f}% / {theirs_cell}"
 
 
 def ratio(row: dict, base: dict | None, key: str) -> str:

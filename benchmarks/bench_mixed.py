@@ -4,7 +4,8 @@ equal bits over the same linears, all from ONE calibration, each judged from its
 
     python benchmarks/bench_mixed.py --cache /tmp/judge-cache --work /tmp/bench-mixed --out results.json \\
         [--bits 5.0 4.75 5.5 6.0] [--auto_quantize screen.json] [--max_samples 64 --max_seq_len 256 --eval_samples 48]
-    python benchmarks/bench_mixed.py --render benchmarks/results/mixed_cpu.json benchmarks/results/mixed_screen_cpu.json
+    python benchmarks/bench_mixed.py --render benchmarks/results/mixed_h100.json \\
+        benchmarks/results/mixed_screen_cpu.json
 
 The judge, data and quality are bench_algorithms.py's (SmolLM2-135M-Instruct; calibration and held-out rows from
 disjoint Python standard-library files; `quantize_nvfp4.py --verify OUT --eval --reference MODEL` on each
@@ -208,17 +209,20 @@ def judge_table(results: dict) -> str:
              + f"; {data['calibration_samples']} calibration samples of at most {data['max_seq_len']} tokens, "
              f"{data['heldout_samples']} held-out samples; output-loss scoring {results.get('scores_seconds')} s.", "",
              "| budget (bits) | choice | effective bits | linears NVFP4 / FP8 / 16-bit | ppl increase | x pure NVFP4 | "
-             "mean KL | top-1 |", "|---|---|---|---|---|---|---|---|"]
+             "x auto_quantize | mean KL | top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    auto = {r["budget_bits"]: r["perplexity_increase_pct"] for r in results["rows"]
+            if r["variant"] == "auto_quantize" and "error" not in r}
     for r in results["rows"]:
         budget = r["budget_bits"] or "4.5 (none)"
         if "error" in r:
-            lines.append(f"| {budget} | {r['variant']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {budget} | {r['variant']} | error: {r['error']} | | | | | | |")
             continue
         f = r["formats"]
         counts = " / ".join(str(f.get(k) or 0) for k in ("NVFP4", "FP8", "16-bit"))
         ratio = f"{r['perplexity_increase_pct'] / pure:.2f}" if pure else "-"
+        versus = f"{r['perplexity_increase_pct'] / auto[r['budget_bits']]:.2f}" if r["budget_bits"] in auto else "-"
         lines.append(f"| {budget} | {r['variant']} | {r['effective_bits']} | {counts} | "
-                     f"{r['perplexity_increase_pct']}% | {ratio} | {r['mean_kl']} | {r['top1_agreement']} |")
+                     f"{r['perplexity_increase_pct']}% | {ratio} | {versus} | {r['mean_kl']} | {r['top1_agreement']} |")
     return "\n".join(lines)
 
 

@@ -52,3 +52,20 @@ def test_end_to_end_section_and_readme_sentence_are_rendered_from_the_committed_
     results, name = json.loads(path.read_text()), str(path.relative_to(ROOT))
     assert bench_cli.render(results, name) in (ROOT / "docs" / "benchmarks.md").read_text(), f"run --render {name}"
     assert bench_cli.readme_claim(results) in (ROOT / "README.md").read_text(), f"run --render {name}"
+
+
+def test_parallel_variants_keep_their_order(monkeypatch, tmp_path: Path):
+    """--parallel runs variants at once; the rows come back in the order asked, each from its own run."""
+    import random
+    import time
+
+    def run_variant(name, flags, model, mixes, work, args, timeout):
+        time.sleep(random.Random(name).random() / 20)
+        return {"variant": name, "flags": " ".join(flags)}
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    names = ["max", "local_hessian", "gptq", "weight_only max", "offload max"]
+    args = type("Args", (), {"parallel": 3})()
+    rows = bench.run_variants(names, tmp_path, (tmp_path, tmp_path), tmp_path, args, time.perf_counter() + 60)
+    assert [r["variant"] for r in rows] == names
+    assert [r["flags"] for r in rows] == [" ".join(bench.VARIANTS[n]) for n in names]
