@@ -1,6 +1,7 @@
 """Our safetensors writer (write_safetensors, which export_hf_checkpoint's save_pretrained call uses during our
 export): every byte as safetensors' save_file and ModelOpt's own export write them, in every mode."""
 import copy
+import json
 
 import pytest
 import torch
@@ -56,22 +57,20 @@ def files(folder) -> dict:
 
 
 @pytest.mark.parametrize("mode, kv_cache, tied, effective_bits, shard_size", [
-    ("nvfp4", "none", False, None, "10GB"),
-    ("nvfp4", "none", False, None, "60KB"),  # several shards and their index
+    ("nvfp4", "fp8", False, None, "60KB"),  # several shards and their index
     ("weight_only", "none", False, None, "10GB"),
     ("w4a8", "none", False, None, "10GB"),
-    ("nvfp4", "fp8", False, None, "10GB"),
     ("nvfp4", "none", True, None, "10GB"),
-    ("nvfp4", "none", False, 6.0, "10GB"),  # NVFP4, FP8 and 16-bit linears in one checkpoint
+    ("nvfp4", "none", False, 6.5, "10GB"),  # NVFP4 and FP8 linears in one checkpoint
 ])
 def test_export_writes_what_export_hf_checkpoint_writes(tmp_path, mode, kv_cache, tied, effective_bits, shard_size):
-    """The calibrated model exported twice: by export_hf_checkpoint as it is, and with its shards written by
-    write_safetensors, as export_checkpoint does."""
+    """The model calibrated with the mode's default algorithm, exported twice: by export_hf_checkpoint as it is, and
+    with its shards written by write_safetensors, as export_checkpoint does."""
     from modelopt.torch.export import export_hf_checkpoint
 
     model = tiny_bf16_model(tied)
     run = settings(mode=mode)
-    run.kv_cache, run.effective_bits = kv_cache, effective_bits
+    run.kv_cache, run.effective_bits, run.algorithm = kv_cache, effective_bits, q.DEFAULT_ALGORITHMS[mode]
     q.quantize_model(model, run, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
     twin = copy.deepcopy(model)
     export_hf_checkpoint(model, export_dir=str(tmp_path / "theirs"), max_shard_size=shard_size)
@@ -81,4 +80,7 @@ def test_export_writes_what_export_hf_checkpoint_writes(tmp_path, mode, kv_cache
     assert clock.seconds > 0 and any(name.endswith(".safetensors") for name in ours)
     assert ("model.safetensors.index.json" in ours) == (shard_size != "10GB")
     assert ours.keys() == theirs.keys()
+    quant = json.loads(ours["hf_quant_config.json"])["quantization"]
+    assert quant["quant_algo"] == (q.MIXED_PRECISION if effective_bits else q.MODE_QUANT_ALGO[mode])
+    assert quant["kv_cache_quant_algo"] == ("FP8" if kv_cache == "fp8" else None)
     assert [name for name in ours if ours[name] != theirs[name]] == []
