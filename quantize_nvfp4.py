@@ -3682,7 +3682,10 @@ def shards_written_by_write_safetensors():
     def timed_write(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         with clock.timing(torch.device("cpu")):  # the wall clock: the copies from the GPU are waited for
             write_safetensors(tensors, filename, metadata)
-    original = modeling.safe_save_file
+    original = getattr(modeling, "safe_save_file", None)
+    if original is None:  # a transformers that writes its shards some other way: left to do so (and untimed)
+        yield clock
+        return
     modeling.safe_save_file = timed_write
     try:
         yield clock
@@ -3700,7 +3703,7 @@ class Export:
     carried_unloaded: list[str]
     seconds: float
     modelopt_seconds: float  # of which export_hf_checkpoint
-    shard_seconds: float | None  # of which write_safetensors (None: the offloaded model's streaming writer)
+    shard_seconds: float | None  # of which write_safetensors (None: it wrote nothing, e.g. offloaded models)
 
 
 @contextlib.contextmanager
