@@ -306,7 +306,7 @@ def phases_table(runs: dict) -> list[str]:
         if phase == q.STAGE_EXPORT and any(runs[v].get("export_hf_checkpoint_s") for v in ours):
             lines.append("| of which ModelOpt's `export_hf_checkpoint` | "
                          + " | ".join(cell(runs[v].get("export_hf_checkpoint_s")) for v in ours) + " |")
-        if phase == q.STAGE_EXPORT and any(runs[v].get("export_shards_s") for v in ours):
+        if phase == q.STAGE_EXPORT and any(runs[v].get("export_shards_s") is not None for v in ours):
             lines.append("| of which writing the safetensors shards | "
                          + " | ".join(cell(runs[v].get("export_shards_s")) for v in ours) + " |")
     lines.append("| wall in the manifest (the phases' sum) / seen from outside | "
