@@ -57,11 +57,13 @@ def files(folder) -> dict:
 
 
 @pytest.mark.parametrize("mode, kv_cache, tied, effective_bits, shard_size", [
-    ("nvfp4", "fp8", False, None, "60KB"),  # several shards and their index
-    ("weight_only", "none", False, None, "10GB"),
-    ("w4a8", "none", False, None, "10GB"),
-    ("nvfp4", "none", True, None, "10GB"),
-    ("nvfp4", "none", False, 6.5, "10GB"),  # NVFP4 and FP8 linears in one checkpoint
+    ("nvfp4", "fp8", False, None, "60KB"),  # the default mode, an FP8 KV cache, several shards and their index
+    *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("weight_only", "none", False, None, "10GB"),
+        ("w4a8", "none", False, None, "10GB"),
+        ("nvfp4", "none", True, None, "10GB"),
+        ("nvfp4", "none", False, 6.5, "10GB"),  # NVFP4 and FP8 linears in one checkpoint
+    ]],
 ])
 def test_export_writes_what_export_hf_checkpoint_writes(tmp_path, mode, kv_cache, tied, effective_bits, shard_size):
     """The model calibrated with the mode's default algorithm, exported twice: by export_hf_checkpoint as it is, and
