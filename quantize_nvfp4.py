@@ -26,7 +26,8 @@ Sections, in the order the data flows (each starts with a `# ---- name` line):
     scale search                 local_hessian and four_over_six block scales after the max pass
     mixed precision              --effective_bits: each linear group's format (NVFP4, FP8, 16-bit) from its
                                  output-loss score (auto_quantize's), under the budget of average weight bits
-    export                       export_hf_checkpoint into staging, tokenizer, manifest, model card, rename
+    export                       export_hf_checkpoint into staging (its shards through our writer, which copies
+                                 from the GPU while it writes), tokenizer, manifest, model card, rename
     checks of the written files  validation against vLLM's and TensorRT-LLM's loaders (returns problems)
     export fidelity              each exported linear against the calibrated model
     quality report               the reference emulator reading the files: --eval and --verify
@@ -3601,6 +3602,97 @@ def text_forward(model):
             del model.forward
 
 
+# safetensors' names for torch dtypes, in the order its writer lays tensors out in a file (then by name)
+SAFETENSORS_DTYPES = {
+    "torch.uint64": "U64", "torch.int64": "I64", "torch.float64": "F64", "torch.complex64": "C64",
+    "torch.float32": "F32", "torch.uint32": "U32", "torch.int32": "I32", "torch.bfloat16": "BF16",
+    "torch.float16": "F16", "torch.uint16": "U16", "torch.int16": "I16", "torch.float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "torch.float8_e4m3fnuz": "F8_E4M3FNUZ", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+    "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL",
+}
+SAFETENSORS_ORDER = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
+PREFETCH_TENSORS = 2  # tensors copied to the CPU ahead of the one being written
+
+
+def safetensors_header(tensors: dict, metadata: dict | None) -> tuple[bytes, list[str]]:
+    """A safetensors file's header (its length, then JSON padded to 8 bytes) and the order the tensors' bytes
+    follow in, as safetensors' own writer makes them: by dtype (SAFETENSORS_DTYPES), then by name."""
+    order = sorted(tensors, key=lambda k: (SAFETENSORS_ORDER[str(tensors[k].dtype)], k))
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype)], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def check_savable(tensors: dict) -> None:
+    """What safetensors' save_file refuses: a strided tensor, or two that share memory (written twice)."""
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; safetensors writes contiguous tensors only")
+        if tensor.numel() == 0 or tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            raise RuntimeError(f"{seen[key]} and {name} share memory; safetensors cannot write both")
+        seen[key] = name
+
+
+def host_bytes(tensor) -> memoryview:
+    """A contiguous tensor's bytes in CPU memory (copied there from a GPU)."""
+    import torch
+
+    return memoryview(tensor.detach().reshape(-1).to("cpu").view(torch.uint8).numpy())
+
+
+def write_safetensors(tensors: dict, filename: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, byte for byte, with each tensor's copy to the CPU made on a second thread while the
+    one before it is written: save_file copies every tensor, one after the other, before it writes the first."""
+    check_savable(tensors)
+    header, order = safetensors_header(tensors, metadata)
+    with open(filename, "wb") as handle, concurrent.futures.ThreadPoolExecutor(1, "copy-to-cpu") as copier:
+        handle.write(header)
+        pending = deque(copier.submit(host_bytes, tensors[name]) for name in order[:PREFETCH_TENSORS])
+        for name in order[PREFETCH_TENSORS:] + [None] * len(pending):
+            data = pending.popleft().result()
+            if name is not None:
+                pending.append(copier.submit(host_bytes, tensors[name]))
+            handle.write(data)
+
+
+@contextlib.contextmanager
+def shards_written_by_write_safetensors():
+    """While export_hf_checkpoint runs: its save_pretrained call writes each shard with write_safetensors, not
+    with transformers' `safe_save_file` (safetensors' save_file, imported under that name in modeling_utils: the
+    one private name this takes). Everything else save_pretrained does (the shard split, the index, tied weights,
+    config files) stays its own; test_export_writer fails if a checkpoint written so ever differs from one written
+    without it. Yields a clock of the seconds spent writing shards."""
+    import torch
+    import transformers.modeling_utils as modeling
+
+    clock = DeviceClock()
+
+    def timed_write(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        with clock.timing(torch.device("cpu")):  # the wall clock: the copies from the GPU are waited for
+            write_safetensors(tensors, filename, metadata)
+    original = getattr(modeling, "safe_save_file", None)
+    if original is None:  # a transformers that writes its shards some other way: left to do so (and untimed)
+        yield clock
+        return
+    modeling.safe_save_file = timed_write
+    try:
+        yield clock
+    finally:
+        modeling.safe_save_file = original
+
+
 @dataclasses.dataclass
 class Export:
     """What export_checkpoint leaves for the checks after it. The export changes the model in memory, so the
@@ -3611,6 +3703,7 @@ class Export:
     carried_unloaded: list[str]
     seconds: float
     modelopt_seconds: float  # of which export_hf_checkpoint
+    shard_seconds: float | None  # of which write_safetensors (None: it wrote nothing, e.g. offloaded models)
 
 
 @contextlib.contextmanager
@@ -3641,7 +3734,8 @@ def export_checkpoint(model, tokenizer, settings: Settings, samples: list[list[i
         fold_awq_scales(model)
         after = capture_linear_io(model, samples, device, pad_id, outputs=True)
     modelopt_start = time.perf_counter()
-    with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False):
+    with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False), \
+            shards_written_by_write_safetensors() as shard_clock:
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=str(staging))
     modelopt_seconds = round(time.perf_counter() - modelopt_start, 2)
@@ -3649,7 +3743,8 @@ def export_checkpoint(model, tokenizer, settings: Settings, samples: list[list[i
     strip_name_sentinels(staging)
     carried = carry_unloaded_tensors(model, staging, source_checkpoint_dir(settings))
     write_tokenizer_and_extras(model, tokenizer, staging, settings)
-    return Export(before, after, carried, round(time.perf_counter() - start, 2), modelopt_seconds)
+    shard_seconds = round(shard_clock.seconds, 2) if shard_clock.seconds else None
+    return Export(before, after, carried, round(time.perf_counter() - start, 2), modelopt_seconds, shard_seconds)
 
 
 def write_records(staging: Path, manifest: dict, model_name: str) -> None:
@@ -5087,6 +5182,7 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         exported = export_checkpoint(model, job.tokenizer, settings, job.samples, job.pad_id, staging, device)
         timings["export_s"], manifest["carried_unloaded"] = exported.seconds, exported.carried_unloaded
         timings["export_hf_checkpoint_s"] = exported.modelopt_seconds
+        timings["export_shards_s"] = exported.shard_seconds
         stage(STAGE_VALIDATION)
         validation, fidelity = check_written_files(model, staging, expected, source, exported, device)
         manifest["validation"], manifest["excluded_modules"] = validation, validation.pop("exclude_modules")

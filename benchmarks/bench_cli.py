@@ -218,7 +218,8 @@ def manifest_result(out: Path) -> dict:
             "peak_gpu_memory_gib": calib.get("peak_gpu_memory_gib"), "tokens": calib["tokens"],
             "max_batch_tokens": calib["max_batch_tokens"], "manifest_wall_s": manifest["timings"]["wall_s"],
             "phases_s": manifest["timings"]["phases_s"],
-            "export_hf_checkpoint_s": manifest["timings"].get("export_hf_checkpoint_s")}
+            "export_hf_checkpoint_s": manifest["timings"].get("export_hf_checkpoint_s"),
+            "export_shards_s": manifest["timings"].get("export_shards_s")}
 
 
 def run_variant(variant: str, work: Path, workload: Workload, device: str, cap: float) -> dict:
@@ -305,6 +306,9 @@ def phases_table(runs: dict) -> list[str]:
         if phase == q.STAGE_EXPORT and any(runs[v].get("export_hf_checkpoint_s") for v in ours):
             lines.append("| of which ModelOpt's `export_hf_checkpoint` | "
                          + " | ".join(cell(runs[v].get("export_hf_checkpoint_s")) for v in ours) + " |")
+        if phase == q.STAGE_EXPORT and any(runs[v].get("export_shards_s") is not None for v in ours):
+            lines.append("| of which writing the safetensors shards | "
+                         + " | ".join(cell(runs[v].get("export_shards_s")) for v in ours) + " |")
     lines.append("| wall in the manifest (the phases' sum) / seen from outside | "
                  + " | ".join(f"{runs[v]['manifest_wall_s']} / {runs[v]['wall_s']}" for v in ours) + " |")
     return lines

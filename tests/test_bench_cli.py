@@ -30,5 +30,6 @@ def test_bench_cli_runs_tiny_end_to_end_and_renders_its_table(tmp_path):
     assert section.startswith(bench_cli.SECTION) and "| start-up and imports |" in section
     assert section.count("\n| ") >= 2 + 5 + 2 + len(runs["default"]["phases_s"]) + 1  # + export_hf_checkpoint's row
     assert "of which ModelOpt's `export_hf_checkpoint`" in section and "timed inside its script" in section
+    assert runs["default"]["export_shards_s"] >= 0 and "| of which writing the safetensors shards |" in section
     assert list(report["imports"]["by_package_s"]) == ["quantize_nvfp4", "torch", "transformers", "modelopt"]
     assert report["imports"]["wall_s"] > report["imports"]["imports_s"] > 0

@@ -1,0 +1,88 @@
+"""Our safetensors writer (write_safetensors, which export_hf_checkpoint's save_pretrained call uses during our
+export): every byte as safetensors' save_file and ModelOpt's own export write them, in every mode."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import _TYPES, save_file
+
+import quantize_nvfp4 as q
+from test_calibration import SAMPLES, settings
+
+
+def every_dtype() -> dict:
+    tensors = {f"t_{name}": torch.arange(6).reshape(2, 3).to(dtype) for name, dtype in _TYPES.items()}
+    tensors.update({"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+                    "b.same_dtype": torch.ones(3, dtype=torch.bfloat16), "ünïcode": torch.ones(5, dtype=torch.uint8)})
+    return tensors
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_write_safetensors_writes_save_files_bytes(tmp_path, metadata):
+    tensors = every_dtype()
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
+    q.write_safetensors(tensors, tmp_path / "ours.safetensors", metadata)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+
+def test_every_safetensors_dtype_is_known():
+    assert {str(dtype) for dtype in _TYPES.values()} == set(q.SAFETENSORS_DTYPES)
+    assert {name for name in _TYPES} == set(q.SAFETENSORS_DTYPES.values())
+
+
+@pytest.mark.parametrize("tensors, error", [
+    ({"strided": torch.ones(4, 4).t()}, ValueError),
+    ({"a": (shared := torch.ones(4)), "b": shared}, RuntimeError),
+])
+def test_write_safetensors_refuses_what_save_file_refuses(tmp_path, tensors, error):
+    with pytest.raises(error):
+        save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    with pytest.raises(error):
+        q.write_safetensors(tensors, tmp_path / "ours.safetensors")
+
+
+def tiny_bf16_model(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
+                         tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def files(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode, kv_cache, tied, effective_bits, shard_size", [
+    ("nvfp4", "fp8", False, None, "60KB"),  # the default mode, an FP8 KV cache, several shards and their index
+    *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("weight_only", "none", False, None, "10GB"),
+        ("w4a8", "none", False, None, "10GB"),
+        ("nvfp4", "none", True, None, "10GB"),
+        ("nvfp4", "none", False, 6.5, "10GB"),  # NVFP4 and FP8 linears in one checkpoint
+    ]],
+])
+def test_export_writes_what_export_hf_checkpoint_writes(tmp_path, mode, kv_cache, tied, effective_bits, shard_size):
+    """The model calibrated with the mode's default algorithm, exported twice: by export_hf_checkpoint as it is, and
+    with its shards written by write_safetensors, as export_checkpoint does."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    model = tiny_bf16_model(tied)
+    run = settings(mode=mode)
+    run.kv_cache, run.effective_bits, run.algorithm = kv_cache, effective_bits, q.DEFAULT_ALGORITHMS[mode]
+    q.quantize_model(model, run, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+    twin = copy.deepcopy(model)
+    export_hf_checkpoint(model, export_dir=str(tmp_path / "theirs"), max_shard_size=shard_size)
+    with q.shards_written_by_write_safetensors() as clock:
+        export_hf_checkpoint(twin, export_dir=str(tmp_path / "ours"), max_shard_size=shard_size)
+    theirs, ours = files(tmp_path / "theirs"), files(tmp_path / "ours")
+    assert clock.seconds > 0 and any(name.endswith(".safetensors") for name in ours)
+    assert ("model.safetensors.index.json" in ours) == (shard_size != "10GB")
+    assert ours.keys() == theirs.keys()
+    quant = json.loads(ours["hf_quant_config.json"])["quantization"]
+    assert quant["quant_algo"] == (q.MIXED_PRECISION if effective_bits else q.MODE_QUANT_ALGO[mode])
+    assert quant["kv_cache_quant_algo"] == ("FP8" if kv_cache == "fp8" else None)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
