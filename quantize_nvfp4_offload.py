@@ -6,7 +6,8 @@ weight across PCIe or off the disk again. Here calibration goes layer by layer: 
 weights come onto the GPU once, every batch runs through it once (collecting its scales with
 ModelOpt's max calibration), and its outputs are the next layer's inputs. A run costs one pass over
 the weights plus one forward of compute (--algorithm gptq: two, and its weight update while the layer is on
-the GPU; the rewritten weights are kept in the offload folder). Resume points (--checkpoint_every: by default
+the GPU; the rewritten weights are kept in the offload folder). --effective_bits adds one reverse pass over the
+layers for its scores, from hidden states the forward pass kept. Resume points (--checkpoint_every: by default
 spaced 5 minutes apart) are written in the background, and --resume continues a killed run.
 
     python quantize_nvfp4_offload.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml \
@@ -1270,14 +1271,18 @@ class LayerScores:
         scores = torch.zeros(len(names), len(q.FORMAT_CANDIDATES), dtype=torch.float64, device=self.loop.device)
         in_layer, amaxes = groups_by_layer(groups, self.loop.names), {}
 
-        with q.quantizers_off(model), q.frozen_parameters(model):
-            self.replay_restored_layers()
-            grads = self.loss_gradients()
+        def score(index: int) -> None:
+            nonlocal grads
+            grads = self.score_layer(index, in_layer.get(index, []), grads, scores, rows, amaxes)
 
-            def score(index: int) -> None:
-                nonlocal grads
-                grads = self.score_layer(index, in_layer.get(index, []), grads, scores, rows, amaxes)
-            each_layer_loaded(self.loop, list(reversed(range(len(self.loop.layers)))), score, "score layers")
+        with q.quantizers_off(model), q.frozen_parameters(model):
+            try:
+                self.replay_restored_layers()
+                grads = self.loss_gradients()
+                each_layer_loaded(self.loop, list(reversed(range(len(self.loop.layers)))), score, "score layers")
+            except torch.OutOfMemoryError:
+                raise q.UsageError("CUDA out of memory in the --effective_bits scores: lower --max_gpu_memory to "
+                                   "leave room for one layer's backward, or pass a smaller --batch_size") from None
         return {n: dict(zip(q.FORMAT_CANDIDATES, scores[rows[n]].tolist())) for n in names}, amaxes
 
     def replay_restored_layers(self) -> None:
