@@ -189,14 +189,19 @@ def layer_batches(samples: list[list[int]], settings: q.Settings) -> list[list[i
     return q.group_batches([len(s) for s in samples], settings.batch_size, q.DEFAULT_BATCH_TOKENS)
 
 
+def padded_batch_tokens(samples: list[list[int]], settings: q.Settings) -> list[int]:
+    """Each of the layer loop's batches: its rows times its longest sample."""
+    lengths = [len(s) for s in samples]
+    return [len(batch) * max(lengths[i] for i in batch) for batch in layer_batches(samples, settings)]
+
+
 def scoring_batches(samples: list[list[int]], settings: q.Settings) -> list[int]:
     """--effective_bits: which of the layer loop's batches the score runs on, at most SCORE_TOKENS padded tokens
     (at least one batch): all of them where they fit, else every k-th, spread over the sample lengths (the batches
     are sorted by length)."""
-    lengths, batches = [len(s) for s in samples], layer_batches(samples, settings)
-    sizes = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
+    sizes = padded_batch_tokens(samples, settings)
     chosen, total = [], 0
-    for index in range(0, len(batches), math.ceil(sum(sizes) / SCORE_TOKENS)):
+    for index in range(0, len(sizes), math.ceil(sum(sizes) / SCORE_TOKENS)):
         if chosen and total + sizes[index] > SCORE_TOKENS:
             break
         chosen.append(index)
@@ -548,8 +553,8 @@ def text_config(job: q.Job):
 
 def scored_batch_tokens(job: q.Job, settings: q.Settings) -> list[int]:
     """The padded tokens of each batch --effective_bits scores on (scoring_batches)."""
-    lengths, batches = [len(s) for s in job.samples], layer_batches(job.samples, settings)
-    return [len(batches[b]) * max(lengths[i] for i in batches[b]) for b in scoring_batches(job.samples, settings)]
+    sizes = padded_batch_tokens(job.samples, settings)
+    return [sizes[b] for b in scoring_batches(job.samples, settings)]
 
 
 def score_store_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
@@ -1128,7 +1133,7 @@ class LayerLoop:
     def stream_pass(self, index: int, stream: str) -> Callable:
         """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
         if index == 0:  # the model's own forward up to layer 1, layer 0 running for real
-            def first_layer(layer) -> None:
+            def first_layer(_layer) -> None:
                 recording = stream == STREAMS[0]  # what the model hands the later layers: recorded once
                 calls, self.inputs[stream], entering = self.capture_calls(1 if recording else len(self.layers), True)
                 if recording:
