@@ -616,6 +616,9 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     if settings.algorithm == "gptq":  # its Hessians, and a copy of every decoder layer as GPTQ rewrote it on disk
         reserve += gptq_hessian_bytes(job)
         rewritten = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
+    # from_config on meta leaves a tied head untied: accelerate would then place it alone, and on disk it has no
+    # entry in the offload index (the checkpoint holds the tied weight once, as the input embeddings')
+    job.skeleton.tie_weights()
     caps = max_memory_map(offload, reserve)
     device_map = infer_auto_device_map(job.skeleton, max_memory=dict(caps),
                                        no_split_module_classes=job.skeleton._no_split_modules or [], dtype=dtype)

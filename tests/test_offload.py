@@ -217,6 +217,21 @@ def test_a_gpu_cap_that_places_nothing_on_the_gpu_is_refused(four_layer_model):
         offload.check_gpu_placement(on_cpu, job, run_settings)  # no GPU: the CPU is the plan
 
 
+def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
+    """A tied lm_head has no weight of its own in the checkpoint: placed apart from the embeddings (on disk, under a
+    small RAM cap) the head's first forward failed to find it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
+    run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="local_hessian", effective_bits=6.0)
+    placement = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, 650_000, False,
+                                                                                  False))
+    assert placement.layers_per_device.get("disk") and placement.device_map["lm_head"] == "cpu"
+    assert placement.score_store_bytes == 5 * sum(offload.scored_batch_tokens(job, run_settings)) * 64 * 2
+
+
 # --------------------------------------------------------------------------- the layer loop, in process
 def tiny_moe_model():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
