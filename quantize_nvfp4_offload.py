@@ -567,15 +567,15 @@ def score_store_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
 
 
 def scoring_work_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
-    """What the scores' reverse pass holds on the execution device beside a layer's weights, for its largest batch:
-    each linear's output change under every format, and about as much again for what autograd keeps for the
-    layer's backward."""
+    """What the scores hold on the execution device beside a layer's weights, for their largest batch: in the
+    reverse pass each linear's output change under every format, and about as much again for what autograd keeps
+    for the layer's backward; for the loss, the logits, their fp32 copy and its gradient."""
     import torch
 
     outputs = max((sum(m.out_features for m in job.skeleton.get_submodule(name).modules()
                        if isinstance(m, torch.nn.Linear)) for name in decoder_layer_names(job.skeleton)), default=0)
-    width = torch.finfo(dtype).bits // 8
-    return 2 * len(q.FORMAT_CANDIDATES) * max(scored_batch_tokens(job, settings)) * outputs * width
+    width, tokens = torch.finfo(dtype).bits // 8, max(scored_batch_tokens(job, settings))
+    return tokens * max(2 * len(q.FORMAT_CANDIDATES) * outputs * width, text_config(job).vocab_size * (width + 8))
 
 
 def largest_layer_bytes(job: q.Job, dtype) -> int:
