@@ -219,7 +219,8 @@ def test_a_gpu_cap_that_places_nothing_on_the_gpu_is_refused(four_layer_model):
 
 def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
     """A tied lm_head has no weight of its own in the checkpoint: placed apart from the embeddings (on disk, under a
-    small RAM cap) the head's first forward failed to find it."""
+    small RAM cap) its first forward would not find one. The scoring store is counted for every layer's input and
+    the last output."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
