@@ -2750,11 +2750,13 @@ def book_calibration_phases(state: CalibrationState, phase: str) -> None:
 
 
 def quantize_model(model, settings: Settings, unquantized: list[str], samples, device: str, pad_id: int,
-                   calibrate: Callable[[Any, dict, CalibrationState], None] | None = None) -> dict:
+                   calibrate: Callable[[Any, dict, CalibrationState], None] | None = None,
+                   score: Callable | None = None) -> dict:
     """mtq.quantize with our forward loop; returns calibration stats (time, tokens/s, peak memory).
 
     `calibrate(model, config, state)` replaces that call (the offload script's layer loop); it must
-    fill the state's batches_run, forward_seconds and cap as calibrate_batches does.
+    fill the state's batches_run, forward_seconds and cap as calibrate_batches does. `score`: the
+    --effective_bits scores in place of whole_model_scores (see choose_mixed_precision).
     """
     import modelopt.torch.quantization as mtq
     import torch
@@ -2788,7 +2790,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
     seconds = time.perf_counter() - start
     unreached = keep_unreached_in_16_bits(model)
     check_calibrated(model)
-    mixed = choose_mixed_precision(model, samples, pad_id, settings.effective_bits) if settings.effective_bits else None
+    mixed = choose_mixed_precision(model, samples, pad_id, settings.effective_bits, score) \
+        if settings.effective_bits else None
     lengths = [len(s) for s in samples]
     stats = {"seconds": round(seconds, 2), "tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / seconds, 1),
              "forward_seconds": round(state.forward_seconds, 2), "batches": len(state.batches_run),
@@ -3128,36 +3131,62 @@ def output_loss_hook(gemms: dict[str, Callable], scores):
 
 
 @contextlib.contextmanager
+def quantizers_off(model):
+    """Every enabled quantizer of `model` (a whole model or one decoder layer) off: the model before quantization."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
+    try:
+        for quantizer in quantizers:
+            quantizer.disable()
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.enable()
+
+
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """No parameter of `model` requires grad (the score needs activation gradients only); restored after."""
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for parameter in grads:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, wanted in grads.items():
+            parameter.requires_grad_(wanted)
+
+
+@contextlib.contextmanager
 def unquantized_with_gradients(model):
     """The model as it was before quantization (every quantizer off), with activation gradients (the embeddings
     require grad, no other parameter) and, where transformers supports it, gradient checkpointing per decoder layer,
     so that one layer's activations and output changes are held at a time (ModelOpt's auto_quantize does the same)."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
-    grads = {p: p.requires_grad for p in model.parameters()}
     checkpointed = getattr(model, "supports_gradient_checkpointing", False)
-    try:
-        for quantizer in quantizers:
-            quantizer.disable()
-        for parameter in grads:
-            parameter.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        if checkpointed:
-            # transformers renamed it (the old name warns from 5.2x and goes in v6); >= 5.17 is supported
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable({"use_reentrant": True})
-            for module in model.modules():  # checkpointing runs in training mode; nothing else is switched to it
-                module.train(hasattr(module, "gradient_checkpointing"))
-        yield
-    finally:
-        if checkpointed:
-            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        model.eval()
-        for parameter, wanted in grads.items():
-            parameter.requires_grad_(wanted)
-        for quantizer in quantizers:
-            quantizer.enable()
+    with quantizers_off(model), frozen_parameters(model):
+        try:
+            model.get_input_embeddings().weight.requires_grad_(True)
+            if checkpointed:
+                # transformers renamed it (the old name warns from 5.2x and goes in v6); >= 5.17 is supported
+                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                enable({"use_reentrant": True})
+                for module in model.modules():  # checkpointing runs in training mode; nothing else is switched to it
+                    module.train(hasattr(module, "gradient_checkpointing"))
+            yield
+        finally:
+            if checkpointed:
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            model.eval()
+
+
+def summed_token_loss(forward: Callable, samples: list[list[int]], batch: list[int], pad_id: int, device):
+    """The score's Loss on one batch: the model's next-token cross entropy summed over its real tokens."""
+    input_ids, mask = padded_batch(samples, batch, pad_id)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    output = forward(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+                     use_cache=False)
+    return output.loss * int(mask[:, 1:].sum())
 
 
 def output_loss_scores(model, groups: list[tuple[str, ...]], samples: list[list[int]], pad_id: int) -> dict:
@@ -3180,11 +3209,7 @@ def output_loss_scores(model, groups: list[tuple[str, ...]], samples: list[list[
     try:
         with unquantized_with_gradients(model):
             for batch in Progress(batches, desc="format scores", unit="batch"):
-                input_ids, mask = padded_batch(samples, batch, pad_id)
-                labels = input_ids.masked_fill(mask == 0, -100)
-                output = forward(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 labels=labels.to(device), use_cache=False)
-                (output.loss * int(mask[:, 1:].sum())).backward()
+                summed_token_loss(forward, samples, batch, pad_id, device).backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -3232,18 +3257,30 @@ def linear_format(module, mode: str) -> str:
     return "FP8" if module.weight_quantizer.num_bits == (4, 3) else MODE_QUANT_ALGO[mode]
 
 
-def choose_mixed_precision(model, samples: list[list[int]], pad_id: int, budget_bits: float) -> dict:
-    """--effective_bits after calibration and the scale search: every quantized linear scored under each format
-    (output_loss_scores), groups chosen under the budget, their quantizers switched. Returns the manifest's record."""
+def whole_model_scores(model, groups: list[tuple[str, ...]], samples: list[list[int]], pad_id: int) -> tuple:
+    """(output_loss_scores, group -> its weight amax) with the whole model in memory."""
+    modules = dict(model.named_modules())
+    return (output_loss_scores(model, groups, samples, pad_id),
+            {g: group_amax([modules[n] for n in g]) for g in groups})
+
+
+def choose_mixed_precision(model, samples: list[list[int]], pad_id: int, budget_bits: float,
+                           score: Callable | None = None) -> dict:
+    """--effective_bits after calibration and the scale search: every quantized linear scored under each format,
+    groups chosen under the budget, their quantizers switched. Returns the manifest's record.
+
+    `score(model, groups)` returns (linear -> format -> score, group -> weight amax): by default
+    whole_model_scores; the offload script's layer loop passes its own, computed one decoder layer at a time."""
     stage(STAGE_MIXED)
     start = time.perf_counter()
     modules = dict(model.named_modules())
     names = [n for n in quantized_linear_shapes(model) if block_searchable(modules[n])]
     fused = linear_groups(names)
-    scores = output_loss_scores(model, fused, samples, pad_id)
+    score = score or functools.partial(whole_model_scores, samples=samples, pad_id=pad_id)
+    scores, amaxes = score(model, fused)
     groups = [LinearGroup(g, sum(modules[n].weight.numel() for n in g),
                           {**{algo: sum(scores[n][algo] for n in g) for algo in FORMAT_CANDIDATES}, None: 0.0},
-                          group_amax([modules[n] for n in g])) for g in fused]
+                          amaxes[g]) for g in fused]
     choose_formats(groups, budget_bits)
     for group in groups:
         for name in group.names if group.algo != "NVFP4" else ():

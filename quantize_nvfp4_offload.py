@@ -6,7 +6,8 @@ weight across PCIe or off the disk again. Here calibration goes layer by layer: 
 weights come onto the GPU once, every batch runs through it once (collecting its scales with
 ModelOpt's max calibration), and its outputs are the next layer's inputs. A run costs one pass over
 the weights plus one forward of compute (--algorithm gptq: two, and its weight update while the layer is on
-the GPU; the rewritten weights are kept in the offload folder). Resume points (--checkpoint_every: by default
+the GPU; the rewritten weights are kept in the offload folder). --effective_bits adds one reverse pass over the
+layers for its scores, from hidden states the forward pass kept. Resume points (--checkpoint_every: by default
 spaced 5 minutes apart) are written in the background, and --resume continues a killed run.
 
     python quantize_nvfp4_offload.py --input_model M --output_model OUT --dataset_yaml Datasets/X.yaml \
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -53,6 +55,10 @@ LAYER_LOOP_ALGORITHMS = [name for name, a in q.ALGORITHMS.items() if a.layer_loo
 # GPTQ also the stream its Hessians are summed over (activations quantized, weights not: what ModelOpt's
 # whole-model Hessian pass feeds each layer)
 STREAMS = ("outputs", "quantized_outputs")
+# --effective_bits: the padded tokens of the layer loop's batches the output-loss score runs on, and whose hidden
+# states at every decoder layer's input the scoring store keeps (docs/offload.md: why this many)
+SCORE_TOKENS = 16384
+SCORE_DIR = "score_inputs"                   # in LAYERWISE_DIR: the scoring store when the plan puts it on disk
 STAGE_PLACEMENT = "placement plan"                      # this script's phases, beside quantize_nvfp4.py's
 STAGE_LAYER_CALIBRATION = "calibration (layer by layer)"
 
@@ -78,11 +84,15 @@ class Placement:
     layers_per_device: dict          # same keys -> decoder layers
     activation_cache_bytes: int      # one layer's cached inputs for every batch (GPTQ: both its streams)
     rewritten_bytes: int = 0         # GPTQ: every decoder layer's rewritten weights, written to the offload folder
+    score_store_bytes: int = 0       # --effective_bits: the scoring store (ScoringStore)
+    score_store_on_disk: bool = False  # it goes under the offload folder (else RAM)
 
     @property
     def offload_disk_bytes(self) -> int:
-        """What the offload folder takes: offloaded weights, two layers' activation caches, rewritten weights."""
-        return self.bytes_per_device.get("disk", 0) + 2 * self.activation_cache_bytes + self.rewritten_bytes
+        """What the offload folder takes: offloaded weights, two layers' activation caches, rewritten weights, the
+        scoring store where it goes to disk."""
+        store = self.score_store_bytes if self.score_store_on_disk else 0
+        return self.bytes_per_device.get("disk", 0) + 2 * self.activation_cache_bytes + self.rewritten_bytes + store
 
 
 # --------------------------------------------------------------------------- settings
@@ -110,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.description = ("Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 "
                           "(offloaded, layer by layer).")
     for action in parser._actions:  # what this script refuses is not offered
-        if action.dest in VERIFY_OPTIONS + ("effective_bits",):
+        if action.dest in VERIFY_OPTIONS:
             action.help = argparse.SUPPRESS
     group = parser.add_argument_group("offloading")
     group.add_argument("--offload_folder", help="where offloaded weights and per-layer checkpoints go (required)")
@@ -134,10 +144,6 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError("--verify / --reference check an existing checkpoint, and this script quantizes: run "
                            "python quantize_nvfp4.py --verify DIR (add --eval --reference MODEL --dataset_yaml YAML "
                            "for a quality report)")
-    if args.effective_bits is not None:
-        raise q.UsageError("--effective_bits scores each linear with a backward pass through the whole model, which "
-                           "the layer loop cannot run; run python quantize_nvfp4.py --effective_bits B on GPUs that "
-                           "hold the model")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
@@ -181,6 +187,26 @@ def holding_offload_lock(run_job):
 def layer_batches(samples: list[list[int]], settings: q.Settings) -> list[list[int]]:
     """The batches every layer runs: a fixed token budget, since one layer's activations are all that live."""
     return q.group_batches([len(s) for s in samples], settings.batch_size, q.DEFAULT_BATCH_TOKENS)
+
+
+def padded_batch_tokens(samples: list[list[int]], settings: q.Settings) -> list[int]:
+    """Each of the layer loop's batches: its rows times its longest sample."""
+    lengths = [len(s) for s in samples]
+    return [len(batch) * max(lengths[i] for i in batch) for batch in layer_batches(samples, settings)]
+
+
+def scoring_batches(samples: list[list[int]], settings: q.Settings) -> list[int]:
+    """--effective_bits: which of the layer loop's batches the score runs on, at most SCORE_TOKENS padded tokens
+    (at least one batch): all of them where they fit, else every k-th, spread over the sample lengths (the batches
+    are sorted by length)."""
+    sizes = padded_batch_tokens(samples, settings)
+    chosen, total = [], 0
+    for index in range(0, len(sizes), math.ceil(sum(sizes) / SCORE_TOKENS)):
+        if chosen and total + sizes[index] > SCORE_TOKENS:
+            break
+        chosen.append(index)
+        total += sizes[index]
+    return chosen
 
 
 def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) -> dict:
@@ -509,7 +535,7 @@ def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
 
     lengths = [len(s) for s in job.samples]
     batches = layer_batches(job.samples, settings)
-    config = job.config.get_text_config() if hasattr(job.config, "get_text_config") else job.config
+    config = text_config(job)
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     width = torch.finfo(dtype).bits // 8
@@ -519,6 +545,37 @@ def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
         rows, seq = len(batch), max(lengths[i] for i in batch)
         total += rows * seq * (streams * hidden + 2 * head_dim) * width + rows * seq * seq  # + a bool 4-D mask
     return total
+
+
+def text_config(job: q.Job):
+    return job.config.get_text_config() if hasattr(job.config, "get_text_config") else job.config
+
+
+def scored_batch_tokens(job: q.Job, settings: q.Settings) -> list[int]:
+    """The padded tokens of each batch --effective_bits scores on (scoring_batches)."""
+    sizes = padded_batch_tokens(job.samples, settings)
+    return [sizes[b] for b in scoring_batches(job.samples, settings)]
+
+
+def score_store_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+    """The scoring store: for each scored batch, the hidden states entering every decoder layer and leaving the last."""
+    import torch
+
+    layers = len(decoder_layer_names(job.skeleton))
+    width = torch.finfo(dtype).bits // 8
+    return (layers + 1) * sum(scored_batch_tokens(job, settings)) * text_config(job).hidden_size * width
+
+
+def scoring_work_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+    """What the scores hold on the execution device beside a layer's weights, for their largest batch: in the
+    reverse pass each linear's output change under every format, and about as much again for what autograd keeps
+    for the layer's backward; for the loss, the logits, their fp32 copy and its gradient."""
+    import torch
+
+    outputs = max((sum(m.out_features for m in job.skeleton.get_submodule(name).modules()
+                       if isinstance(m, torch.nn.Linear)) for name in decoder_layer_names(job.skeleton)), default=0)
+    width, tokens = torch.finfo(dtype).bits // 8, max(scored_batch_tokens(job, settings))
+    return tokens * max(2 * len(q.FORMAT_CANDIDATES) * outputs * width, text_config(job).vocab_size * (width + 8))
 
 
 def largest_layer_bytes(job: q.Job, dtype) -> int:
@@ -550,13 +607,20 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     cache = activation_cache_bytes(job, settings, dtype)
     layers = decoder_layer_names(job.skeleton)
     largest_layer = largest_layer_bytes(job, dtype)
-    # current and next layer's inputs; the layer being calibrated (weights and temporaries), the next one prefetched
-    reserve = 2 * cache + 3 * largest_layer
+    # current and next layer's inputs (--effective_bits: or the scores' reverse pass, which runs after
+    # calibration); the layer being calibrated (weights and temporaries), the next one prefetched
+    store = score_store_bytes(job, settings, dtype) if settings.effective_bits is not None else 0
+    activations = max(2 * cache, scoring_work_bytes(job, settings, dtype) if store else 0)
+    reserve = activations + 3 * largest_layer
     rewritten = 0
     if settings.algorithm == "gptq":  # its Hessians, and a copy of every decoder layer as GPTQ rewrote it on disk
         reserve += gptq_hessian_bytes(job)
         rewritten = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
-    device_map = infer_auto_device_map(job.skeleton, max_memory=max_memory_map(offload, reserve),
+    # from_config on meta leaves a tied head untied: accelerate would then place it alone, and on disk it has no
+    # entry in the offload index (the checkpoint holds the tied weight once, as the input embeddings')
+    job.skeleton.tie_weights()
+    caps = max_memory_map(offload, reserve)
+    device_map = infer_auto_device_map(job.skeleton, max_memory=dict(caps),
                                        no_split_module_classes=job.skeleton._no_split_modules or [], dtype=dtype)
     bytes_per_device: dict = {}
     for name, param in job.skeleton.named_parameters():
@@ -566,7 +630,9 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     for name in layers:
         device = device_label(lookup_device(device_map, name))
         layers_per_device[device] = layers_per_device.get(device, 0) + 1
-    return Placement(device_map, bytes_per_device, layers_per_device, cache, rewritten)
+    # the store goes to RAM where it fits beside the weights placed there (and, without a GPU, the activations)
+    room = caps["cpu"] - bytes_per_device.get("cpu", 0) - (0 if torch.cuda.device_count() else 2 * cache)
+    return Placement(device_map, bytes_per_device, layers_per_device, cache, rewritten, store, store > room)
 
 
 def decoder_layer_names(model) -> list[str]:
@@ -609,6 +675,7 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
         raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
                            f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
                            f"{', GPTQ-rewritten weights' if placement.rewritten_bytes else ''}"
+                           f"{', the --effective_bits scoring store' if placement.score_store_on_disk else ''}"
                            f"{', the output' if same_disk else ''}); "
                            "point it at a larger disk or raise --max_cpu_memory")
 
@@ -651,6 +718,15 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
         if placement.rewritten_bytes else ""
     q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; {rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
+    if placement.score_store_bytes:
+        q.log(f"--effective_bits scoring store: {score_store_place(placement, offload)}")
+
+
+def score_store_place(placement: Placement, offload: OffloadSettings) -> str:
+    """The scoring store's size and where it goes, as the plan and the dry run say it."""
+    where = f"on disk in {offload.layerwise_dir / SCORE_DIR}" if placement.score_store_on_disk else "in RAM"
+    return (f"{q.human_bytes(placement.score_store_bytes)} {where} (up to {SCORE_TOKENS} calibration tokens' hidden "
+            "states at every decoder layer)")
 
 
 # --------------------------------------------------------------------------- model
@@ -727,6 +803,18 @@ def replaced_forwards(layers, forwards: dict[int, Callable]):
                 del layers[i].forward
             else:
                 layers[i].forward = forward
+
+
+def passing_stand_ins(count: int, form: int | None, last_hidden) -> dict[int, Callable]:
+    """Stand-ins for `count` decoder layers that hand the hidden states on, the last one returning `last_hidden`:
+    the model's own forward then runs what comes before and after its layers (norm, head, logit scaling) as it
+    runs them, on hidden states computed elsewhere."""
+    def stand_in(index: int) -> Callable:
+        def forward(*args, **kwargs):
+            hidden, _ = split_hidden(args, kwargs)
+            return shaped_like(form, last_hidden if index == count - 1 else hidden)
+        return forward
+    return {i: stand_in(i) for i in range(count)}
 
 
 def layer_pass(layer, inputs: list, calls: list, masks: list, state: q.CalibrationState, keep_outputs: bool) -> list:
@@ -910,6 +998,47 @@ def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.Cali
     return rewritten
 
 
+class ScoringStore:
+    """--effective_bits: what the scores' reverse pass reads, kept while the layer loop runs forward. For the scored
+    batches (scoring_batches): the hidden states entering each decoder layer and leaving the last, in RAM or, where
+    the plan put the store on disk, as files in `folder` (each removed once read); and what the model hands each
+    layer besides them (position embeddings, masks: the same tensors for every layer, held where they are)."""
+
+    def __init__(self, batches: list[int], folder: Path | None):
+        self.batches, self.folder = batches, folder
+        self.hidden: dict[int, list] = {}    # layer -> its input hidden states per scored batch (RAM store)
+        self.kept: set[int] = set()           # the layers whose inputs are stored
+        self.calls: dict[int, list] = {}     # layer -> per scored batch: (args, kwargs) besides the hidden states
+
+    def select(self, per_batch: list) -> list:
+        """The scored batches' entries of a per-batch list of the layer loop."""
+        return [per_batch[b] for b in self.batches]
+
+    def keep(self, index: int, hidden: list) -> None:
+        """Layer `index`'s input hidden states for the scored batches (index = the layer count: the last layer's
+        output)."""
+        host = [h.detach().to("cpu") for h in hidden]
+        self.kept.add(index)
+        if self.folder is None:
+            self.hidden[index] = host
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_tensors(self.folder / f"layer_{index:04d}", host)
+
+    def read(self, index: int, remove: bool = True) -> list:
+        """Layer `index`'s stored inputs (on the CPU), removed from the store unless `remove` is off."""
+        if remove:
+            self.kept.discard(index)
+        if self.folder is None:
+            return self.hidden.pop(index) if remove else self.hidden[index]
+        base = self.folder / f"layer_{index:04d}"
+        tensors = read_tensors(base, "cpu")
+        if remove:
+            base.with_suffix(".bin").unlink()
+            base.with_suffix(".json").unlink()
+        return tensors
+
+
 class LayerLoop:
     """ModelOpt's calibration one decoder layer at a time, one pass per layer (GPTQ: two).
 
@@ -919,12 +1048,13 @@ class LayerLoop:
     on the Hessians that pass summed, while the weights are in place; gptq: a second pass and the weight update,
     see gptq_layer). What runs before the first layer runs in layer 0's pass, which also records what the model
     hands every layer besides the hidden states. At each resume point (--checkpoint_every) its files are written
-    in the background.
+    in the background. With a ScoringStore (--effective_bits) it keeps the scored batches' inputs of every layer.
     """
 
     def __init__(self, model, config: dict, state: q.CalibrationState, samples, settings: q.Settings, device: str,
-                 offload: OffloadSettings):
+                 offload: OffloadSettings, scoring: ScoringStore | None = None):
         self.model, self.state, self.samples, self.device, self.offload = model, state, samples, device, offload
+        self.scoring = scoring
         self.layers, self.names = q.decoder_layers(model), decoder_layer_names(model)
         self.modules = dict(model.named_modules())
         self.batches = layer_batches(samples, settings)
@@ -943,20 +1073,37 @@ class LayerLoop:
         restore_layers(self.model, self.layers, self.modules, folder, start, self.state, len(self.streams) > 1)
         cached, count = read_tensors(layer_dir(folder, resume_after) / INPUTS_FILE, self.device), len(self.batches)
         self.inputs = {stream: cached[i * count:(i + 1) * count] for i, stream in enumerate(self.streams)}
-        self.calls, _ = self.capture_calls(start, run_first=False)
+        self.calls, _, entering = self.capture_calls(start if self.scoring is None else 0, run_first=False)
+        self.keep_first_inputs(entering)
+        for index in range(start) if self.scoring is not None else ():  # their other inputs: the scores' pass
+            self.scoring.calls[index] = self.scoring.select(self.calls.pop(index))  # replays these layers
         return start
 
-    def capture_calls(self, record_from: int, run_first: bool) -> tuple[dict[int, list], list]:
+    def keep_first_inputs(self, entering: list) -> None:
+        """The scored batches' inputs of layer 0 into the scoring store (capture_calls' `entering`)."""
+        if self.scoring is not None:
+            self.scoring.keep(0, [hidden for hidden, _ in entering])
+            self.scoring.calls[0] = [rest for _, rest in entering]
+
+    def capture_calls(self, record_from: int, run_first: bool) -> tuple[dict[int, list], list, list]:
         """Each batch through the model's own forward with decoder layers replaced by recorders.
 
         Records, per batch, what the model hands each layer from `record_from` on besides the hidden
         states (masks, position embeddings: they differ by layer type in some models). With `run_first`,
         layer 0 runs for real (this is its calibration pass) and the hidden states reaching layer 1 are
         its outputs. The last layer's recorder stops the forward, so nothing after the layers runs.
+        Returns (those calls, the hidden states reaching layer 1, and for the scored batches what enters layer 0:
+        (hidden states, everything else) per batch).
         """
         layers, forward = self.layers, q.calibration_forward(self.model)
         calls: dict[int, list] = {i: [] for i in range(record_from, len(layers))}
         reached: list = []
+        entering, counter = [], iter(range(len(self.batches)))
+        scored = set(self.scoring.batches if self.scoring else ())
+
+        def note_input(module, args, kwargs) -> None:
+            if next(counter) in scored:
+                entering.append(split_hidden(args, kwargs))
 
         def recorder(index: int) -> Callable:
             def stand_in(*args, **kwargs):
@@ -973,27 +1120,32 @@ class LayerLoop:
         def note_form(module, args, output) -> None:
             self.form = output_form(output)
 
-        hook = layers[0].register_forward_hook(note_form) if run_first else None
+        hooks = [layers[0].register_forward_hook(note_form)] if run_first else []
+        if scored:
+            hooks.append(layers[0].register_forward_pre_hook(note_input, with_kwargs=True))
         try:
             with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
                 for batch in self.batches:
                     with contextlib.suppress(StopForward):
                         q.run_batch(forward, self.samples, batch, self.device, self.state)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
-        return calls, reached
+        return calls, reached, entering
 
     def stream_pass(self, index: int, stream: str) -> Callable:
         """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
         if index == 0:  # the model's own forward up to layer 1, layer 0 running for real
             def first_layer(_layer) -> None:
                 recording = stream == STREAMS[0]  # what the model hands the later layers: recorded once
-                calls, self.inputs[stream] = self.capture_calls(1 if recording else len(self.layers), True)
+                calls, self.inputs[stream], entering = self.capture_calls(1 if recording else len(self.layers), True)
                 if recording:
                     self.calls = calls
+                if recording:
+                    self.keep_first_inputs(entering)
             return first_layer
-        inputs, calls, keep = self.inputs.pop(stream), self.calls[index], index + 1 < len(self.layers)
+        inputs, calls = self.inputs.pop(stream), self.calls[index]
+        keep = index + 1 < len(self.layers) or self.scoring is not None  # the last layer's outputs: scored
         return lambda layer: self.inputs.update({stream: layer_pass(layer, inputs, calls, self.masks, self.state,
                                                                     keep_outputs=keep)})
 
@@ -1023,6 +1175,7 @@ class LayerLoop:
                 loaded = prefetch.take()
                 if index < last:
                     prefetch.start(self.layers[index + 1])
+                self.keep_scored_inputs(index)
                 rewritten, pending[index] = self.calibrate(index)
                 prefetch.release(loaded)
                 if rewritten:  # the layer's weights are back where accelerate keeps them: the rewrite goes there
@@ -1037,17 +1190,27 @@ class LayerLoop:
             writer.finish_after_failure()
             raise
         writer.wait()
+        if self.scoring is not None:  # the last layer's outputs, on which the loss is taken
+            self.scoring.keep(len(self.layers), self.scoring.select(self.inputs.pop(STREAMS[0])))
+
+    def keep_scored_inputs(self, index: int) -> None:
+        """Layer `index`'s inputs (hidden states and the rest) for the scored batches into the scoring store;
+        layer 0's are kept by its pass (keep_first_inputs)."""
+        if self.scoring is not None and index > 0:
+            self.scoring.keep(index, self.scoring.select(self.inputs[STREAMS[0]]))
+            self.scoring.calls[index] = self.scoring.select(self.calls[index])
 
 
 def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, settings: q.Settings, device: str,
-                       offload: OffloadSettings, resume_after: int | None) -> None:
+                       offload: OffloadSettings, resume_after: int | None,
+                       scoring: ScoringStore | None = None) -> LayerLoop:
     """quantize_model's `calibrate`: quantizers inserted, then the LayerLoop from the first layer or the one after
     the resume point; fills the state's batches_run, cap and forward_seconds as calibrate_batches does."""
     import torch
 
     insert_quantizers(model, config)
     q.install_calibration_hooks(model, state)
-    loop = LayerLoop(model, config, state, samples, settings, device, offload)
+    loop = LayerLoop(model, config, state, samples, settings, device, offload, scoring)
     state.batches_run, state.cap = loop.batches, q.DEFAULT_BATCH_TOKENS
     state.forward_pass = 1  # one pass: MoE routing counts accumulate over every batch
     started = time.perf_counter()
@@ -1055,6 +1218,131 @@ def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, 
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     state.forward_seconds = time.perf_counter() - started
+    return loop
+
+
+# --------------------------------------------------------------------------- mixed precision scores, layer by layer
+def groups_by_layer(groups: list[tuple[str, ...]], layer_names: list[str]) -> dict[int, list[tuple[str, ...]]]:
+    """Each linear group under the decoder layer that holds it."""
+    found: dict[int, list] = {}
+    for group in groups:
+        index = next((i for i, name in enumerate(layer_names) if group[0].startswith(name + ".")), None)
+        if index is None:
+            raise RuntimeError(f"{group[0]} is quantized but in no decoder layer, which the layer-by-layer scores "
+                               "cannot reach; run quantize_nvfp4.py --effective_bits B where the model fits")
+        found.setdefault(index, []).append(group)
+    return found
+
+
+def each_layer_loaded(loop: LayerLoop, order: list[int], work: Callable[[int], None], desc: str) -> None:
+    """`work(index)` for each decoder layer in `order`, its weights in place (loaded once), the next layer's
+    prefetched meanwhile (LayerPrefetcher) and put back to meta after."""
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+    prefetch = LayerPrefetcher(loop.device)
+    try:
+        if order:
+            prefetch.start(loop.layers[order[0]])
+        for position, index in enumerate(q.Progress(order, desc=desc, unit="layer")):
+            loaded = prefetch.take()
+            if position + 1 < len(order):
+                prefetch.start(loop.layers[order[position + 1]])
+            with enable_weight_access_and_writeback(loop.layers[index], loop.model, loop.modules, writeback=False):
+                work(index)
+            prefetch.release(loaded)
+    except BaseException:
+        prefetch.close()
+        raise
+
+
+class LayerScores:
+    """choose_mixed_precision's `score` in the offload script: q.output_loss_scores' score (Σ (dLoss/dY · ΔY)² per
+    linear and format, every quantizer off), computed one decoder layer at a time from the ScoringStore.
+
+    The loss: the model's own forward from the embeddings with its layers replaced, the last one returning the
+    stored last output (final norm, head and loss as the model runs them: q.summed_token_loss), and its gradient
+    at those hidden states. Then from the last layer to the first, each layer's weights loaded once: its forward
+    recomputed under autograd from its stored inputs, q.output_loss_hook adding each linear's score per format,
+    and the backward from the gradient at its output giving the one at its input, for the layer below (activation
+    gradients only). Each group's weight amax (its FP8 scale) is taken while its weights are in place. Layers
+    calibrated before a --resume have no stored inputs: the scored batches run forward through them once more.
+    """
+
+    def __init__(self, loop: LayerLoop):
+        self.loop, self.store = loop, loop.scoring
+
+    def __call__(self, model, groups: list[tuple[str, ...]]) -> tuple[dict, dict]:
+        import torch
+
+        names = [n for g in groups for n in g]
+        rows = {n: i for i, n in enumerate(names)}
+        scores = torch.zeros(len(names), len(q.FORMAT_CANDIDATES), dtype=torch.float64, device=self.loop.device)
+        in_layer, amaxes = groups_by_layer(groups, self.loop.names), {}
+
+        def score(index: int) -> None:
+            nonlocal grads
+            grads = self.score_layer(index, in_layer.get(index, []), grads, scores, rows, amaxes)
+
+        with q.quantizers_off(model), q.frozen_parameters(model):
+            try:
+                self.replay_restored_layers()
+                grads = self.loss_gradients()
+                each_layer_loaded(self.loop, list(reversed(range(len(self.loop.layers)))), score, "score layers")
+            except torch.OutOfMemoryError:
+                raise q.UsageError("CUDA out of memory in the --effective_bits scores: lower --max_gpu_memory to "
+                                   "leave room for one layer's backward, or pass a smaller --batch_size") from None
+        return {n: dict(zip(q.FORMAT_CANDIDATES, scores[rows[n]].tolist())) for n in names}, amaxes
+
+    def replay_restored_layers(self) -> None:
+        """After --resume: the stored inputs of the layers calibrated before the kill, from layer 0's."""
+        import torch
+
+        missing = [i for i in range(1, len(self.loop.layers)) if i not in self.store.kept]
+        hidden = self.store.read(0, remove=False) if missing else []
+
+        def forward(index: int) -> None:
+            nonlocal hidden
+            with torch.no_grad():
+                hidden = [hidden_of(self.loop.layers[index](h.to(self.loop.device), *args, **kwargs))
+                          for h, (args, kwargs) in zip(hidden, self.store.calls[index])]
+            self.store.keep(index + 1, hidden)
+        each_layer_loaded(self.loop, list(range(max(missing, default=0))), forward, "replay restored layers")
+
+    def loss_gradients(self) -> list:
+        """dLoss/d(last layer's output) per scored batch (on the CPU until its layer needs it)."""
+        import torch
+
+        loop, grads = self.loop, []
+        forward = q.text_generator(loop.model)
+        for batch, hidden in zip(self.store.batches, self.store.read(len(loop.layers))):
+            last = hidden.to(loop.device).requires_grad_(True)
+            with replaced_forwards(loop.layers, passing_stand_ins(len(loop.layers), loop.form, last)), \
+                    torch.enable_grad():
+                loss = q.summed_token_loss(forward, loop.samples, loop.batches[batch], loop.state.pad_id, loop.device)
+                grads.append(torch.autograd.grad(loss, last)[0].to("cpu"))
+        return grads
+
+    def score_layer(self, index: int, groups: list, grads: list, scores, rows: dict, amaxes: dict) -> list:
+        """Layer `index` (weights in place) scored on every scored batch; returns the gradients at its inputs."""
+        import torch
+
+        modules, device = self.loop.modules, self.loop.device
+        handles = []
+        for group in groups:
+            amaxes[group] = q.group_amax([modules[n] for n in group])
+            handles += [modules[n].register_forward_hook(q.output_loss_hook(q.format_gemms(modules[n], amaxes[group]),
+                                                                            scores[rows[n]])) for n in group]
+        inputs, calls = self.store.read(index), self.store.calls.pop(index)
+        try:
+            with torch.enable_grad():
+                for position, (hidden, (args, kwargs)) in enumerate(zip(inputs, calls)):
+                    entering = hidden.to(device).requires_grad_(True)
+                    output = hidden_of(self.loop.layers[index](entering, *args, **kwargs))
+                    grads[position] = torch.autograd.grad(output, entering, grads[position].to(device))[0].to("cpu")
+        finally:
+            for handle in handles:
+                handle.remove()
+        return grads
 
 
 # --------------------------------------------------------------------------- quality report, layer by layer
@@ -1186,15 +1474,8 @@ class StreamedEvaluation:
     def logits(self, ids, last_hidden):
         """The model's own forward from the embeddings to the logits, the decoder layers replaced: the last one
         returns `last_hidden` (norm, head, any logit scaling or soft-capping run as the model runs them)."""
-        last = len(self.layers) - 1
-
-        def stand_in(index: int) -> Callable:
-            def forward(*args, **kwargs):
-                hidden, _ = split_hidden(args, kwargs)
-                return shaped_like(self.form, last_hidden.to(self.device) if index == last else hidden)
-            return forward
-
-        with replaced_forwards(self.layers, {i: stand_in(i) for i in range(len(self.layers))}):
+        stand_ins = passing_stand_ins(len(self.layers), self.form, last_hidden.to(self.device))
+        with replaced_forwards(self.layers, stand_ins):
             return q.text_generator(self.model)(input_ids=ids, use_cache=False).logits
 
     def report(self) -> dict:
@@ -1248,13 +1529,22 @@ def streamed_quality_report(settings: q.Settings, job: q.Job, offload: OffloadSe
 
 # --------------------------------------------------------------------------- main
 def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, offload: OffloadSettings,
-                        resume_after: int | None) -> dict:
-    """quantize_nvfp4.py's calibration (hooks, statistics, checks) with the layer loop in place of its forward loop."""
+                        resume_after: int | None, placement: Placement) -> dict:
+    """quantize_nvfp4.py's calibration (hooks, statistics, checks) with the layer loop in place of its forward loop,
+    and for --effective_bits its scores computed layer by layer (LayerScores) from what the loop stored."""
+    scoring = None
+    if settings.effective_bits is not None:
+        folder = offload.layerwise_dir / SCORE_DIR if placement.score_store_on_disk else None
+        scoring = ScoringStore(scoring_batches(job.samples, settings), folder)
+    loops: list[LayerLoop] = []  # the loop quantize_model's calibrate ran, for the scores that come after it
+
     def calibrate(model, config: dict, state: q.CalibrationState) -> None:
-        calibrate_by_layer(model, config, state, job.samples, settings, device, offload, resume_after)
+        loops.append(calibrate_by_layer(model, config, state, job.samples, settings, device, offload, resume_after,
+                                        scoring))
 
     q.stage(STAGE_LAYER_CALIBRATION)
-    return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate)
+    return q.quantize_model(model, settings, job.unquantized, job.samples, device, job.pad_id, calibrate=calibrate,
+                            score=lambda model, groups: LayerScores(loops[0])(model, groups))
 
 
 @q.holding_output_lock
@@ -1272,9 +1562,11 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     check_offload_disk(placement, job, settings, offload)
     check_eval_streamable(settings, job, offload)
     if settings.dry_run:
+        store = [f"the --effective_bits scoring store ({score_store_place(placement, offload)})"] \
+            if placement.score_store_bytes else []
         return q.dry_run_passed(settings, job, [
             "the offload folder and its lock", "--resume", "the placement under --max_gpu_memory/--max_cpu_memory",
-            f"free disk for the offload folder (about {q.human_bytes(placement.offload_disk_bytes)})"])
+            *store, f"free disk for the offload folder (about {q.human_bytes(placement.offload_disk_bytes)})"])
     offload.offload_folder.mkdir(parents=True, exist_ok=True)
     (offload.offload_folder / JOB_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     if resume_after is not None:
@@ -1286,11 +1578,15 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
         model = load_offloaded_model(settings, job, placement, offload)
         timings = {"load_model_s": round(time.perf_counter() - load_start, 2)}
         device = execution_device(placement)
-        calibration_run = calibrate_offloaded(model, settings, job, device, offload, resume_after)
+        calibration_run = calibrate_offloaded(model, settings, job, device, offload, resume_after, placement)
     calibration_run["resumed_after_layer"] = resume_after
     extra = {"offload": {"folder": str(offload.offload_folder), "layers_per_device": placement.layers_per_device,
                          "weight_bytes_per_device": placement.bytes_per_device,
                          "activation_cache_bytes": placement.activation_cache_bytes}}
+    if placement.score_store_bytes:
+        extra["offload"]["score_store"] = {
+            "bytes": placement.score_store_bytes, "on_disk": placement.score_store_on_disk,
+            "batches": len(scoring_batches(job.samples, settings)), "tokens": sum(scored_batch_tokens(job, settings))}
     report = functools.partial(streamed_quality_report, settings, job, offload, device)
     status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra,
                           report_quality=report)

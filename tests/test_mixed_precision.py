@@ -222,9 +222,13 @@ def test_refusals_before_the_model_loads(tiny_model, moe_model, tmp_path):
     assert_usage_error(run_cli("--input_model", str(tiny_model), *common, "--effective_bits", "4"), "between 4.5")
     assert_usage_error(run_cli("--input_model", str(moe_model), *common, "--effective_bits", "6"),
                        "mixture-of-experts")
-    offload = ROOT / "quantize_nvfp4_offload.py"
-    assert_usage_error(run_cli("--input_model", str(tiny_model), *common, "--effective_bits", "6",
-                               "--offload_folder", str(tmp_path / "off"), script=offload), "quantize_nvfp4.py")
+    offload = ("--offload_folder", str(tmp_path / "off"))  # the offload script refuses the same, as early
+    script = ROOT / "quantize_nvfp4_offload.py"
+    assert_usage_error(run_cli("--input_model", str(tiny_model), *common, *offload, "--effective_bits", "4",
+                               script=script), "between 4.5")
+    assert_usage_error(run_cli("--input_model", str(moe_model), *common, *offload, "--effective_bits", "6",
+                               script=script), "mixture-of-experts")
+    assert not (tmp_path / "off").exists()
 
 
 @pytest.mark.slow

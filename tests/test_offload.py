@@ -217,6 +217,22 @@ def test_a_gpu_cap_that_places_nothing_on_the_gpu_is_refused(four_layer_model):
         offload.check_gpu_placement(on_cpu, job, run_settings)  # no GPU: the CPU is the plan
 
 
+def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
+    """A tied lm_head has no weight of its own in the checkpoint: placed apart from the embeddings (on disk, under a
+    small RAM cap) its first forward would not find one. The scoring store is counted for every layer's input and
+    the last output."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
+    run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="local_hessian", effective_bits=6.0)
+    placement = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, 650_000, False,
+                                                                                  False))
+    assert placement.layers_per_device.get("disk") and placement.device_map["lm_head"] == "cpu"
+    assert placement.score_store_bytes == 5 * sum(offload.scored_batch_tokens(job, run_settings)) * 64 * 2
+
+
 # --------------------------------------------------------------------------- the layer loop, in process
 def tiny_moe_model():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -276,6 +292,121 @@ def test_layer_loop_resumes_from_its_background_resume_point(tmp_path):
     expected, got = amax_by_quantizer(reference), amax_by_quantizer(resumed)
     assert not [n for n in expected if not torch.equal(expected[n], got[n])]
     assert stats["moe_expert_coverage"] == expected_stats["moe_expert_coverage"]
+
+
+# --------------------------------------------------------------------------- --effective_bits in the layer loop
+MIXED = ("--effective_bits", "6.5", "--batch_size", "auto")  # one batch, as the main script's scores batch
+
+
+def looped_scores(model, run_settings, folder, store_folder) -> tuple[dict, dict]:
+    """quantize_model with the layer loop and its layer-by-layer scores: (its stats, what LayerScores returned)."""
+    opts = offload.OffloadSettings(folder, None, None, False, False, 1)
+    store = offload.ScoringStore(offload.scoring_batches(SAMPLES, run_settings), store_folder)
+    loops, seen = [], {}
+
+    def score(model, groups):
+        seen["scores"], seen["amaxes"] = offload.LayerScores(loops[0])(model, groups)
+        return seen["scores"], seen["amaxes"]
+    stats = q.quantize_model(model, run_settings, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0,
+                             calibrate=lambda m, config, state: loops.append(offload.calibrate_by_layer(
+                                 m, config, state, SAMPLES, run_settings, "cpu", opts, None, store)), score=score)
+    return stats, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_disk", [False, True], ids=["store-in-ram", "store-on-disk"])
+def test_layer_by_layer_scores_equal_the_whole_model_scores(on_disk, tmp_path):
+    """fp32, the layer loop's three padded batches against the whole model's one: each linear's score under each
+    format within fp32 rounding, the same FP8 weight amaxes and the same choice, NVFP4 and FP8 among it; a store on
+    disk is emptied as it is read."""
+    run_settings = settings(batch_size=4)
+    run_settings.algorithm, run_settings.effective_bits = "local_hessian", 6.0
+    expected = {}
+
+    def whole(model, groups):
+        expected["scores"], expected["amaxes"] = q.whole_model_scores(model, groups, SAMPLES, 0)
+        return expected["scores"], expected["amaxes"]
+    reference, looped = tiny_fp32_model(), tiny_fp32_model()
+    expected_stats = q.quantize_model(reference, run_settings, q.always_unquantized(reference), SAMPLES, "cpu", 0,
+                                      score=whole)
+    store = tmp_path / "store" if on_disk else None
+    stats, got = looped_scores(looped, run_settings, tmp_path / "offload", store)
+    assert got["scores"].keys() == expected["scores"].keys() and len(got["scores"]) == 14
+    for name, per_format in expected["scores"].items():
+        assert got["scores"][name] == pytest.approx(per_format, rel=1e-4), name
+    assert got["amaxes"].keys() == expected["amaxes"].keys()
+    assert all(torch.equal(got["amaxes"][g], expected["amaxes"][g]) for g in got["amaxes"])
+    chosen = stats["mixed_precision"]["per_linear"]
+    assert chosen == expected_stats["mixed_precision"]["per_linear"] and {"NVFP4", "FP8"} <= set(chosen.values())
+    assert not on_disk or list(store.iterdir()) == []
+
+
+def test_scored_batches_are_spread_over_the_lengths_within_the_token_budget(monkeypatch):
+    run_settings = settings(batch_size=2)  # six batches of 2, longest first: 128, 100, 66, 42, 24, 14 padded tokens
+    assert offload.scoring_batches(SAMPLES, run_settings) == list(range(6))  # all: far below SCORE_TOKENS
+    monkeypatch.setattr(offload, "SCORE_TOKENS", 200)
+    assert offload.scoring_batches(SAMPLES, run_settings) == [0, 2]  # every 2nd while they fit (not 4: 218 tokens)
+    monkeypatch.setattr(offload, "SCORE_TOKENS", 10)
+    assert offload.scoring_batches(SAMPLES, run_settings) == [0]  # at least one
+
+
+@pytest.fixture(scope="module")
+def mixed_in_memory(four_layer_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed-in-memory") / "out"
+    result = run_cli("--input_model", str(four_layer_model), "--output_model", str(out), *DATA, *MIXED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def mixed_record(folder: Path) -> dict:
+    return json.loads((folder / q.MANIFEST_NAME).read_text())["calibration_run"]["mixed_precision"]
+
+
+@pytest.mark.slow
+def test_effective_bits_offloaded_equals_in_memory(four_layer_model, mixed_in_memory, tmp_path):
+    """The scoring store on disk (RAM capped at 1 MB): the choice, its predicted losses and every tensor are the
+    main script's; the checkpoint passes --verify; the store is counted in the plan and gone after the run."""
+    out, folder = tmp_path / "out", tmp_path / "offload"
+    result, wall = timed_run(offload_cli, four_layer_model, out, folder, *MIXED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--effective_bits scoring store: 5.6 MiB on disk in {folder / offload.LAYERWISE_DIR}" in result.stderr
+    expected, got = mixed_record(mixed_in_memory), mixed_record(out)
+    assert got["per_linear"] == expected["per_linear"] and {"NVFP4", "FP8"} <= set(got["per_linear"].values())
+    assert got["predicted_loss"] == pytest.approx(expected["predicted_loss"], rel=1e-6)
+    assert got.keys() == expected.keys() and got["effective_bits"] == expected["effective_bits"]
+    assert_same_on_this_device(mixed_in_memory, out)
+    manifest = json.loads((out / q.MANIFEST_NAME).read_text())
+    hidden = json.loads((four_layer_model / "config.json").read_text())["hidden_size"]
+    assert manifest["offload"]["score_store"] == {"bytes": (4 + 1) * 4608 * hidden * 2, "on_disk": True,
+                                                  "batches": 1, "tokens": 4608}  # 4 layers' inputs and an output
+    assert_phases_add_up(manifest, wall, (offload.STAGE_LAYER_CALIBRATION, q.STAGE_MIXED, q.STAGE_EXPORT))
+    assert not (folder / offload.LAYERWISE_DIR).exists()
+    verified = run_cli("--verify", str(out))
+    assert verified.returncode == 0 and "OK against the config (MIXED_PRECISION, " in verified.stdout, verified.stdout
+
+
+@pytest.mark.slow
+def test_effective_bits_killed_and_resumed_equals_in_memory(four_layer_model, mixed_in_memory, tmp_path):
+    """Killed after layer 1 of 4 with the store in RAM: the resumed run replays layer 0 for layer 1's stored
+    inputs, and its checkpoint is the main script's."""
+    folder, out, ram = tmp_path / "offload", tmp_path / "out", ("--max_cpu_memory", "30000000")
+    killed = offload_cli(four_layer_model, out, folder, *MIXED, *ram, fail_after_layer=1)
+    assert killed.returncode != 0 and "simulated failure after layer 1" in killed.stderr
+    assert "--effective_bits scoring store: 5.6 MiB in RAM" in killed.stderr
+    resumed = offload_cli(four_layer_model, out, folder, *MIXED, *ram, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from layer 2" in resumed.stderr
+    assert mixed_record(out)["per_linear"] == mixed_record(mixed_in_memory)["per_linear"]
+    assert_same_on_this_device(mixed_in_memory, out)
+
+
+@pytest.mark.slow
+def test_dry_run_counts_the_scoring_store(four_layer_model, tmp_path):
+    result = offload_cli(four_layer_model, tmp_path / "out", tmp_path / "offload", *MIXED, "--dry_run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--effective_bits scoring store: 5.6 MiB on disk" in result.stderr
+    assert "the --effective_bits scoring store (5.6 MiB on disk" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "offload").exists() and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- GPTQ in the layer loop
