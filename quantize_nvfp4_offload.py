@@ -592,10 +592,16 @@ def gptq_hessian_bytes(job: q.Job) -> int:
 
 
 def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
-    """What a device needs for accelerate to place the input embeddings on it: they, plus the room it keeps for
-    the largest decoder layer on every device it fills first."""
+    """What a device needs for accelerate to place the input embeddings on it: they, plus the room it keeps on
+    every device it fills first for the largest module still to place: a decoder layer, or a module outside them
+    such as lm_head, which outweighs a layer where the vocabulary is large (SmolLM2: 57 MB against 8 MB)."""
     dtype = q.resolve_dtype(settings.dtype, job.config)
-    return q.parameter_bytes(job.skeleton.get_input_embeddings(), dtype) + largest_layer_bytes(job, dtype)
+    embeddings = job.skeleton.get_input_embeddings()
+    layers = tuple(f"{name}." for name in decoder_layer_names(job.skeleton))
+    outside = [q.parameter_bytes(module, dtype) for name, module in job.skeleton.named_modules()
+               if module is not embeddings and not f"{name}.".startswith(layers)
+               and next(module.parameters(recurse=False), None) is not None]
+    return q.parameter_bytes(embeddings, dtype) + max([largest_layer_bytes(job, dtype), *outside])
 
 
 def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -> Placement:
@@ -691,7 +697,7 @@ def check_cpu_run_placement(placement: Placement, job: q.Job, settings: q.Settin
     needed = embeddings_and_layer_bytes(job, settings)
     raise q.UsageError(f"--max_cpu_memory puts the input embeddings ({embeddings}) on disk, which a CPU-only run "
                        f"cannot export from: raise --max_cpu_memory to at least {needed} bytes "
-                       f"({q.human_bytes(needed)}: the embeddings plus the largest decoder layer)")
+                       f"({q.human_bytes(needed)}: the embeddings plus the largest module placed after them)")
 
 
 def check_gpu_placement(placement: Placement, job: q.Job, settings: q.Settings) -> None:
@@ -705,7 +711,7 @@ def check_gpu_placement(placement: Placement, job: q.Job, settings: q.Settings) 
     needed = embeddings_and_layer_bytes(job, settings)
     raise q.UsageError(f"--max_gpu_memory puts no module on the GPU, so the whole calibration would run on the CPU: "
                        f"raise it to at least {needed} bytes ({q.human_bytes(needed)}: the input embeddings plus the "
-                       f"largest decoder layer, for which accelerate keeps room), or leave it out")
+                       f"largest module placed after them, for which accelerate keeps room), or leave it out")
 
 
 def print_placement(placement: Placement, offload: OffloadSettings) -> None:

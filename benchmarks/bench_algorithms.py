@@ -37,6 +37,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,15 +146,19 @@ def fidelity_distribution(per_linear: dict) -> dict:
 
 def offload_caps(model: Path) -> list[str]:
     """The offload script's caps for `model`: the embeddings and two decoder layers on the GPU, three layers in
-    RAM, the rest on disk (accelerate keeps room for one more layer on the GPU and in RAM)."""
+    RAM, the rest on disk (beside each, accelerate keeps room for the largest module still to place)."""
     import torch
     from transformers import AutoConfig
 
-    skeleton = q.empty_model(AutoConfig.from_pretrained(str(model)), False)
-    layer = q.parameter_bytes(q.decoder_layers(skeleton)[0], torch.bfloat16)
-    embeddings = q.parameter_bytes(skeleton.get_input_embeddings(), torch.bfloat16)
-    return ["--max_gpu_memory", str(embeddings + 3 * layer + layer // 2),
-            "--max_cpu_memory", str(4 * layer + layer // 2)]
+    import quantize_nvfp4_offload as offload
+
+    config = AutoConfig.from_pretrained(str(model))
+    job = types.SimpleNamespace(config=config, skeleton=q.empty_model(config, False))
+    layer = q.parameter_bytes(q.decoder_layers(job.skeleton)[0], torch.bfloat16)
+    embeddings = q.parameter_bytes(job.skeleton.get_input_embeddings(), torch.bfloat16)
+    room = offload.embeddings_and_layer_bytes(job, types.SimpleNamespace(dtype="bfloat16")) - embeddings
+    return ["--max_gpu_memory", str(embeddings + room + 2 * layer + layer // 2),
+            "--max_cpu_memory", str(room + 3 * layer + layer // 2)]
 
 
 def run_variant(name: str, flags: list[str], model: Path, mixes: tuple[Path, Path], work: Path, args,
@@ -168,7 +173,7 @@ def run_variant(name: str, flags: list[str], model: Path, mixes: tuple[Path, Pat
     extra = ["--eval", "--eval_samples", str(args.eval_samples)] if args.in_process else []
     if name in OFFLOADED:  # judged from its files like every variant; its own --eval would stream the same
         script = [str(ROOT / "quantize_nvfp4_offload.py")]
-        extra = ["--offload_folder", str(out.with_name(out.name + "-offload")), "--clean_offload", *offload_caps(model)]
+        extra = ["--offload_folder", str(out.with_name(out.name + "-offload")), "--clean_offload", *args.offload_caps]
     command = [sys.executable, *script, "--input_model", str(model), "--output_model", str(out), "--dataset_yaml",
                str(mixes[0]), *data, *extra, "--overwrite", *flags]
     began = time.perf_counter()
@@ -388,6 +393,8 @@ def run_benchmark(args) -> None:
                        "max_seq_len": args.max_seq_len, "source": TEXT_SOURCE}
     variants = args.variants or [name for name in VARIANTS if on_gpu or not needs_cuda(name)]
     deadline, timings = start + args.budget_s, {}
+    # here, not in the variants' threads: transformers' lazy imports are not thread-safe
+    args.offload_caps = offload_caps(model) if any(name in OFFLOADED for name in variants) else []
     results["parallel"] = args.parallel
     results["variants"] = run_variants(variants, model, mixes, work, args, deadline)
     for row in results["variants"]:  # alone on the machine, after every variant: these times are not contended
@@ -506,8 +513,9 @@ def run_details(results: dict, path: Path) -> str:
             f"transformers {versions.get('transformers')}, ModelOpt {versions.get('nvidia-modelopt')}. "
             f"Model: {judge.get('model')}{' from ' + judge['from'] if 'from' in judge else ''}. "
             f"Data: {data.get('source', '?')}; {data.get('calibration_samples')} calibration and "
-            f"{data.get('heldout_samples')} held-out samples of up to {data.get('max_seq_len')} tokens. "
-            f"Total {results.get('seconds')} s."
+            f"{data.get('heldout_samples')} held-out samples of up to {data.get('max_seq_len')} tokens."
+            + (f" Total {results['seconds']} s." if results.get("seconds") is not None else "")
+            + (f" {results['note']}" if results.get("note") else "")
             + (f" Variants ran {results['parallel']} at a time, so their calibration seconds are contended: compare "
                f"quality here, speed in the 8B timings." if results.get("parallel", 1) > 1 else ""))
 
@@ -531,7 +539,7 @@ def quality_table(results: dict, details: bool = False) -> str:
     skipped = [f"{r['variant']} ({r['error']})" for r in results["variants"] if "error" in r]
     note = f"\n\nOriginal perplexity on the held-out rows: {original:.3f}." if original else ""
     window = [f"{variant_label(r['variant'])} {100 * r['scale_steps']['in_window']:.2f}%" for r in rows
-              if details and r.get("scale_steps")]
+              if details and r.get("scale_steps") and r["variant"] in PATCHES]  # the window's own: all inside
     note += f" Searched block scales inside HESSIAN_WINDOW {q.HESSIAN_WINDOW}: {', '.join(window)}." if window else ""
     return "\n".join(lines) + note + (f" Not measured: {'; '.join(map(str, skipped))}." if skipped else "")
 
@@ -558,6 +566,8 @@ def variant_label(variant: str) -> str:
     label = "`" + " ".join(flags) + "`" if flags else f"`{variant}`"
     if variant in OFFLOADED:
         label = f"offload script, {label}"
+    if variant in PATCHES:  # the same flags as a product variant, with a module constant changed
+        label = f"{label} with `{PATCHES[variant]}`"
     return label + (" (default)" if algorithm == q.DEFAULT_ALGORITHMS[mode] and variant not in PATCHES else "")
 
 

@@ -233,6 +233,27 @@ def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
     assert placement.score_store_bytes == 5 * sum(offload.scored_batch_tokens(job, run_settings)) * 64 * 2
 
 
+
+def test_the_size_an_embeddings_error_names_places_them_there(tmp_path):
+    """Where lm_head outweighs a decoder layer (a large vocabulary), accelerate keeps room for it beside the
+    embeddings: the size the error names must be one that puts the embeddings on that device."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
+    run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="max", effective_bits=None)
+    layer = offload.largest_layer_bytes(job, torch.bfloat16)
+    head = q.parameter_bytes(job.skeleton.lm_head, torch.bfloat16)
+    assert head > layer
+    needed = offload.embeddings_and_layer_bytes(job, run_settings)
+    assert needed == q.parameter_bytes(job.skeleton.get_input_embeddings(), torch.bfloat16) + head
+    placement = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, needed, False, False))
+    assert offload.lookup_device(placement.device_map, "model.embed_tokens.weight") == "cpu"
+    short = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, needed - head + layer,
+                                                                              False, False))
+    assert offload.lookup_device(short.device_map, "model.embed_tokens.weight") == "disk"  # a layer's room: too little
+
 # --------------------------------------------------------------------------- the layer loop, in process
 def tiny_moe_model():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
