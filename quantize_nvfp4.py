@@ -3655,7 +3655,7 @@ def safetensors_header(tensors: dict, metadata: dict | None) -> tuple[bytes, lis
     """A safetensors file's header (its length, then JSON padded to 8 bytes) and the order the tensors' bytes
     follow in, as safetensors' own writer makes them: by dtype (SAFETENSORS_DTYPES), then by name."""
     order = sorted(tensors, key=lambda k: (SAFETENSORS_ORDER[str(tensors[k].dtype)], k))
-    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+    header, offset = ({"__metadata__": metadata} if metadata is not None else {}), 0
     for name in order:
         tensor = tensors[name]
         size = tensor.numel() * tensor.element_size()
@@ -3668,18 +3668,26 @@ def safetensors_header(tensors: dict, metadata: dict | None) -> tuple[bytes, lis
 
 
 def check_savable(tensors: dict) -> None:
-    """What safetensors' save_file refuses: a strided tensor, or two that share memory (written twice)."""
-    seen: dict[tuple, str] = {}
+    """What safetensors' save_file refuses, in its order: tensors whose bytes overlap in one storage (they would
+    be written twice; views that do not overlap, such as a tensor's rows, are written), then a strided tensor."""
+    storages: dict[tuple, list[str]] = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage() if tensor.device.type != "meta" else None
+        if storage is not None and storage.data_ptr() and storage.nbytes():
+            storages.setdefault((tensor.device, storage.data_ptr(), storage.nbytes()), []).append(name)
+    for names in (n for n in storages.values() if len(n) > 1):
+        areas = sorted((tensors[n].data_ptr(), end_pointer(tensors[n]), n) for n in names)
+        for (_, last_stop, last_name), (start, _, name) in zip(areas, areas[1:]):
+            if start < last_stop:
+                raise RuntimeError(f"{last_name} and {name} share memory; safetensors cannot write both")
     for name, tensor in tensors.items():
         if not tensor.is_contiguous():
             raise ValueError(f"{name} is not contiguous; safetensors writes contiguous tensors only")
-        if tensor.numel() == 0 or tensor.device.type == "meta":
-            continue
-        storage = tensor.untyped_storage()
-        key = (tensor.device, storage.data_ptr(), storage.nbytes())
-        if key in seen:
-            raise RuntimeError(f"{seen[key]} and {name} share memory; safetensors cannot write both")
-        seen[key] = name
+
+
+def end_pointer(tensor) -> int:
+    """One past a tensor's last byte (its start when empty), as safetensors measures an overlap."""
+    return tensor.view(-1)[-1].data_ptr() + tensor.element_size() if tensor.numel() else tensor.data_ptr()
 
 
 def host_bytes(tensor) -> memoryview:

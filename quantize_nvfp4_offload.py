@@ -595,13 +595,16 @@ def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
     """What a device needs for accelerate to place the input embeddings on it: they, plus the room it keeps on
     every device it fills first for the largest module still to place: a decoder layer, or a module outside them
     such as lm_head, which outweighs a layer where the vocabulary is large (SmolLM2: 57 MB against 8 MB)."""
+    import torch
+
     dtype = q.resolve_dtype(settings.dtype, job.config)
     embeddings = job.skeleton.get_input_embeddings()
+    tied = {id(p) for p in embeddings.parameters()}  # a tied lm_head: placed with the embeddings, no room of its own
     layers = tuple(f"{name}." for name in decoder_layer_names(job.skeleton))
-    outside = [q.parameter_bytes(module, dtype) for name, module in job.skeleton.named_modules()
-               if module is not embeddings and not f"{name}.".startswith(layers)
-               and next(module.parameters(recurse=False), None) is not None]
-    return q.parameter_bytes(embeddings, dtype) + max([largest_layer_bytes(job, dtype), *outside])
+    outside = [sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in tied)
+               for name, module in job.skeleton.named_modules() if not f"{name}.".startswith(layers)]
+    room = max([largest_layer_bytes(job, dtype), *(n * torch.finfo(dtype).bits // 8 for n in outside)])
+    return q.parameter_bytes(embeddings, dtype) + room
 
 
 def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -> Placement:
@@ -731,8 +734,8 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
 def score_store_place(placement: Placement, offload: OffloadSettings) -> str:
     """The scoring store's size and where it goes, as the plan and the dry run say it."""
     where = f"on disk in {offload.layerwise_dir / SCORE_DIR}" if placement.score_store_on_disk else "in RAM"
-    return (f"{q.human_bytes(placement.score_store_bytes)} {where} (up to {SCORE_TOKENS} calibration tokens' hidden "
-            "states at every decoder layer)")
+    return (f"{q.human_bytes(placement.score_store_bytes)} {where} (hidden states at every decoder layer for up to "
+            f"{SCORE_TOKENS} calibration tokens, or one batch where a batch holds more)")
 
 
 # --------------------------------------------------------------------------- model
@@ -1147,7 +1150,6 @@ class LayerLoop:
                 calls, self.inputs[stream], entering = self.capture_calls(1 if recording else len(self.layers), True)
                 if recording:
                     self.calls = calls
-                if recording:
                     self.keep_first_inputs(entering)
             return first_layer
         inputs, calls = self.inputs.pop(stream), self.calls[index]

@@ -154,6 +154,7 @@ def offload_caps(model: Path) -> list[str]:
 
     config = AutoConfig.from_pretrained(str(model))
     job = types.SimpleNamespace(config=config, skeleton=q.empty_model(config, False))
+    job.skeleton.tie_weights()  # as the offload script's placement does
     layer = q.parameter_bytes(q.decoder_layers(job.skeleton)[0], torch.bfloat16)
     embeddings = q.parameter_bytes(job.skeleton.get_input_embeddings(), torch.bfloat16)
     room = offload.embeddings_and_layer_bytes(job, types.SimpleNamespace(dtype="bfloat16")) - embeddings
@@ -337,6 +338,12 @@ def print_table(results: dict) -> None:
     print(f"\ndefault choice: {json.dumps(choice)}")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judge", choices=JUDGES, default="smollm2",
@@ -358,7 +365,7 @@ def main() -> None:
                         help="default: every variant on a GPU, the CPU-capable ones on a CPU")
     parser.add_argument("--budget_s", type=float, default=500.0,
                         help="wall-clock budget for everything after training; variants that no longer fit are skipped")
-    parser.add_argument("--parallel", type=int, default=1,
+    parser.add_argument("--parallel", type=positive_int, default=1,
                         help="variants run at a time: quality is unchanged, their calibration seconds are contended")
     parser.add_argument("--samples_8b", type=int, default=64, help="calibration samples (x 512 tokens) for the 8B "
                                                                    "timing; 0 skips it")
@@ -517,7 +524,7 @@ def run_details(results: dict, path: Path) -> str:
             + (f" Total {results['seconds']} s." if results.get("seconds") is not None else "")
             + (f" {results['note']}" if results.get("note") else "")
             + (f" Variants ran {results['parallel']} at a time, so their calibration seconds are contended: compare "
-               f"quality here, speed in the 8B timings." if results.get("parallel", 1) > 1 else ""))
+               f"quality here, speed in the end-to-end benchmark." if results.get("parallel", 1) > 1 else ""))
 
 
 def quality_table(results: dict, details: bool = False) -> str:
@@ -536,12 +543,17 @@ def quality_table(results: dict, details: bool = False) -> str:
                  ratio(r, base, "mean_kl")]
         cells += [f"{r['fidelity_worst']:.3f} / {r['fidelity_median']:.3f}", in_process_cell(r)] if details else []
         lines.append("| " + " | ".join(cells) + " |")
-    skipped = [f"{r['variant']} ({r['error']})" for r in results["variants"] if "error" in r]
+    skipped = [f"{r['variant']} ({last_line(r['error'])})" for r in results["variants"] if "error" in r]
     note = f"\n\nOriginal perplexity on the held-out rows: {original:.3f}." if original else ""
     window = [f"{variant_label(r['variant'])} {100 * r['scale_steps']['in_window']:.2f}%" for r in rows
               if details and r.get("scale_steps") and r["variant"] in PATCHES]  # the window's own: all inside
     note += f" Searched block scales inside HESSIAN_WINDOW {q.HESSIAN_WINDOW}: {', '.join(window)}." if window else ""
     return "\n".join(lines) + note + (f" Not measured: {'; '.join(map(str, skipped))}." if skipped else "")
+
+
+def last_line(error: str | list[str]) -> str:
+    """An error as one line (a child's stderr is kept as a list of its last lines)."""
+    return error if isinstance(error, str) else (error or [""])[-1]
 
 
 def in_process_cell(row: dict) -> str:

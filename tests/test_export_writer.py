@@ -18,9 +18,14 @@ def every_dtype() -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
-def test_write_safetensors_writes_save_files_bytes(tmp_path, metadata):
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}])
+@pytest.mark.parametrize("views", [False, True], ids=["tensors", "with-views"])
+def test_write_safetensors_writes_save_files_bytes(tmp_path, metadata, views):
+    """Views of one storage that do not overlap (a model converted on load can hand over a tensor's chunks) are
+    written, as save_file writes them."""
     tensors = every_dtype()
+    if views:
+        tensors.update({f"row_{i}": row for i, row in enumerate(torch.arange(12.0).reshape(3, 4).unbind(0))})
     save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
     q.write_safetensors(tensors, tmp_path / "ours.safetensors", metadata)
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
@@ -34,6 +39,7 @@ def test_every_safetensors_dtype_is_known():
 @pytest.mark.parametrize("tensors, error", [
     ({"strided": torch.ones(4, 4).t()}, ValueError),
     ({"a": (shared := torch.ones(4)), "b": shared}, RuntimeError),
+    ({"a": (whole := torch.ones(8))[:5], "b": whole[3:]}, RuntimeError),  # overlapping views
 ])
 def test_write_safetensors_refuses_what_save_file_refuses(tmp_path, tensors, error):
     with pytest.raises(error):

@@ -234,25 +234,28 @@ def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
 
 
 
-def test_the_size_an_embeddings_error_names_places_them_there(tmp_path):
-    """Where lm_head outweighs a decoder layer (a large vocabulary), accelerate keeps room for it beside the
-    embeddings: the size the error names must be one that puts the embeddings on that device."""
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_the_size_an_embeddings_error_names_places_them_there(tmp_path, tied):
+    """Where an lm_head of its own outweighs a decoder layer (a large vocabulary), accelerate keeps room for it
+    beside the embeddings; a tied one goes with them. The size the error names is the least that puts the
+    embeddings on that device."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
+    job.skeleton.tie_weights()  # as plan_placement does
     run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="max", effective_bits=None)
     layer = offload.largest_layer_bytes(job, torch.bfloat16)
-    head = q.parameter_bytes(job.skeleton.lm_head, torch.bfloat16)
-    assert head > layer
+    head = layer if tied else q.parameter_bytes(job.skeleton.lm_head, torch.bfloat16)
+    assert tied or head > layer
     needed = offload.embeddings_and_layer_bytes(job, run_settings)
     assert needed == q.parameter_bytes(job.skeleton.get_input_embeddings(), torch.bfloat16) + head
     placement = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, needed, False, False))
     assert offload.lookup_device(placement.device_map, "model.embed_tokens.weight") == "cpu"
-    short = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, needed - head + layer,
-                                                                              False, False))
-    assert offload.lookup_device(short.device_map, "model.embed_tokens.weight") == "disk"  # a layer's room: too little
+    short = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, needed - 1, False,
+                                                                              False))
+    assert offload.lookup_device(short.device_map, "model.embed_tokens.weight") == "disk"
 
 # --------------------------------------------------------------------------- the layer loop, in process
 def tiny_moe_model():
@@ -407,13 +410,16 @@ def test_effective_bits_offloaded_equals_in_memory(four_layer_model, mixed_in_me
 
 
 @pytest.mark.slow
-def test_effective_bits_killed_and_resumed_equals_in_memory(four_layer_model, mixed_in_memory, tmp_path):
-    """Killed after layer 1 of 4 with the store in RAM: the resumed run replays layer 0 for layer 1's stored
-    inputs, and its checkpoint is the main script's."""
-    folder, out, ram = tmp_path / "offload", tmp_path / "out", ("--max_cpu_memory", "30000000")
+@pytest.mark.parametrize("ram, place", [(("--max_cpu_memory", "30000000"), "in RAM"), ((), "on disk")],
+                         ids=["store-in-ram", "store-on-disk"])
+def test_effective_bits_killed_and_resumed_equals_in_memory(four_layer_model, mixed_in_memory, tmp_path, ram,
+                                                            place):
+    """Killed after layer 1 of 4: the resumed run replays layer 0 for layer 1's stored inputs (on disk: over the
+    files the killed run left), and its checkpoint is the main script's."""
+    folder, out = tmp_path / "offload", tmp_path / "out"
     killed = offload_cli(four_layer_model, out, folder, *MIXED, *ram, fail_after_layer=1)
     assert killed.returncode != 0 and "simulated failure after layer 1" in killed.stderr
-    assert "--effective_bits scoring store: 5.6 MiB in RAM" in killed.stderr
+    assert f"--effective_bits scoring store: 5.6 MiB {place}" in killed.stderr
     resumed = offload_cli(four_layer_model, out, folder, *MIXED, *ram, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from layer 2" in resumed.stderr
