@@ -3189,15 +3189,16 @@ def summed_token_loss(forward: Callable, samples: list[list[int]], batch: list[i
     return output.loss * int(mask[:, 1:].sum())
 
 
-def output_loss_scores(model, groups: list[tuple[str, ...]], samples: list[list[int]], pad_id: int) -> dict:
+def output_loss_scores(model, amaxes: dict[tuple[str, ...], Any], samples: list[list[int]], pad_id: int) -> dict:
     """linear -> format -> ModelOpt auto_quantize's sensitivity: Σ over calibration tokens of (dLoss/dY · (Y_format -
     Y))², Y the linear's output in the unquantized model and Loss its next-token loss (summed over tokens): a Fisher
-    estimate of the loss increase from that linear alone in that format. One forward and backward per batch."""
+    estimate of the loss increase from that linear alone in that format. One forward and backward per batch.
+    `amaxes`: each linear group -> its weight amax (group_amax), the FP8 weight scale its linears are scored under."""
     import torch
 
     modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
-    names = [n for g in groups for n in g]
-    gemms = {n: format_gemms(modules[n], group_amax([modules[m] for m in g])) for g in groups for n in g}
+    names = [n for g in amaxes for n in g]
+    gemms = {n: format_gemms(modules[n], amax) for g, amax in amaxes.items() for n in g}
     scores = torch.zeros(len(names), len(FORMAT_CANDIDATES), dtype=torch.float64, device=device)
     handles = [modules[n].register_forward_hook(output_loss_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
     lengths, ranks = [len(s) for s in samples], current_ranks()
@@ -3260,8 +3261,8 @@ def linear_format(module, mode: str) -> str:
 def whole_model_scores(model, groups: list[tuple[str, ...]], samples: list[list[int]], pad_id: int) -> tuple:
     """(output_loss_scores, group -> its weight amax) with the whole model in memory."""
     modules = dict(model.named_modules())
-    return (output_loss_scores(model, groups, samples, pad_id),
-            {g: group_amax([modules[n] for n in g]) for g in groups})
+    amaxes = {g: group_amax([modules[n] for n in g]) for g in groups}
+    return output_loss_scores(model, amaxes, samples, pad_id), amaxes
 
 
 def choose_mixed_precision(model, samples: list[list[int]], pad_id: int, budget_bits: float,
@@ -3883,9 +3884,11 @@ def check_quant_configs(folder: Path) -> tuple[dict, list[str]]:
         return {}, [f"{exc} [config: hf_quant_config.json and config.json readable]"]
     quant = hf.get("quantization") or {}
     algo = quant.get("quant_algo")
-    required = ("quant_algo", "kv_cache_quant_algo") + (("quantized_layers",) if algo == MIXED_PRECISION else
-                                                        ("exclude_modules",) + (("group_size",) * bool(
-                                                            QUANT_ALGO_GROUP_SIZE.get(algo))))
+    if algo == MIXED_PRECISION:
+        per_algo = ("quantized_layers",)
+    else:  # FP8 has no group size: one scale per tensor
+        per_algo = ("exclude_modules", "group_size") if QUANT_ALGO_GROUP_SIZE.get(algo) else ("exclude_modules",)
+    required = ("quant_algo", "kv_cache_quant_algo", *per_algo)
     problems = [f"hf_quant_config.json: missing key quantization.{k} [config: vLLM requires it]"
                 for k in required if k not in quant]
     problems += [f"hf_quant_config.json: exclude pattern {p!r} holds a control character and matches no module "

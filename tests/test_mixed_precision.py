@@ -90,7 +90,7 @@ def test_scores_rank_formats_and_leave_the_model_as_it_was(tiny_model):
     names = [n for n in q.quantized_linear_shapes(model) if q.block_searchable(modules[n])]
     enabled = [m for m in model.modules() if isinstance(m, mtq.nn.TensorQuantizer) and m.is_enabled]
     grads = [p.requires_grad for p in model.parameters()]
-    scores = q.output_loss_scores(model, q.linear_groups(names), samples, 0)
+    scores, _ = q.whole_model_scores(model, q.linear_groups(names), samples, 0)
     assert set(scores) == set(names)
     assert all(0 <= s["FP8"] < s["NVFP4"] for s in scores.values()), scores
     assert all(m.is_enabled for m in enabled) and [p.requires_grad for p in model.parameters()] == grads
