@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -814,6 +815,55 @@ def replaced_forwards(layers, forwards: dict[int, Callable]):
                 layers[i].forward = forward
 
 
+def record_layer_calls(owner, layers, forwards: Iterable[Callable[[], Any]], record_from: int, run_first: bool,
+                       enters: Callable[[int], bool] = lambda i: False,
+                       move: Callable = lambda t: t) -> tuple[dict[int, list], list, list]:
+    """Each of `forwards` (the model's own forward on one batch) with decoder layers replaced by recorders.
+
+    Records, per forward, what the model hands each layer from `record_from` on besides the hidden states (masks,
+    position embeddings: they differ by layer type in some models). With `run_first`, layer 0 runs for real, sets
+    `owner.form` from its output, and the hidden states reaching layer 1 are kept; otherwise `owner.form` must be
+    known. The last layer's recorder stops the forward, so nothing after the layers runs. Returns (those calls, the
+    hidden states reaching layer 1, and for the forwards `enters` selects by number what enters layer 0: (hidden
+    states, everything else)); kept hidden states go through `move` (e.g. to the CPU) as they come.
+    """
+    calls: dict[int, list] = {i: [] for i in range(record_from, len(layers))}
+    reached, entering, counter = [], [], itertools.count()
+
+    def note_input(module, args, kwargs) -> None:
+        if enters(next(counter)):
+            hidden, rest = split_hidden(args, kwargs)
+            entering.append((move(hidden), rest))
+
+    def note_form(module, args, output) -> None:
+        owner.form = output_form(output)
+
+    def recorder(index: int) -> Callable:
+        def stand_in(*args, **kwargs):
+            hidden, rest = split_hidden(args, kwargs)
+            if index in calls:
+                calls[index].append(rest)
+            if run_first and index == 1:
+                reached.append(move(hidden))
+            if index == len(layers) - 1:
+                raise StopForward
+            return shaped_like(owner.form, hidden)
+        return stand_in
+
+    hooks = [layers[0].register_forward_pre_hook(note_input, with_kwargs=True)]
+    if run_first:
+        hooks.append(layers[0].register_forward_hook(note_form))
+    try:
+        with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
+            for forward in forwards:
+                with contextlib.suppress(StopForward):
+                    forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, reached, entering
+
+
 def passing_stand_ins(count: int, form: int | None, last_hidden) -> dict[int, Callable]:
     """Stand-ins for `count` decoder layers that hand the hidden states on, the last one returning `last_hidden`:
     the model's own forward then runs what comes before and after its layers (norm, head, logit scaling) as it
@@ -1095,52 +1145,13 @@ class LayerLoop:
             self.scoring.calls[0] = [rest for _, rest in entering]
 
     def capture_calls(self, record_from: int, run_first: bool) -> tuple[dict[int, list], list, list]:
-        """Each batch through the model's own forward with decoder layers replaced by recorders.
-
-        Records, per batch, what the model hands each layer from `record_from` on besides the hidden
-        states (masks, position embeddings: they differ by layer type in some models). With `run_first`,
-        layer 0 runs for real (this is its calibration pass) and the hidden states reaching layer 1 are
-        its outputs. The last layer's recorder stops the forward, so nothing after the layers runs.
-        Returns (those calls, the hidden states reaching layer 1, and for the scored batches what enters layer 0:
-        (hidden states, everything else) per batch).
-        """
-        layers, forward = self.layers, q.calibration_forward(self.model)
-        calls: dict[int, list] = {i: [] for i in range(record_from, len(layers))}
-        reached: list = []
-        entering, counter = [], iter(range(len(self.batches)))
-        scored = set(self.scoring.batches if self.scoring else ())
-
-        def note_input(module, args, kwargs) -> None:
-            if next(counter) in scored:
-                entering.append(split_hidden(args, kwargs))
-
-        def recorder(index: int) -> Callable:
-            def stand_in(*args, **kwargs):
-                hidden, rest = split_hidden(args, kwargs)
-                if index in calls:
-                    calls[index].append(rest)
-                if run_first and index == 1:
-                    reached.append(hidden)
-                if index == len(layers) - 1:
-                    raise StopForward
-                return shaped_like(self.form, hidden)
-            return stand_in
-
-        def note_form(module, args, output) -> None:
-            self.form = output_form(output)
-
-        hooks = [layers[0].register_forward_hook(note_form)] if run_first else []
-        if scored:
-            hooks.append(layers[0].register_forward_pre_hook(note_input, with_kwargs=True))
-        try:
-            with replaced_forwards(layers, {i: recorder(i) for i in range(1 if run_first else 0, len(layers))}):
-                for batch in self.batches:
-                    with contextlib.suppress(StopForward):
-                        q.run_batch(forward, self.samples, batch, self.device, self.state)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return calls, reached, entering
+        """Each batch through the model's own forward with decoder layers replaced by recorders (record_layer_calls):
+        what the model hands each layer from `record_from` on, the hidden states reaching layer 1 when `run_first`
+        (this is layer 0's calibration pass), and what enters layer 0 in the scored batches."""
+        forward, scored = q.calibration_forward(self.model), set(self.scoring.batches if self.scoring else ())
+        batches = (functools.partial(q.run_batch, forward, self.samples, batch, self.device, self.state)
+                   for batch in self.batches)
+        return record_layer_calls(self, self.layers, batches, record_from, run_first, scored.__contains__)
 
     def stream_pass(self, index: int, stream: str) -> Callable:
         """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
@@ -1434,40 +1445,13 @@ class StreamedEvaluation:
         import torch
         from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
-        entering, reached, calls = [], [], {i: [] for i in range(len(self.layers))}
-
-        def note_input(module, args, kwargs) -> None:
-            hidden, rest = split_hidden(args, kwargs)
-            entering.append(hidden.to("cpu"))
-            calls[0].append(rest)
-
-        def note_form(module, args, output) -> None:
-            self.form = output_form(output)
-
-        def recorder(index: int) -> Callable:
-            def stand_in(*args, **kwargs):
-                hidden, rest = split_hidden(args, kwargs)
-                calls[index].append(rest)
-                if index == 1:
-                    reached.append(hidden.to("cpu"))
-                if index == len(self.layers) - 1:
-                    raise StopForward
-                return shaped_like(self.form, hidden)
-            return stand_in
-
-        handles = [self.layers[0].register_forward_pre_hook(note_input, with_kwargs=True),
-                   self.layers[0].register_forward_hook(note_form)]
         forward = q.calibration_forward(self.model)
-        try:
-            with enable_weight_access_and_writeback(self.layers[0], self.model, self.modules, writeback=False), \
-                    replaced_forwards(self.layers, {i: recorder(i) for i in range(1, len(self.layers))}):
-                for ids in self.samples:
-                    with contextlib.suppress(StopForward):
-                        forward(ids, torch.ones_like(ids))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return entering, reached, calls
+        samples = (functools.partial(forward, ids, torch.ones_like(ids)) for ids in self.samples)
+        with enable_weight_access_and_writeback(self.layers[0], self.model, self.modules, writeback=False):
+            calls, reached, entering = record_layer_calls(self, self.layers, samples, 1, True, lambda i: True,
+                                                          lambda hidden: hidden.to("cpu"))
+        calls[0] = [rest for _, rest in entering]
+        return [hidden for hidden, _ in entering], reached, calls
 
     def emulated(self, index: int) -> list:
         """Layer `index`'s quantized linears computing from the files (weights in place); returns the input hooks."""
