@@ -5004,14 +5004,17 @@ def run_self_test(args: argparse.Namespace) -> int:
 
 
 def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.25) -> None:
-    """Dequantize every exported FP4 weight and compare it with the original: close, not equal."""
+    """Dequantize every exported weight in its layer's format (FP4 blocks, or FP8 with one scale) and compare it with
+    the original: close, not equal."""
     import torch
 
     original, written = read_checkpoint_tensors(source), read_checkpoint_tensors(exported)
-    quant = json.loads((exported / "hf_quant_config.json").read_text())["quantization"]
+    layer_algo = layer_formats(json.loads((exported / "hf_quant_config.json").read_text())["quantization"])
     for name in [k[: -len(".weight_scale")] for k in written if k.endswith(".weight_scale")]:
-        restored = dequantize_nvfp4(written[f"{name}.weight"], written[f"{name}.weight_scale"],
-                                    written[f"{name}.weight_scale_2"], int(quant["group_size"]))
+        weight, scale, group_size = written[f"{name}.weight"], written[f"{name}.weight_scale"], \
+            QUANT_ALGO_GROUP_SIZE[layer_algo(name)]
+        restored = weight.float() * scale.float() if group_size is None else \
+            dequantize_nvfp4(weight, scale, written[f"{name}.weight_scale_2"], group_size)
         reference = original[f"{name}.weight"].float()
         rel = (torch.linalg.norm(restored - reference) / torch.linalg.norm(reference)).item()
         if not 0 < rel < max_rel_error:

@@ -175,6 +175,20 @@ def test_verify_fidelity_and_eval_read_every_format(mixed_checkpoint, tmp_path):
     assert "| effective bits |" in card and 'quantization="modelopt_mixed"' in card
 
 
+
+@pytest.mark.slow
+def test_self_test_dequantization_reads_every_format(mixed_checkpoint, tiny_model, tmp_path):
+    """--self_test --effective_bits ends in check_dequantization: FP8 weights with their one scale, FP4 in blocks."""
+    q.check_dequantization(tiny_model, mixed_checkpoint)
+
+    def triple_fp8_scales(tensors):  # an FP8 layer's one float32 scale; NVFP4's block scales are FP8
+        tensors.update({k: v * 3 for k, v in tensors.items()
+                        if k.endswith(".weight_scale") and v.dtype == torch.float32})
+
+    broken = tampered(mixed_checkpoint, tmp_path, change_tensors=triple_fp8_scales)
+    with pytest.raises(RuntimeError, match="dequantized weight has relative error"):
+        q.check_dequantization(tiny_model, broken)
+
 def tampered(source, tmp_path, change_tensors=None, change_layers=None):
     folder = tmp_path / "tampered"
     shutil.copytree(source, folder)
