@@ -28,6 +28,8 @@ def test_bench_cli_runs_tiny_end_to_end_and_renders_its_table(tmp_path):
 
     section = bench_cli.render(report, "results.json")
     assert section.startswith(bench_cli.SECTION) and "| start-up and imports |" in section
+    assert report["workload"]["warm_up_forward_s"] > 0 and "then the bf16 forward of the batches" in section
+    assert "which leaves" in section and f"{runs['forward']['calibration_s']} s." in section  # the 1.6x headroom
     assert section.count("\n| ") >= 2 + 5 + 2 + len(runs["default"]["phases_s"]) + 1  # + export_hf_checkpoint's row
     assert "of which ModelOpt's `export_hf_checkpoint`" in section and "timed inside its script" in section
     assert runs["default"]["export_shards_s"] >= 0 and "| of which writing the safetensors shards |" in section
