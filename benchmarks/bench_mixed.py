@@ -55,7 +55,7 @@ class Score:
 
 SCORES = {
     "output loss": None,  # the product: quantize_nvfp4.choose_mixed_precision as it is
-    "unquantized point": Score(False, {"square": 1.0}),  # ModelOpt auto_quantize's: the product's before
+    "unquantized point": Score(False, {"square": 1.0}),  # the product's score through the bench's own pass
     "quantized point": Score(True, {"square": 1.0}),
     "per-token": Score(False, {"token": 1.0}),
     "per-token quantized": Score(True, {"token": 1.0}),
