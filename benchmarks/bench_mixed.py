@@ -28,6 +28,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,32 @@ from benchmarks import bench_algorithms as bench  # noqa: E402
 from benchmarks import smollm2  # noqa: E402
 
 SEEDS_AT = 5.0      # the budget at which every random seed runs (one seed elsewhere)
-SEEDS = 3
+KINDS = ("square", "token", "first")  # per linear and format, what a scoring pass adds up (see scoring_hook)
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """A candidate score (the product's is `output loss`): where the gradients and each linear's input are taken
+    (`quantized`: every linear in its current format, at first all NVFP4; else every quantizer off), how the
+    predicted loss is made of the pass's sums (`kinds`: KINDS -> weight), and in how many rounds the budget is
+    spent (each round chooses up to its share of the added bits, applies them and scores again)."""
+    quantized: bool
+    kinds: dict
+    rounds: int = 1
+
+
+SCORES = {
+    "output loss": None,  # the product: quantize_nvfp4.choose_mixed_precision as it is
+    "unquantized point": Score(False, {"square": 1.0}),  # the product's score through the bench's own pass
+    "quantized point": Score(True, {"square": 1.0}),
+    "per-token": Score(False, {"token": 1.0}),
+    "per-token quantized": Score(True, {"token": 1.0}),
+    "first order": Score(True, {"first": 1.0}),
+    "first+second": Score(True, {"first": 1.0, "token": 0.5}),
+    "iterative 2": Score(True, {"square": 1.0}, 2),
+    "iterative 3": Score(True, {"square": 1.0}, 3),
+    "iterative 3 first+second": Score(True, {"first": 1.0, "token": 0.5}, 3),
+}
 
 
 def random_order(seed: int):
@@ -63,10 +89,137 @@ def given_choice(formats: dict[str, str]):
     return choose
 
 
+def frozen_gemms(model, names: list[str], amaxes: dict) -> dict[str, dict]:
+    """quantize_nvfp4.format_gemms with each format's weight computed now, from the calibrated NVFP4 quantizers, so
+    that a linear keeps its candidates after an earlier round switched it to FP8 or 16 bits."""
+    import torch.nn.functional as F
+
+    modules, out = dict(model.named_modules()), {}
+    amax_of = {n: amax for g, amax in amaxes.items() for n in g}
+    for name in names:
+        module = modules[name]
+        shape, input_amax = module.weight.shape, module.input_quantizer.amax.float().clone()
+        nvfp4 = module.weight.float() - q.nvfp4_weight_error(module).reshape(shape)
+        fp8 = module.weight.float() - q.fp8_weight_error(module, amax_of[name]).reshape(shape)
+        out[name] = {"NVFP4": lambda x, w=nvfp4, a=input_amax / (6.0 * q.E4M3_MAX): F.linear(
+                         q.fake_quant_nvfp4_input(x.float(), a), w),
+                     "FP8": lambda x, w=fp8, a=input_amax / q.E4M3_MAX: F.linear(
+                         q.fake_quant_fp8_input(x.float(), a), w)}
+    return out
+
+
+def scoring_hook(gemms: dict, scores):
+    """quantize_nvfp4.output_loss_hook adding, per format (rows of `scores`), every KIND at once: Σ (g·ΔY)²
+    elementwise, Σ_t (g_t·ΔY_t)² per token, Σ g·ΔY (signed: the first-order loss change from 16 bits to that format
+    at the point the gradient was taken)."""
+    import torch
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            x = args[0]
+            exact = F.linear(x.float(), module.weight.float())
+            changes = [(gemm(x) - exact).to(output.dtype) for gemm in gemms.values()]
+
+        def add(grad):
+            for index, change in enumerate(changes):
+                product = grad.float() * change.float()
+                scores[index, 0] += product.square().sum()
+                scores[index, 1] += product.sum(-1).square().sum()
+                scores[index, 2] += product.sum()
+        output.register_hook(add)
+    return hook
+
+
+def emulated_format(gemm: Callable | None):
+    """A forward hook that replaces a linear's output by what `gemm` (its current format's, frozen_gemms) computes,
+    its input's rounding passed straight through in the backward as ModelOpt's fake quantization does (whose NVFP4
+    input quantizer needs CUDA); None: 16 bits, the output left as it is."""
+    import torch
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        if gemm is None:
+            return None
+        x = args[0]
+        exact = F.linear(x.float(), module.weight.float())
+        with torch.no_grad():
+            change = gemm(x) - exact
+        return (exact + change).to(output.dtype) + (0 if module.bias is None else module.bias)
+    return hook
+
+
+def scoring_pass(model, gemms: dict, samples, pad_id: int, formats: dict | None):
+    """One forward and backward per calibration batch (quantize_nvfp4.output_loss_scores' passes; where `formats`
+    (linear -> format) is given, each linear computing its format's GEMM: the quantized point): linear -> (format,
+    KIND) sums, and its seconds."""
+    import torch
+
+    began = time.perf_counter()
+    modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
+    names = list(gemms)
+    scores = torch.zeros(len(names), len(q.FORMAT_CANDIDATES), len(KINDS), dtype=torch.float64)
+    handles = [modules[n].register_forward_hook(emulated_format(gemms[n].get(formats[n]))) for n in formats or ()]
+    handles += [modules[n].register_forward_hook(scoring_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
+    try:
+        with q.unquantized_with_gradients(model):
+            for batch in q.group_batches([len(s) for s in samples], None, q.DEFAULT_BATCH_TOKENS):
+                q.summed_token_loss(q.text_generator(model), samples, batch, pad_id, device).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: scores[i].numpy().copy() for i, n in enumerate(names)}, round(time.perf_counter() - began, 1)
+
+
+def scored_choice(score: Score, passes: dict):
+    """A choose_mixed_precision for `score`, in the product's record shape; `passes` caches the first round's
+    scoring pass per point (the calibrated model is the same for every variant)."""
+    def choose(model, samples, pad_id: int, budget_bits: float) -> dict:
+        began = time.perf_counter()
+        modules = dict(model.named_modules())
+        names = [n for n in q.quantized_linear_shapes(model) if q.block_searchable(modules[n])]
+        fused = q.linear_groups(names)
+        amaxes = {g: q.group_amax([modules[n] for n in g]) for g in fused}
+        gemms = frozen_gemms(model, names, amaxes)
+        groups = [q.LinearGroup(g, sum(modules[n].weight.numel() for n in g), {}, amaxes[g]) for g in fused]
+        scoring_s = 0.0
+        for round_ in range(1, score.rounds + 1):
+            if round_ == 1 and score.quantized in passes:
+                sums, seconds = passes[score.quantized]
+            else:
+                formats = {n: g.algo for g in groups for n in g.names} if score.quantized else None
+                sums, seconds = scoring_pass(model, gemms, samples, pad_id, formats)
+                if round_ == 1:
+                    passes[score.quantized] = sums, seconds
+            scoring_s += seconds
+            for group in groups:
+                group.loss = {**{algo: sum(float(sum(w * sums[n][f, KINDS.index(k)] for k, w in score.kinds.items()))
+                                           for n in group.names) for f, algo in enumerate(q.FORMAT_CANDIDATES)},
+                              None: 0.0}
+            was = {id(g): g.algo for g in groups}
+            q.choose_formats(groups, q.WEIGHT_BITS["NVFP4"] + (budget_bits - q.WEIGHT_BITS["NVFP4"]) * round_
+                             / score.rounds)
+            for group in groups:
+                for name in group.names if group.algo != was[id(group)] else ():
+                    q.set_format(modules[name], group.algo, group.weight_amax)
+        to_disk, weights = q.export_names(model), sum(g.weights for g in groups)
+        return {"budget_bits": budget_bits,
+                "effective_bits": round(sum(g.weights * q.WEIGHT_BITS[g.algo] for g in groups) / weights, 4),
+                "counted": "as quantize_nvfp4.choose_mixed_precision counts",
+                "predicted_loss": {"chosen": sum(g.loss[g.algo] for g in groups),
+                                   "all_nvfp4": sum(g.loss["NVFP4"] for g in groups)},
+                "seconds": round(time.perf_counter() - began, 2), "scoring_s": round(scoring_s, 1),
+                "per_linear": {to_disk(n): g.algo or "16-bit" for g in groups for n in g.names}}
+    return choose
+
+
 def calibrate_once():
     """q.load_model / q.quantize_model / q.output_loss_scores replaced so that the first run calibrates and scores
     and every later run starts from a copy of that calibrated model."""
-    cache, load, quantize, scores = {}, q.load_model, q.quantize_model, q.output_loss_scores
+    cache, load, quantize, scores = {"choose": q.choose_mixed_precision, "passes": {}}, q.load_model, \
+        q.quantize_model, q.output_loss_scores
 
     def load_model(settings, config, device, device_map=None, **kwargs):
         return copy.deepcopy(cache["calibrated"]) if "calibrated" in cache else \
@@ -74,12 +227,17 @@ def calibrate_once():
 
     def quantize_model(model, settings, unquantized, samples, device, pad_id, **kwargs):
         if "calibrated" not in cache:
+            began = time.perf_counter()
             cache["stats"] = quantize(model, dataclasses.replace(settings, effective_bits=None), unquantized, samples,
                                       device, pad_id, **kwargs)
             cache["calibrated"] = copy.deepcopy(model)
+            cache["calibration_s"] = round(time.perf_counter() - began, 1)
         stats = dict(cache["stats"])
         if settings.effective_bits:
-            stats["mixed_precision"] = q.choose_mixed_precision(model, samples, pad_id, settings.effective_bits)
+            began = time.perf_counter()
+            stats["mixed_precision"] = cache["choose"](model, samples, pad_id, settings.effective_bits)
+            print(json.dumps({"calibration_seconds": cache.get("calibration_s")}), flush=True)
+            stats["mixed_precision"]["choice_s"] = round(time.perf_counter() - began, 1)
         return stats
 
     def output_loss_scores(*args):
@@ -96,7 +254,7 @@ def calibrate_once():
 
 def child(spec: dict) -> None:
     """Every variant in this process (one calibration); one JSON line per finished checkpoint."""
-    calibrate_once()
+    cache = calibrate_once()
     choose = q.choose_formats
     for variant in spec["variants"]:
         name, bits, out = variant["name"], variant["bits"], variant["out"]
@@ -108,6 +266,8 @@ def child(spec: dict) -> None:
                 continue
         q.choose_formats = random_order(variant["seed"]) if "seed" in variant else \
             given_choice(formats) if "auto_quantize" in variant else choose
+        score = SCORES.get(variant.get("score"))
+        cache["choose"] = scored_choice(score, cache["passes"]) if score else q.choose_mixed_precision
         argv = [*spec["argv"], "--output_model", out, "--overwrite"]
         argv += ["--effective_bits", str(bits)] if bits else []
         began = time.perf_counter()
@@ -125,18 +285,18 @@ def auto_quantize_formats(path: str, bits: float) -> dict | None:
 
 
 def variants(args, work: Path) -> list[dict]:
-    """pure NVFP4; at SEEDS_AT bits the product, every seed and auto_quantize; then the curve."""
+    """pure NVFP4; at SEEDS_AT bits each score, every seed and auto_quantize; then the curve (each score, seed 0)."""
     first = [b for b in args.bits if b == SEEDS_AT]
     out = [{"name": "pure NVFP4", "bits": None}]
     for bits in first:
-        out.append({"name": "output loss", "bits": bits})
-        out += [{"name": f"random {s}", "bits": bits, "seed": s} for s in range(SEEDS)]
+        out += [{"name": s, "bits": bits, "score": s} for s in args.scores]
+        out += [{"name": f"random {s}", "bits": bits, "seed": s} for s in range(args.seeds)]
     aq = [{"name": "auto_quantize", "bits": b, "auto_quantize": args.auto_quantize} for b in args.bits] \
         if args.auto_quantize else []
     out += aq[:len(first)]
     rest = [b for b in args.bits if b != SEEDS_AT]
-    out += [{"name": "output loss", "bits": b} for b in rest] + [{"name": "random 0", "bits": b, "seed": 0}
-                                                                 for b in rest] + aq[len(first):]
+    out += [{"name": s, "bits": b, "score": s} for b in rest for s in args.scores]
+    out += [{"name": "random 0", "bits": b, "seed": 0} for b in rest if args.seeds] + aq[len(first):]
     for v in out:
         v["out"] = str(work / ("ckpt-" + "".join(c if c.isalnum() else "_" for c in f"{v['name']}-{v['bits']}")))
     return out
@@ -158,7 +318,8 @@ def judged(line: dict, model: Path, heldout: Path, args) -> dict:
     return {**row, "effective_bits": mixed.get("effective_bits", q.WEIGHT_BITS["NVFP4"]),
             "formats": formats or manifest["validation"]["formats"],
             "predicted_loss": (mixed.get("predicted_loss") or {}).get("chosen"),
-            "scoring_s": mixed.get("seconds"), "per_linear": mixed.get("per_linear"),
+            "scoring_s": mixed.get("scoring_s", mixed.get("seconds")), "choice_s": mixed.get("choice_s"),
+            "per_linear": mixed.get("per_linear"),
             **{k: quality.get(k) for k in ("perplexity_original", "perplexity_quantized", "perplexity_increase_pct",
                                            "mean_kl", "top1_agreement", "samples", "tokens", "error")
                if k in quality}}
@@ -185,6 +346,8 @@ def run_benchmark(args) -> None:
         line = json.loads(text) if text.startswith("{") else None
         if line and "scores_seconds" in line:
             results["scores_seconds"] = line["scores_seconds"]
+        if line and line.get("calibration_seconds"):
+            results["calibration_seconds"] = line["calibration_seconds"]
         if not line or "name" not in line:
             continue
         row = judged(line, model, heldout, args)
@@ -200,6 +363,13 @@ def pure_increase(rows: list[dict]) -> float | None:
                 None)
 
 
+def scoring_seconds(row: dict, results: dict) -> str:
+    """A choice's scoring passes' seconds (the product's one pass is timed once, in the run's scores_seconds)."""
+    if row["variant"] == "output loss":
+        return str(results.get("scores_seconds", "-"))
+    return str(row.get("scoring_s")) if row["variant"] in SCORES else "-"
+
+
 def judge_table(results: dict) -> str:
     """The judge's rows: each choice at its budget, its perplexity increase also as a fraction of pure NVFP4's."""
     pure = pure_increase(results["rows"])
@@ -207,22 +377,24 @@ def judge_table(results: dict) -> str:
     lines = [f"Command: `{results['command']}`; {results['device']}; "
              + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
              + f"; {data['calibration_samples']} calibration samples of at most {data['max_seq_len']} tokens, "
-             f"{data['heldout_samples']} held-out samples; output-loss scoring {results.get('scores_seconds')} s.", "",
+             f"{data['heldout_samples']} held-out samples; calibration {results.get('calibration_seconds', '-')} s, "
+             f"output-loss scoring {results.get('scores_seconds')} s.", "",
              "| budget (bits) | choice | effective bits | linears NVFP4 / FP8 / 16-bit | ppl increase | x pure NVFP4 | "
-             "x auto_quantize | mean KL | top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+             "x auto_quantize | mean KL | top-1 | scoring s |", "|---|---|---|---|---|---|---|---|---|---|"]
     auto = {r["budget_bits"]: r["perplexity_increase_pct"] for r in results["rows"]
             if r["variant"] == "auto_quantize" and "error" not in r}
     for r in results["rows"]:
         budget = r["budget_bits"] or "4.5 (none)"
         if "error" in r:
-            lines.append(f"| {budget} | {r['variant']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {budget} | {r['variant']} | error: {r['error']} | | | | | | | |")
             continue
         f = r["formats"]
         counts = " / ".join(str(f.get(k) or 0) for k in ("NVFP4", "FP8", "16-bit"))
         ratio = f"{r['perplexity_increase_pct'] / pure:.2f}" if pure else "-"
         versus = f"{r['perplexity_increase_pct'] / auto[r['budget_bits']]:.2f}" if r["budget_bits"] in auto else "-"
         lines.append(f"| {budget} | {r['variant']} | {r['effective_bits']} | {counts} | "
-                     f"{r['perplexity_increase_pct']}% | {ratio} | {versus} | {r['mean_kl']} | {r['top1_agreement']} |")
+                     f"{r['perplexity_increase_pct']}% | {ratio} | {versus} | {r['mean_kl']} | {r['top1_agreement']} | "
+                     f"{scoring_seconds(r, results)} |")
     return "\n".join(lines)
 
 
@@ -266,6 +438,9 @@ def main() -> None:
     p.add_argument("--render", nargs="+", metavar="RESULTS",
                    help="only rewrite docs/algorithms.md's tables from these files (this script's, screen_mixed.py's)")
     p.add_argument("--bits", type=float, nargs="+", default=[5.0, 4.75, 5.5, 6.0])
+    p.add_argument("--scores", nargs="+", choices=list(SCORES), default=["output loss"],
+                   help="the scores (and choice procedures) to compare; 'output loss' is the product's")
+    p.add_argument("--seeds", type=int, default=3, help=f"random choices at {SEEDS_AT} bits (seed 0 elsewhere)")
     p.add_argument("--auto_quantize", metavar="SCREEN_JSON", help="screen_mixed.py's results with auto_quantize rows")
     p.add_argument("--max_samples", type=int, default=64)
     p.add_argument("--max_seq_len", type=int, default=256)
