@@ -377,8 +377,9 @@ def judge_table(results: dict) -> str:
     lines = [f"Command: `{results['command']}`; {results['device']}; "
              + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
              + f"; {data['calibration_samples']} calibration samples of at most {data['max_seq_len']} tokens, "
-             f"{data['heldout_samples']} held-out samples; calibration {results.get('calibration_seconds', '-')} s, "
-             f"output-loss scoring {results.get('scores_seconds')} s.", "",
+             f"{data['heldout_samples']} held-out samples; "
+             + (f"calibration {results['calibration_seconds']} s, " if "calibration_seconds" in results else "")
+             + f"output-loss scoring {results.get('scores_seconds')} s.", "",
              "| budget (bits) | choice | effective bits | linears NVFP4 / FP8 / 16-bit | ppl increase | x pure NVFP4 | "
              "x auto_quantize | mean KL | top-1 | scoring s |", "|---|---|---|---|---|---|---|---|---|---|"]
     auto = {r["budget_bits"]: r["perplexity_increase_pct"] for r in results["rows"]
