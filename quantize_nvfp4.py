@@ -5008,14 +5008,13 @@ def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.
     the original: close, not equal."""
     import torch
 
-    original, written = read_checkpoint_tensors(source), read_checkpoint_tensors(exported)
+    original, reader = read_checkpoint_tensors(source), CheckpointReader(exported)
     layer_algo = layer_formats(json.loads((exported / "hf_quant_config.json").read_text())["quantization"])
-    for name in [k[: -len(".weight_scale")] for k in written if k.endswith(".weight_scale")]:
-        weight, scale, group_size = written[f"{name}.weight"], written[f"{name}.weight_scale"], \
-            QUANT_ALGO_GROUP_SIZE[layer_algo(name)]
-        restored = weight.float() * scale.float() if group_size is None else \
-            dequantize_nvfp4(weight, scale, written[f"{name}.weight_scale_2"], group_size)
-        reference = original[f"{name}.weight"].float()
+    for name in [k[: -len(".weight_scale")] for k in reader.location if k.endswith(".weight_scale")]:
+        algo = layer_algo(name)
+        if algo not in QUANT_ALGO_GROUP_SIZE:
+            raise RuntimeError(f"{name}: written quantized, but its format in hf_quant_config.json is {algo!r}")
+        restored, reference = exported_weight(reader, name, algo), original[f"{name}.weight"].float()
         rel = (torch.linalg.norm(restored - reference) / torch.linalg.norm(reference)).item()
         if not 0 < rel < max_rel_error:
             raise RuntimeError(f"{name}: dequantized weight has relative error {rel:.4f}, "

@@ -87,6 +87,7 @@ class Placement:
     rewritten_bytes: int = 0         # GPTQ: every decoder layer's rewritten weights, written to the offload folder
     score_store_bytes: int = 0       # --effective_bits: the scoring store (ScoringStore)
     score_store_on_disk: bool = False  # it goes under the offload folder (else RAM)
+    gpu_reserve_bytes: int = 0       # room kept on each GPU beside the weights (gpu_reserve_bytes); 0: no GPU
 
     @property
     def offload_disk_bytes(self) -> int:
@@ -608,6 +609,16 @@ def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
     return q.parameter_bytes(embeddings, dtype) + room
 
 
+def gpu_reserve_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+    """The GPU room kept beside the weights: the current and next layer's inputs (--effective_bits: or the scores'
+    reverse pass, which runs after calibration), the layer being calibrated (weights and temporaries) and the next
+    one prefetched, and GPTQ's Hessians."""
+    cache = activation_cache_bytes(job, settings, dtype)
+    scoring = scoring_work_bytes(job, settings, dtype) if settings.effective_bits is not None else 0
+    reserve = max(2 * cache, scoring) + 3 * largest_layer_bytes(job, dtype)
+    return reserve + (gptq_hessian_bytes(job) if settings.algorithm == "gptq" else 0)
+
+
 def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -> Placement:
     """Where each module's weights go under the caps, GPU first, then CPU, then disk."""
     import torch
@@ -616,15 +627,10 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     dtype = q.resolve_dtype(settings.dtype, job.config)
     cache = activation_cache_bytes(job, settings, dtype)
     layers = decoder_layer_names(job.skeleton)
-    largest_layer = largest_layer_bytes(job, dtype)
-    # current and next layer's inputs (--effective_bits: or the scores' reverse pass, which runs after
-    # calibration); the layer being calibrated (weights and temporaries), the next one prefetched
     store = score_store_bytes(job, settings, dtype) if settings.effective_bits is not None else 0
-    activations = max(2 * cache, scoring_work_bytes(job, settings, dtype) if store else 0)
-    reserve = activations + 3 * largest_layer
+    reserve = gpu_reserve_bytes(job, settings, dtype)
     rewritten = 0
-    if settings.algorithm == "gptq":  # its Hessians, and a copy of every decoder layer as GPTQ rewrote it on disk
-        reserve += gptq_hessian_bytes(job)
+    if settings.algorithm == "gptq":  # a copy of every decoder layer as GPTQ rewrote it, on disk
         rewritten = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
     # from_config on meta leaves a tied head untied: accelerate would then place it alone, and on disk it has no
     # entry in the offload index (the checkpoint holds the tied weight once, as the input embeddings')
@@ -642,7 +648,8 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
         layers_per_device[device] = layers_per_device.get(device, 0) + 1
     # the store goes to RAM where it fits beside the weights placed there (and, without a GPU, the activations)
     room = caps["cpu"] - bytes_per_device.get("cpu", 0) - (0 if torch.cuda.device_count() else 2 * cache)
-    return Placement(device_map, bytes_per_device, layers_per_device, cache, rewritten, store, store > room)
+    return Placement(device_map, bytes_per_device, layers_per_device, cache, rewritten, store, store > room,
+                     reserve if torch.cuda.device_count() else 0)
 
 
 def decoder_layer_names(model) -> list[str]:
@@ -726,7 +733,9 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
     q.print_table(("device", "decoder layers", "weights"), rows)
     rewritten = f"GPTQ-rewritten weights: {q.human_bytes(placement.rewritten_bytes)}; " \
         if placement.rewritten_bytes else ""
-    q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; {rewritten}"
+    reserve = f"kept on each GPU beside the weights: {q.human_bytes(placement.gpu_reserve_bytes)}; " \
+        if placement.gpu_reserve_bytes else ""
+    q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; {reserve}{rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
     if placement.score_store_bytes:
         q.log(f"--effective_bits scoring store: {score_store_place(placement, offload)}")
@@ -1151,7 +1160,8 @@ class LayerLoop:
         forward, scored = q.calibration_forward(self.model), set(self.scoring.batches if self.scoring else ())
         batches = (functools.partial(q.run_batch, forward, self.samples, batch, self.device, self.state)
                    for batch in self.batches)
-        return record_layer_calls(self, self.layers, batches, record_from, run_first, scored.__contains__)
+        return record_layer_calls(self, self.layers, batches, record_from=record_from, run_first=run_first,
+                                  enters=scored.__contains__)
 
     def stream_pass(self, index: int, stream: str) -> Callable:
         """Every batch of one stream through layer `index`; its outputs become that stream's next inputs."""
@@ -1448,8 +1458,8 @@ class StreamedEvaluation:
         forward = q.calibration_forward(self.model)
         samples = (functools.partial(forward, ids, torch.ones_like(ids)) for ids in self.samples)
         with enable_weight_access_and_writeback(self.layers[0], self.model, self.modules, writeback=False):
-            calls, reached, entering = record_layer_calls(self, self.layers, samples, 1, True, lambda i: True,
-                                                          lambda hidden: hidden.to("cpu"))
+            calls, reached, entering = record_layer_calls(self, self.layers, samples, record_from=1, run_first=True,
+                                                          enters=lambda i: True, move=lambda t: t.to("cpu"))
         calls[0] = [rest for _, rest in entering]
         return [hidden for hidden, _ in entering], reached, calls
 

@@ -261,12 +261,15 @@ def run_all(args: argparse.Namespace) -> dict:
     _, warm_up_s = run_logged([sys.executable, str(ROOT / "quantize_nvfp4.py"), "--self_test"], work / "warm-up.log")
     # The real shapes once, untimed: the first process on a machine to run them pays one-time costs (loading the
     # large GEMM and attention kernels: 5 s of an 8-layer slice of this shape's calibration on an H100, against a
-    # later fresh process), which the first timed run would otherwise carry alone
+    # later fresh process), which the first timed run would otherwise carry alone. Its batches are the planner's
+    # largest, which the default's memory probe picks on a card with room for them (80 GB for this shape)
     cap = q.MAX_BATCH_TOKENS if args.device.startswith("cuda") else q.DEFAULT_BATCH_TOKENS
-    _, warm_up_forward_s = run_logged(command("forward", work, workload, args.device) + ["--cap", str(cap)],
-                                      work / "warm-up-forward.log")
+    code, warm_up_forward_s = run_logged(command("forward", work, workload, args.device) + ["--cap", str(cap)],
+                                         work / "warm-up-forward.log")
+    if code != 0:
+        raise SystemExit(f"the warm-up forward failed:\n{(work / 'warm-up-forward.log').read_text()[-3000:]}")
     results = {"workload": {"shape": workload.shape, **data, "setup_s": setup_s, "warm_up_s": warm_up_s,
-                            "warm_up_forward_s": warm_up_forward_s},
+                            "warm_up_forward_s": warm_up_forward_s, "warm_up_forward_cap": cap},
                "versions": q.library_versions(), "imports": import_profile(), "runs": {}, "targets": {}}
     runs, cap = results["runs"], q.DEFAULT_BATCH_TOKENS
     for variant in args.variants:
@@ -347,14 +350,15 @@ def speedup_headroom(results: dict) -> list[str]:
     default, forward = runs.get(bottom, {}), runs.get("forward", {})
     if not all(r.get("returncode") == 0 for r in (runs.get(top, {}), default, forward)):
         return []
-    calibrating = ("calibration", "Hessian sums", "scale search")
-    other = round(sum(s for phase, s in default["phases_s"].items() if phase not in calibrating), 2)
-    allowed = round(runs[top][key] / limit, 2)
-    return [paragraph(f"At {limit}x ModelOpt's plain flow the default run may take {allowed} s. Its phases other than "
+    calibrating = (q.STAGE_CALIBRATION, q.PHASE_HESSIANS, q.STAGE_SEARCH)
+    other = round(default[key] - sum(default["phases_s"].get(phase, 0) for phase in calibrating), 2)
+    allowed, left = round(runs[top][key] / limit, 2), round(runs[top][key] / limit - other, 2)
+    leaves = f"which leaves {left} s to calibrate on {default['tokens']:,} tokens" if left > 0 else \
+        f"more than that by {-left} s before any calibration"
+    return [paragraph(f"At {limit}x ModelOpt's plain flow the default run may take {allowed} s. Everything in it but "
                       f"calibration, Hessian sums and scale search took {other} s (start-up and imports "
-                      f"{default['phases_s'].get('start-up and imports')} s), which leaves {round(allowed - other, 2)} "
-                      f"s to calibrate on {default['tokens']:,} tokens; the bf16 forward of the same batches alone "
-                      f"took {forward['calibration_s']} s."), ""]
+                      f"{default['phases_s'].get(q.STAGE_STARTUP)} s), {leaves}; the bf16 forward of the same "
+                      f"batches alone took {forward['calibration_s']} s."), ""]
 
 
 def targets_lines(targets: dict) -> list[str]:
@@ -385,9 +389,8 @@ def render(results: dict, results_path: str) -> str:
         f"{v.get('nvidia-modelopt')}. Model: Llama-3-8B-shaped, random bf16 weights, saved to disk (read from the page "
         f"cache). Data: a local JSONL at the CLI's defaults: {w['samples']} samples of up to 2048 tokens (min "
         f"{w['min']}, median {w['median']}, max {w['max']}; {w['tokens']:,} tokens). Every run is a fresh process, "
-        f"timed from outside, after {warm_up_text(w)}; ModelOpt's plain flow calibrates on the same samples, padded "
-        "as "
-        "`hf_ptq.py` pads them (all to the longest), in batches of 16, with full logits."), "",
+        f"timed from outside, after {warm_up_text(w)}; ModelOpt's plain flow calibrates on the same samples, "
+        "padded as `hf_ptq.py` pads them (all to the longest), in batches of 16, with full logits."), "",
         *runs_table(results["runs"]), "", "Seconds per phase, from each run's manifest:", "",
         *phases_table(results["runs"]), "", *plain_and_imports(results), "Targets:", "",
         *targets_lines(results["targets"]), "", *speedup_headroom(results), ""])

@@ -69,3 +69,11 @@ def test_parallel_variants_keep_their_order(monkeypatch, tmp_path: Path):
     rows = bench.run_variants(names, tmp_path, (tmp_path, tmp_path), tmp_path, args, time.perf_counter() + 60)
     assert [r["variant"] for r in rows] == names
     assert [r["flags"] for r in rows] == [" ".join(bench.VARIANTS[n]) for n in names]
+
+
+def test_offload_sizes_in_docs_come_from_the_scripts_size_functions():
+    """docs/offload.md's sizes table equals what `offload_sizes.py --render` computes now."""
+    from benchmarks import offload_sizes
+
+    assert offload_sizes.rendered_block() == offload_sizes.block(offload_sizes.table()), \
+        "run python benchmarks/offload_sizes.py --render"

@@ -175,7 +175,6 @@ def test_verify_fidelity_and_eval_read_every_format(mixed_checkpoint, tmp_path):
     assert "| effective bits |" in card and 'quantization="modelopt_mixed"' in card
 
 
-
 @pytest.mark.slow
 def test_self_test_dequantization_reads_every_format(mixed_checkpoint, tiny_model, tmp_path):
     """--self_test --effective_bits ends in check_dequantization: FP8 weights with their one scale, FP4 in blocks."""
@@ -185,9 +184,12 @@ def test_self_test_dequantization_reads_every_format(mixed_checkpoint, tiny_mode
         tensors.update({k: v * 3 for k, v in tensors.items()
                         if k.endswith(".weight_scale") and v.dtype == torch.float32})
 
-    broken = tampered(mixed_checkpoint, tmp_path, change_tensors=triple_fp8_scales)
     with pytest.raises(RuntimeError, match="dequantized weight has relative error"):
-        q.check_dequantization(tiny_model, broken)
+        q.check_dequantization(tiny_model, tampered(mixed_checkpoint, tmp_path / "a", triple_fp8_scales))
+    unlisted = tampered(mixed_checkpoint, tmp_path / "b", change_layers=lambda layers: layers.popitem())
+    with pytest.raises(RuntimeError, match="written quantized, but its format in hf_quant_config.json is None"):
+        q.check_dequantization(tiny_model, unlisted)
+
 
 def tampered(source, tmp_path, change_tensors=None, change_layers=None):
     folder = tmp_path / "tampered"

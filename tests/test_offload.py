@@ -199,6 +199,16 @@ def test_disk_check_refuses_to_start(tmp_path):
     offload.check_offload_disk(offload.Placement({}, {"disk": 1}, {"disk": 4}, 0), job, settings, folder)
 
 
+
+def test_plan_names_the_gpu_room_kept_for_activations(tmp_path, capsys):
+    folder = offload.OffloadSettings(tmp_path, None, None, False, False)
+    with_gpu = offload.Placement({}, {"cuda:0": 2**30, "disk": 2**30}, {"cuda:0": 1, "disk": 3}, 2**20,
+                                 gpu_reserve_bytes=3 * 2**30)
+    offload.print_placement(with_gpu, folder)
+    assert "kept on each GPU beside the weights: 3.00 GiB" in capsys.readouterr().err
+    offload.print_placement(offload.Placement({}, {"disk": 2**30}, {"disk": 4}, 2**20), folder)
+    assert "kept on each GPU" not in capsys.readouterr().err
+
 def test_a_gpu_cap_that_places_nothing_on_the_gpu_is_refused(four_layer_model):
     """accelerate would run everything on the CPU; the error names the size that puts the embeddings there."""
     from transformers import AutoConfig
