@@ -3108,10 +3108,10 @@ def format_gemms(module, weight_amax) -> dict[str, Callable]:
     return {"NVFP4": nvfp4, "FP8": fp8}
 
 
-def output_loss_hook(gemms: dict[str, Callable], scores):
-    """A linear's forward hook for the score: under autograd, each format's output change (Y_format - Y, without the
-    bias, which no format changes) is kept until Y's gradient arrives, then Σ (dLoss/dY · ΔY)² is added to `scores`
-    (one entry per format, in `gemms`' order)."""
+def output_change_hook(gemms: dict[str, Callable], add: Callable):
+    """A linear's forward hook: under autograd, each format's output change (Y_format - Y, without the bias, which no
+    format changes) is kept until Y's gradient arrives, then handed on as add(format index in `gemms`' order,
+    dLoss/dY, the change)."""
     import torch
     import torch.nn.functional as F
 
@@ -3123,11 +3123,18 @@ def output_loss_hook(gemms: dict[str, Callable], scores):
             exact = F.linear(x.float(), module.weight.float())
             changes = [(gemm(x) - exact).to(output.dtype) for gemm in gemms.values()]
 
-        def add(grad):
+        def on_gradient(grad):
             for index, change in enumerate(changes):
-                scores[index] += (grad.float() * change.float()).square().sum()
-        output.register_hook(add)
+                add(index, grad, change)
+        output.register_hook(on_gradient)
     return hook
+
+
+def output_loss_hook(gemms: dict[str, Callable], scores):
+    """output_change_hook adding Σ (dLoss/dY · ΔY)² to `scores` (one entry per format, in `gemms`' order)."""
+    def add(index, grad, change):
+        scores[index] += (grad.float() * change.float()).square().sum()
+    return output_change_hook(gemms, add)
 
 
 @contextlib.contextmanager

@@ -112,25 +112,12 @@ def scoring_hook(gemms: dict, scores):
     """quantize_nvfp4.output_loss_hook adding, per format (rows of `scores`), every KIND at once: Σ (g·ΔY)²
     elementwise, Σ_t (g_t·ΔY_t)² per token, Σ g·ΔY (signed: the first-order loss change from 16 bits to that format
     at the point the gradient was taken)."""
-    import torch
-    import torch.nn.functional as F
-
-    def hook(module, args, output):
-        if not torch.is_grad_enabled():
-            return
-        with torch.no_grad():
-            x = args[0]
-            exact = F.linear(x.float(), module.weight.float())
-            changes = [(gemm(x) - exact).to(output.dtype) for gemm in gemms.values()]
-
-        def add(grad):
-            for index, change in enumerate(changes):
-                product = grad.float() * change.float()
-                scores[index, 0] += product.square().sum()
-                scores[index, 1] += product.sum(-1).square().sum()
-                scores[index, 2] += product.sum()
-        output.register_hook(add)
-    return hook
+    def add(index, grad, change):
+        product = grad.float() * change.float()
+        scores[index, 0] += product.square().sum()
+        scores[index, 1] += product.sum(-1).square().sum()
+        scores[index, 2] += product.sum()
+    return q.output_change_hook(gemms, add)
 
 
 def emulated_format(gemm: Callable | None):

@@ -73,6 +73,26 @@ def test_output_loss_score_is_the_squared_gradient_weighted_output_change():
     assert scores[1].item() == pytest.approx(0.0, abs=1e-8)
 
 
+def test_the_benchmarks_candidate_sums_share_the_products_hook():
+    """bench_mixed's scoring_hook (every candidate sum at once) adds, as its first sum, exactly the product's score."""
+    from benchmarks import bench_mixed
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8)
+    x, weights = torch.randn(4, 5, 32), torch.randn(4, 5, 8)
+    gemms = {"half": lambda x: torch.nn.functional.linear(x, linear.weight.detach() / 2)}
+    product, candidates = torch.zeros(1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+    handles = [linear.register_forward_hook(q.output_loss_hook(gemms, product)),
+               linear.register_forward_hook(bench_mixed.scoring_hook(gemms, candidates))]
+    (linear(x) * weights).sum().backward()
+    for handle in handles:
+        handle.remove()
+    change = -torch.nn.functional.linear(x, linear.weight.detach() / 2)
+    assert candidates[0, 0].item() == product[0].item() > 0
+    assert candidates[0, 1].item() == pytest.approx((weights * change).sum(-1).square().sum().item(), rel=1e-5)
+    assert candidates[0, 2].item() == pytest.approx((weights * change).sum().item(), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_scores_rank_formats_and_leave_the_model_as_it_was(tiny_model):
     """On the calibrated tiny Llama: FP8 scores below NVFP4 on every linear, and scoring leaves every quantizer on,
