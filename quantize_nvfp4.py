@@ -92,6 +92,7 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 SAMPLES_YAML = SCRIPT_DIR / "Datasets" / "Local_Example.yaml"
 MANIFEST_NAME = "nvfp4_manifest.json"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EVAL_SAMPLES = 64  # --eval's held-out samples
 
 CALIBRATION_DEFAULTS = {
@@ -443,7 +444,8 @@ class Progress:
         now = time.monotonic()
         if now - self.last_line >= PROGRESS_INTERVAL_S:
             self.last_line = now
-            log(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({self.done / max(self.total, 1):.0%}), "
+            plural = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
+            log(f"{self.desc}: {self.done}/{self.total} {plural} ({self.done / max(self.total, 1):.0%}), "
                 f"{now - self.started:.1f} s")
 
     def close(self) -> None:
@@ -753,10 +755,10 @@ def cpu_algorithms() -> list[str]:
     return [name for name, a in ALGORITHMS.items() if not a.cuda]
 
 
-def algorithm_help() -> str:
-    """--algorithm's help, from the table: each name, what it does, and its needs and defaults."""
+def algorithm_help(names: Iterable[str] = tuple(ALGORITHMS)) -> str:
+    """--algorithm's help, from the table: each of `names`, what it does, and its needs and defaults."""
     parts = []
-    for name, a in ALGORITHMS.items():
+    for name, a in ((n, ALGORITHMS[n]) for n in names):
         notes = [f"default for {', '.join(MODES[m][1] if m != 'nvfp4' else 'W4A4' for m in a.default_for)}"] \
             if a.default_for else []
         notes += ["CUDA GPU"] if a.cuda else []
@@ -4347,6 +4349,8 @@ def run_verify(folder: Path, source: Path | None = None) -> int:
 
     With `source` (--reference, a local dir) every tensor of the original checkpoint must be accounted for.
     """
+    if not folder.exists():
+        raise UsageError(f"--verify: {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise UsageError(f"--verify: {folder} is not a checkpoint dir (no config.json)")
     summary, problems = {}, [f"{p} [files: whole]" for p in check_source_files(folder)]
@@ -4892,6 +4896,14 @@ def calibration_samples_cell(stats: dict) -> str:
     return str(kept) if kept >= target else f"{kept} of {target} asked for (SHORT: see the warning above)"
 
 
+def calibration_time_cell(calib: dict) -> str:
+    """The calibration's seconds, with the forward loop's and the block-scale search's where there was a search."""
+    search = calib.get("scale_search")
+    if not search:
+        return f"{calib['seconds']} s"
+    return f"{calib['seconds']} s (forward loop {calib['forward_seconds']} s, scale search {search['seconds']} s)"
+
+
 def print_summary(manifest: dict, output: Path) -> None:
     calib, t = manifest["calibration_run"], manifest["timings"]
     rows = [
@@ -4904,8 +4916,8 @@ def print_summary(manifest: dict, output: Path) -> None:
         ("calibration samples", calibration_samples_cell(manifest["calibration"])),
         ("calibration tokens", calib["tokens"]),
         ("batches (padding)", f"{calib['batches']} ({calib['padding_fraction']:.1%})"),
-        ("calibration time", f"{calib['seconds']} s"),
-        ("tokens/s", calib["tokens_per_s"]),
+        ("calibration time", calibration_time_cell(calib)),
+        ("tokens/s (whole calibration)", calib["tokens_per_s"]),
         ("peak GPU memory", f"{calib['peak_gpu_memory_gib']} GiB" if "peak_gpu_memory_gib" in calib else "n/a (CPU)"),
         ("load / export", f"{t['load_model_s']} s / {t['export_s']} s"),
         ("wall (from the process's start)", f"{t['wall_s']} s"),
@@ -5123,7 +5135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert on every token (all: slower, no expert left uncalibrated)")
     p.add_argument("--skip_layers", nargs="+", metavar="PATTERN", default=[],
                    help="keep matching modules unquantized (glob on module names, e.g. 'layers.0.*' 'down_proj')")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output dir this tool wrote (one holding other files is refused)")
     p.add_argument("--dry_run", action="store_true",
                    help="make every check the run makes before loading weights, print the plan, write nothing")
     p.add_argument("--list_configs", action="store_true", help="print ModelOpt's NVFP4 configs and exit")
@@ -5347,6 +5360,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportRejected as exc:
         print_error(str(exc))
         return 1
+    except KeyboardInterrupt:  # the staging dir and lock are gone by now: their context managers ran on the way out
+        print_error("interrupted: the output dir was not written")
+        return EXIT_INTERRUPTED
 
 
 def exit_without_teardown(status: int) -> None:

@@ -122,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.description = ("Quantize a Hugging Face causal LM larger than GPU memory to NVFP4 "
                           "(offloaded, layer by layer).")
     for action in parser._actions:  # what this script refuses is not offered
-        if action.dest in VERIFY_OPTIONS:
+        if action.dest in (*VERIFY_OPTIONS, "gpu_memory_budget"):
             action.help = argparse.SUPPRESS
+        elif action.dest == "algorithm":  # the others stay choices so that their refusal says why (build_settings)
+            action.metavar = "{" + ",".join(LAYER_LOOP_ALGORITHMS) + "}"
+            action.help = q.algorithm_help(LAYER_LOOP_ALGORITHMS)
     group = parser.add_argument_group("offloading")
     group.add_argument("--offload_folder", help="where offloaded weights and per-layer checkpoints go (required)")
     group.add_argument("--max_gpu_memory", type=parse_memory, metavar="SIZE",
@@ -146,6 +149,9 @@ def build_offload_settings(args: argparse.Namespace) -> OffloadSettings:
         raise q.UsageError("--verify / --reference check an existing checkpoint, and this script quantizes: run "
                            "python quantize_nvfp4.py --verify DIR (add --eval --reference MODEL --dataset_yaml YAML "
                            "for a quality report)")
+    if args.gpu_memory_budget is not None:
+        raise q.UsageError("--gpu_memory_budget sizes quantize_nvfp4.py's batches; this script's GPU cap is "
+                           "--max_gpu_memory (weights; room for activations is kept beside them)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise q.UsageError("quantize_nvfp4_offload.py runs as one process: start it with python, not torchrun or "
                            "accelerate launch (for several GPUs, quantize_nvfp4.py places a model across them)")
@@ -1627,6 +1633,10 @@ def main(argv: list[str] | None = None) -> int:
     except q.ExportRejected as exc:
         q.print_error(str(exc))
         return 1
+    except KeyboardInterrupt:  # resume points already committed stay in the offload folder
+        q.print_error("interrupted: the output dir was not written; the same command with --resume continues from "
+                      "the last resume point, if one was committed")
+        return q.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -127,3 +127,41 @@ def test_stage_line_format(capsys, monkeypatch):
     monkeypatch.setattr(q.CONSOLE, "started", q.time.perf_counter() - 12.34)
     q.stage(q.STAGE_EXPORT)
     assert re.fullmatch(r"\[   12\.\d s\] export\n", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script", [q, qo])
+def test_ctrl_c_is_one_line_and_exit_130(script, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "run_self_test", interrupted)
+    assert script.main(["--self_test"]) == q.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted: the output dir was not written") and err.count("\n") == 1, err
+
+
+def test_verify_of_a_missing_folder_says_so(tmp_path, capsys):
+    assert q.main(["--verify", str(tmp_path / "nothere")]) == q.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"error: --verify: {tmp_path / 'nothere'} does not exist"
+
+
+def test_summary_splits_the_calibration_time_where_a_search_ran():
+    plain = {"seconds": 5.0, "forward_seconds": 4.5}
+    searched = {**plain, "scale_search": {"linears": 7, "seconds": 0.4}}
+    assert q.calibration_time_cell(plain) == "5.0 s"
+    assert q.calibration_time_cell(searched) == "5.0 s (forward loop 4.5 s, scale search 0.4 s)"
+
+
+def test_progress_lines_name_their_unit_in_the_plural(monkeypatch, capsys):
+    monkeypatch.setattr(q, "PROGRESS_INTERVAL_S", 0)
+    for _ in q.Progress(range(2), desc="evaluate", unit="batch"):
+        pass
+    assert "evaluate: 1/2 batches (50%)" in capsys.readouterr().err
+
+
+def test_offload_script_refuses_the_main_scripts_batch_budget(tmp_path, capsys):
+    argv = ["--input_model", "m", "--output_model", str(tmp_path / "o"), "--dataset_yaml", "y.yaml",
+            "--offload_folder", str(tmp_path / "f"), "--gpu_memory_budget", "10"]
+    assert qo.main(argv) == q.EXIT_USAGE
+    assert "this script's GPU cap is --max_gpu_memory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()
