@@ -133,7 +133,10 @@ def test_verify_cli_exit_codes(clean_checkpoint, tmp_path):
     bad = run_cli("--verify", str(folder))
     assert bad.returncode == 1 and "FAIL model.layers.0.mlp.up_proj.input_scale: non-finite" in bad.stdout
     missing = run_cli("--verify", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "not a checkpoint dir" in missing.stderr
+    assert missing.returncode == 2 and "nothing does not exist" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("--verify", str(tmp_path / "empty"))
+    assert empty.returncode == 2 and "not a checkpoint dir (no config.json)" in empty.stderr
 
 
 @pytest.mark.parametrize("name, patterns, vllm, trtllm", [
