@@ -3092,22 +3092,25 @@ def group_amax(members: list):
     return max(m.weight.detach().abs().amax().float() for m in members)
 
 
-def format_gemms(module, weight_amax) -> dict[str, Callable]:
-    """format -> what the linear's GEMM computes from an input in that format: NVFP4 under its calibrated (searched)
-    block scales and input amax, FP8 with per-tensor weight (the group's `weight_amax`) and input scales."""
+def format_weights(module, weight_amax) -> dict[str, Callable]:
+    """format -> a function computing the linear's float32 weight as that format stores it: NVFP4 under its
+    calibrated (searched) block scales, FP8 under one per-tensor scale (the group's `weight_amax`). Computed on each
+    call, so that scoring a whole model holds one linear's float32 weights at a time."""
+    shape = module.weight.shape
+    return {"NVFP4": lambda: module.weight.float() - nvfp4_weight_error(module).reshape(shape),
+            "FP8": lambda: module.weight.float() - fp8_weight_error(module, weight_amax).reshape(shape)}
+
+
+def format_gemms(module, weights: dict[str, Callable]) -> dict[str, Callable]:
+    """format -> what the linear's GEMM computes from an input in that format: the input rounded as the format rounds
+    it under the calibrated input amax (NVFP4 blocks of 16, FP8 per tensor), times `weights`' (format_weights)."""
     import torch.nn.functional as F
 
-    input_amax = module.input_quantizer.amax.float()
-    shape = module.weight.shape
-
-    def nvfp4(x):
-        weight = module.weight.float() - nvfp4_weight_error(module).reshape(shape)
-        return F.linear(fake_quant_nvfp4_input(x.float(), input_amax / (6.0 * E4M3_MAX)), weight)
-
-    def fp8(x):
-        weight = module.weight.float() - fp8_weight_error(module, weight_amax).reshape(shape)
-        return F.linear(fake_quant_fp8_input(x.float(), input_amax / E4M3_MAX), weight)
-    return {"NVFP4": nvfp4, "FP8": fp8}
+    input_amax = module.input_quantizer.amax.float().clone()
+    rounding = {"NVFP4": lambda x: fake_quant_nvfp4_input(x, input_amax / (6.0 * E4M3_MAX)),
+                "FP8": lambda x: fake_quant_fp8_input(x, input_amax / E4M3_MAX)}
+    return {algo: lambda x, algo=algo, weight=weight: F.linear(rounding[algo](x.float()), weight())
+            for algo, weight in weights.items()}
 
 
 def output_change_hook(gemms: dict[str, Callable], add: Callable):
@@ -3198,6 +3201,22 @@ def summed_token_loss(forward: Callable, samples: list[list[int]], batch: list[i
     return output.loss * int(mask[:, 1:].sum())
 
 
+def gradient_passes(model, samples: list[list[int]], pad_id: int, batches: list[list[int]],
+                    hooks: list[tuple[str, Callable]]) -> None:
+    """One forward and backward of the summed token loss per batch through the unquantized model with activation
+    gradients, with `hooks` (module name, forward hook; registered in that order) on the named modules."""
+    modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
+    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks]
+    forward = text_generator(model)
+    try:
+        with unquantized_with_gradients(model):
+            for batch in Progress(batches, desc="format scores", unit="batch"):
+                summed_token_loss(forward, samples, batch, pad_id, device).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def output_loss_scores(model, amaxes: dict[tuple[str, ...], Any], samples: list[list[int]], pad_id: int) -> dict:
     """linear -> format -> ModelOpt auto_quantize's sensitivity: Σ over calibration tokens of (dLoss/dY · (Y_format -
     Y))², Y the linear's output in the unquantized model and Loss its next-token loss (summed over tokens): a Fisher
@@ -3207,22 +3226,15 @@ def output_loss_scores(model, amaxes: dict[tuple[str, ...], Any], samples: list[
 
     modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
     names = [n for g in amaxes for n in g]
-    gemms = {n: format_gemms(modules[n], amax) for g, amax in amaxes.items() for n in g}
     scores = torch.zeros(len(names), len(FORMAT_CANDIDATES), dtype=torch.float64, device=device)
-    handles = [modules[n].register_forward_hook(output_loss_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
+    hooks = [(n, output_loss_hook(format_gemms(modules[n], format_weights(modules[n], amax)), scores[names.index(n)]))
+             for g, amax in amaxes.items() for n in g]
     lengths, ranks = [len(s) for s in samples], current_ranks()
     batches = group_batches(lengths, None, DEFAULT_BATCH_TOKENS)
     if ranks.distributed:  # each rank scores its share; one sample a batch where there are fewer batches than ranks
         batches = rank_share(batches if len(batches) >= ranks.world else [[i] for i in range(len(samples))], lengths,
                              ranks.rank, ranks.world)
-    forward = text_generator(model)
-    try:
-        with unquantized_with_gradients(model):
-            for batch in Progress(batches, desc="format scores", unit="batch"):
-                summed_token_loss(forward, samples, batch, pad_id, device).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    gradient_passes(model, samples, pad_id, batches, hooks)
     if ranks.distributed:
         torch.distributed.all_reduce(scores)
     return {n: dict(zip(FORMAT_CANDIDATES, row.tolist())) for n, row in zip(names, scores)}

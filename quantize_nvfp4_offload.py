@@ -1365,8 +1365,9 @@ class LayerScores:
         handles = []
         for group in groups:
             amaxes[group] = q.group_amax([modules[n] for n in group])
-            handles += [modules[n].register_forward_hook(q.output_loss_hook(q.format_gemms(modules[n], amaxes[group]),
-                                                                            scores[rows[n]])) for n in group]
+            handles += [modules[n].register_forward_hook(q.output_loss_hook(
+                q.format_gemms(modules[n], q.format_weights(modules[n], amaxes[group])), scores[rows[n]]))
+                for n in group]
         inputs, calls = self.store.read(index), self.store.calls.pop(index)
         try:
             with torch.enable_grad():

@@ -92,20 +92,13 @@ def given_choice(formats: dict[str, str]):
 def frozen_gemms(model, names: list[str], amaxes: dict) -> dict[str, dict]:
     """quantize_nvfp4.format_gemms with each format's weight computed now, from the calibrated NVFP4 quantizers, so
     that a linear keeps its candidates after an earlier round switched it to FP8 or 16 bits."""
-    import torch.nn.functional as F
-
-    modules, out = dict(model.named_modules()), {}
+    modules = dict(model.named_modules())
     amax_of = {n: amax for g, amax in amaxes.items() for n in g}
+    frozen = {}
     for name in names:
-        module = modules[name]
-        shape, input_amax = module.weight.shape, module.input_quantizer.amax.float().clone()
-        nvfp4 = module.weight.float() - q.nvfp4_weight_error(module).reshape(shape)
-        fp8 = module.weight.float() - q.fp8_weight_error(module, amax_of[name]).reshape(shape)
-        out[name] = {"NVFP4": lambda x, w=nvfp4, a=input_amax / (6.0 * q.E4M3_MAX): F.linear(
-                         q.fake_quant_nvfp4_input(x.float(), a), w),
-                     "FP8": lambda x, w=fp8, a=input_amax / q.E4M3_MAX: F.linear(
-                         q.fake_quant_fp8_input(x.float(), a), w)}
-    return out
+        weights = {algo: weight() for algo, weight in q.format_weights(modules[name], amax_of[name]).items()}
+        frozen[name] = q.format_gemms(modules[name], {algo: lambda w=w: w for algo, w in weights.items()})
+    return frozen
 
 
 def scoring_hook(gemms: dict, scores):
@@ -139,24 +132,18 @@ def emulated_format(gemm: Callable | None):
 
 
 def scoring_pass(model, gemms: dict, samples, pad_id: int, formats: dict | None):
-    """One forward and backward per calibration batch (quantize_nvfp4.output_loss_scores' passes; where `formats`
-    (linear -> format) is given, each linear computing its format's GEMM: the quantized point): linear -> (format,
-    KIND) sums, and its seconds."""
+    """quantize_nvfp4.output_loss_scores' passes with the benchmark's hooks (where `formats` (linear -> format) is
+    given, each linear computing its format's GEMM first: the quantized point): linear -> (format, KIND) sums, and
+    its seconds."""
     import torch
 
     began = time.perf_counter()
-    modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
     names = list(gemms)
     scores = torch.zeros(len(names), len(q.FORMAT_CANDIDATES), len(KINDS), dtype=torch.float64)
-    handles = [modules[n].register_forward_hook(emulated_format(gemms[n].get(formats[n]))) for n in formats or ()]
-    handles += [modules[n].register_forward_hook(scoring_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
-    try:
-        with q.unquantized_with_gradients(model):
-            for batch in q.group_batches([len(s) for s in samples], None, q.DEFAULT_BATCH_TOKENS):
-                q.summed_token_loss(q.text_generator(model), samples, batch, pad_id, device).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(n, emulated_format(gemms[n].get(formats[n]))) for n in formats or ()]
+    hooks += [(n, scoring_hook(gemms[n], scores[i])) for i, n in enumerate(names)]
+    batches = q.group_batches([len(s) for s in samples], None, q.DEFAULT_BATCH_TOKENS)
+    q.gradient_passes(model, samples, pad_id, batches, hooks)
     return {n: scores[i].numpy().copy() for i, n in enumerate(names)}, round(time.perf_counter() - began, 1)
 
 
