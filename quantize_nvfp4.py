@@ -277,6 +277,10 @@ QUIET_ENVIRONMENT = {
 }
 QUIET_LOGGERS = ("accelerate", "modelopt", "datasets", "huggingface_hub", "torch.distributed")
 QUIET_WARNINGS_FROM = r"(transformers|torch|modelopt|accelerate)(\.|$)"  # modules whose Python warnings go unshown
+# Packages that importing ModelOpt's quantization loads a plugin for when they are installed, and that a run never
+# uses: each can take seconds to import (vLLM, PEFT, PyTorch Geometric), so a run's process treats them as absent.
+UNUSED_PLUGIN_PACKAGES = ("vllm", "peft", "torch_geometric", "diffusers", "megatron", "apex", "fairscale",
+                          "transformer_engine", "trl", "fastvideo")
 
 
 def seconds_since_process_start() -> float:
@@ -367,6 +371,14 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (DeprecationWarning, FutureWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=QUIET_WARNINGS_FROM)
+
+
+def skip_unused_plugins() -> None:
+    """UNUSED_PLUGIN_PACKAGES read as not installed in this process, unless one is imported already: None in
+    sys.modules makes `import` fail and importlib.util.find_spec answer None, so ModelOpt's plugin loader and
+    transformers' availability checks both skip them."""
+    for name in UNUSED_PLUGIN_PACKAGES:
+        sys.modules.setdefault(name, None)
 
 
 def write_line(text: str) -> None:
@@ -5350,6 +5362,7 @@ def run(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_console(args.verbose)
+    skip_unused_plugins()
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
     try:
         if args.list_configs:

@@ -158,7 +158,11 @@ def bf16_forward(work: Path, device: str, cap: float) -> dict:
 # --------------------------------------------------------------------------- imports (a child process)
 # what a run imports before its first phase (the script, then import_libraries' modules), in dependency order
 IMPORTED = ("quantize_nvfp4", "torch", "transformers", "modelopt.torch.quantization", "modelopt.torch.export")
-IMPORTS = "; ".join(f"import {module}" for module in IMPORTED)
+# quantize_nvfp4 first, then ModelOpt's unused plugins skipped, as main() does before it imports the others
+IMPORTS = "; ".join(["import quantize_nvfp4", "quantize_nvfp4.skip_unused_plugins()"]
+                    + [f"import {module}" for module in IMPORTED[1:]])
+
+
 def import_profile() -> dict:
     """A fresh process that imports what a run imports before its first phase, under `python -X importtime`: its
     wall time from outside, and per top-level package the import time of what importing it first brought in (the

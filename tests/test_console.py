@@ -165,3 +165,35 @@ def test_offload_script_refuses_the_main_scripts_batch_budget(tmp_path, capsys):
     assert qo.main(argv) == q.EXIT_USAGE
     assert "this script's GPU cap is --max_gpu_memory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()
+
+
+def test_unused_plugin_packages_read_as_absent(monkeypatch):
+    """A skipped package fails to import and find_spec answers None (transformers' availability check); one
+    imported already is kept. `wave` stands for an installed package (the standard library's, which no test
+    imports)."""
+    import importlib.util
+    import types
+
+    imported = types.ModuleType("imported_plugin_package")
+    monkeypatch.setattr(q, "UNUSED_PLUGIN_PACKAGES", (imported.__name__, "wave"))
+    monkeypatch.setitem(sys.modules, imported.__name__, imported)
+    assert "wave" not in sys.modules and importlib.util.find_spec("wave") is not None
+    try:
+        q.skip_unused_plugins()
+        assert sys.modules[imported.__name__] is imported
+        assert importlib.util.find_spec("wave") is None
+        with pytest.raises(ImportError):
+            import wave  # noqa: F401
+    finally:
+        sys.modules.pop("wave", None)
+
+
+@pytest.mark.slow
+def test_modelopt_keeps_the_plugins_a_run_uses():
+    """With the unused plugins skipped, ModelOpt still loads its Hugging Face quantization plugins."""
+    code = ("import sys, quantize_nvfp4 as q; q.skip_unused_plugins(); import modelopt.torch.quantization; "
+            "print(sorted(m for m in sys.modules if m.startswith('modelopt.torch.quantization.plugins.')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=True)
+    for plugin in ("huggingface", "transformers", "accelerate"):
+        assert f"'modelopt.torch.quantization.plugins.{plugin}'" in result.stdout
