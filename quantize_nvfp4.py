@@ -111,6 +111,7 @@ MODES = {
 }
 # --kv_cache -> ModelOpt's KV-cache config, merged into the mode's (None: KV cache stays 16-bit)
 KV_CACHE_CONFIGS = {"none": None, "fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+MIXED_FP8_CONFIG = "FP8_DEFAULT_CFG"  # --effective_bits: the quantizers of a linear it switches to FP8
 ALL_MODES = tuple(MODES)
 
 
@@ -456,7 +457,8 @@ class Progress:
         now = time.monotonic()
         if now - self.last_line >= PROGRESS_INTERVAL_S:
             self.last_line = now
-            plural = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
+            plural = self.unit if self.unit.endswith("B") else \
+                self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")  # MiB: as it is
             log(f"{self.desc}: {self.done}/{self.total} {plural} ({self.done / max(self.total, 1):.0%}), "
                 f"{now - self.started:.1f} s")
 
@@ -3269,7 +3271,7 @@ def choose_formats(groups: list[LinearGroup], budget_bits: float) -> None:
 
 
 def set_format(module, algo: str | None, weight_amax) -> None:
-    """A calibrated NVFP4 linear switched to FP8 (ModelOpt's FP8_DEFAULT_CFG quantizers: the group's weight amax,
+    """A calibrated NVFP4 linear switched to FP8 (ModelOpt's MIXED_FP8_CONFIG quantizers: the group's weight amax,
     and the input amax the max pass measured) or to 16 bits (its quantizers off)."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
@@ -3279,7 +3281,7 @@ def set_format(module, algo: str | None, weight_amax) -> None:
         module.weight_quantizer.disable()
         module.input_quantizer.disable()
         return
-    fp8 = {e["quantizer_name"]: e["cfg"] for e in mtq.FP8_DEFAULT_CFG["quant_cfg"] if "cfg" in e}
+    fp8 = {e["quantizer_name"]: e["cfg"] for e in getattr(mtq, MIXED_FP8_CONFIG)["quant_cfg"] if "cfg" in e}
     for role, amax in (("weight_quantizer", weight_amax), ("input_quantizer", module.input_quantizer.amax)):
         quantizer = TensorQuantizer(QuantizerAttributeConfig(**fp8[f"*{role}"]))
         quantizer.amax = amax.detach().float().reshape(())
@@ -3731,9 +3733,11 @@ def host_bytes(tensor) -> memoryview:
     return memoryview(tensor.detach().reshape(-1).to("cpu").view(torch.uint8).numpy())
 
 
-def write_safetensors(tensors: dict, filename: str | os.PathLike, metadata: dict | None = None) -> None:
+def write_safetensors(tensors: dict, filename: str | os.PathLike, metadata: dict | None = None,
+                      written: Callable[[int], None] = lambda nbytes: None) -> None:
     """safetensors' save_file, byte for byte, with each tensor's copy to the CPU made on a second thread while the
-    one before it is written: save_file copies every tensor, one after the other, before it writes the first."""
+    one before it is written: save_file copies every tensor, one after the other, before it writes the first.
+    `written(n)` hears of each tensor's n bytes once they are written."""
     check_savable(tensors)
     header, order = safetensors_header(tensors, metadata)
     with open(filename, "wb") as handle, concurrent.futures.ThreadPoolExecutor(1, "copy-to-cpu") as copier:
@@ -3744,30 +3748,39 @@ def write_safetensors(tensors: dict, filename: str | os.PathLike, metadata: dict
             if name is not None:
                 pending.append(copier.submit(host_bytes, tensors[name]))
             handle.write(data)
+            written(data.nbytes)
 
 
 @contextlib.contextmanager
-def shards_written_by_write_safetensors():
+def shards_written_by_write_safetensors(expected_bytes: int):
     """While export_hf_checkpoint runs: its save_pretrained call writes each shard with write_safetensors, not
     with transformers' `safe_save_file` (safetensors' save_file, imported under that name in modeling_utils: the
     one private name this takes). Everything else save_pretrained does (the shard split, the index, tied weights,
     config files) stays its own; test_export_writer fails if a checkpoint written so ever differs from one written
-    without it. Yields a clock of the seconds spent writing shards."""
+    without it. Yields a clock of the seconds spent writing shards; a progress line counts the MiB written against
+    `expected_bytes` (the checkpoint's estimate)."""
     import torch
     import transformers.modeling_utils as modeling
 
-    clock = DeviceClock()
+    clock, progress = DeviceClock(), Progress(desc="write shards", unit="MiB", total=max(expected_bytes >> 20, 1))
+    total_written = 0
+
+    def count(nbytes: int) -> None:
+        nonlocal total_written
+        total_written += nbytes
+        progress.update(min(total_written >> 20, progress.total) - progress.done)
 
     def timed_write(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         with clock.timing(torch.device("cpu")):  # the wall clock: the copies from the GPU are waited for
-            write_safetensors(tensors, filename, metadata)
+            write_safetensors(tensors, filename, metadata, count)
     original = getattr(modeling, "safe_save_file", None)
     if original is None:  # a transformers that writes its shards some other way: left to do so (and untimed)
         yield clock
         return
     modeling.safe_save_file = timed_write
     try:
-        yield clock
+        with progress:
+            yield clock
     finally:
         modeling.safe_save_file = original
 
@@ -3801,9 +3814,10 @@ def staging_dir(output: Path, needed_bytes: int):
 
 
 def export_checkpoint(model, tokenizer, settings: Settings, samples: list[list[int]], pad_id: int, staging: Path,
-                      device: str) -> Export:
+                      device: str, expected_bytes: int) -> Export:
     """export_hf_checkpoint into `staging`, plus what it leaves out: the tokenizer and processor files, and the
-    tensors the model class skips on load (carried over in 16 bits)."""
+    tensors the model class skips on load (carried over in 16 bits). `expected_bytes`: the estimated checkpoint size,
+    for the progress line."""
     from modelopt.torch.export import export_hf_checkpoint
 
     stage(STAGE_EXPORT)
@@ -3814,7 +3828,7 @@ def export_checkpoint(model, tokenizer, settings: Settings, samples: list[list[i
         after = capture_linear_io(model, samples, device, pad_id, outputs=True)
     modelopt_start = time.perf_counter()
     with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False), \
-            shards_written_by_write_safetensors() as shard_clock:
+            shards_written_by_write_safetensors(expected_bytes) as shard_clock:
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=str(staging))
     modelopt_seconds = round(time.perf_counter() - modelopt_start, 2)
@@ -5065,14 +5079,35 @@ def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.
 
 
 # --------------------------------------------------------------------------- list configs
+def config_uses() -> dict[str, list[str]]:
+    """ModelOpt config name -> the options of ours that use it (a mode's config, an algorithm's preset whose weight
+    blocks are merged in, a --kv_cache config)."""
+    uses: dict[str, list[str]] = {}
+    for cfg, flag, what in MODES.values():
+        uses.setdefault(cfg, []).append(f"{flag}: {what}")
+    for name, algorithm in ALGORITHMS.items():
+        if algorithm.preset:
+            uses.setdefault(algorithm.preset, []).append(f"--algorithm {name} (its weight blocks)")
+    for choice, cfg in KV_CACHE_CONFIGS.items():
+        if cfg:
+            uses.setdefault(cfg, []).append(f"--kv_cache {choice}")
+    uses.setdefault(MIXED_FP8_CONFIG, []).append("--effective_bits (its FP8 layers)")
+    return uses
+
+
 def list_configs() -> int:
+    """ModelOpt's NVFP4-family configs (and the KV cache ones): those our options use, with the option, then the
+    rest, which no option of ours selects."""
     import modelopt.torch.quantization as mtq
 
-    selected = {cfg: f"{flag}: {what}" for cfg, flag, what in MODES.values()}
-    names = sorted(n for n in dir(mtq) if n.endswith("_CFG") and "FP4" in n)
-    print(f"ModelOpt {library_versions()['nvidia-modelopt']} NVFP4-family configs:")
-    for name in names:
-        print(f"  {name:<40} {selected.get(name, '')}")
+    uses = config_uses()
+    names = sorted(n for n in dir(mtq) if n.endswith("_CFG") and ("FP4" in n or n in uses))
+    print(f"ModelOpt {library_versions()['nvidia-modelopt']} configs used by this tool's options:")
+    for name in (n for n in names if n in uses):
+        print(f"  {name:<40} {'; '.join(uses[name])}")
+    print("Other NVFP4-family configs in ModelOpt (no option here selects them):")
+    for name in (n for n in names if n not in uses):
+        print(f"  {name}")
     return 0
 
 
@@ -5163,7 +5198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an output dir this tool wrote (one holding other files is refused)")
     p.add_argument("--dry_run", action="store_true",
                    help="make every check the run makes before loading weights, print the plan, write nothing")
-    p.add_argument("--list_configs", action="store_true", help="print ModelOpt's NVFP4 configs and exit")
+    p.add_argument("--list_configs", action="store_true",
+                   help="print ModelOpt's NVFP4 configs, with the options that use them, and exit")
     p.add_argument("--self_test", action="store_true", help="quantize a tiny built-in model on Datasets/samples")
     p.add_argument("--verify", metavar="DIR", help="check an NVFP4 checkpoint against what vLLM and TensorRT-LLM "
                                                    "load; exit 0 when clean, 1 when not")
@@ -5271,9 +5307,10 @@ def finish_job(model, settings: Settings, job: Job, calibration_run: dict, timin
         report_quality = functools.partial(report_with_emulator, settings, job.config, holdout=job.holdout,
                                            device=device)
     output, source = settings.output_model, source_checkpoint_dir(settings)
-    needed = int(estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model))) * DISK_MARGIN)
-    with staging_dir(output, needed) as staging:
-        exported = export_checkpoint(model, job.tokenizer, settings, job.samples, job.pad_id, staging, device)
+    estimate = estimate_checkpoint_bytes(model, set(quantized_linear_shapes(model)))
+    with staging_dir(output, int(estimate * DISK_MARGIN)) as staging:
+        exported = export_checkpoint(model, job.tokenizer, settings, job.samples, job.pad_id, staging, device,
+                                     estimate)
         timings["export_s"], manifest["carried_unloaded"] = exported.seconds, exported.carried_unloaded
         timings["export_hf_checkpoint_s"] = exported.modelopt_seconds
         timings["export_shards_s"] = exported.shard_seconds

@@ -165,9 +165,13 @@ def test_dotenv_in_working_dir_supplies_models(tiny_model, tmp_path):
 def test_list_configs():
     result = run_cli("--list_configs")
     assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    used, _, others = result.stdout.partition("\nOther ")
+    lines = {line.split()[0]: line for line in used.splitlines()[1:]}
     assert "(default)" in lines["NVFP4_DEFAULT_CFG"] and "--w4a8" in lines["W4A8_NVFP4_FP8_CFG"]
-    assert "--weight_only" in lines["W4A16_NVFP4_CFG"] and "NVFP4_AWQ_LITE_CFG" in lines
+    assert "--weight_only" in lines["W4A16_NVFP4_CFG"] and "--kv_cache fp8" in lines["FP8_KV_CFG"]
+    assert "--algorithm local_hessian" in lines["NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG"]
+    assert "--effective_bits" in lines["FP8_DEFAULT_CFG"]
+    assert "NVFP4_AWQ_LITE_CFG" in others.split() and "NVFP4_AWQ_LITE_CFG" not in lines
 
 
 # The seed README's example mix, as users have it: `columns:` as a list, calibration.min_token_length 32.

@@ -27,8 +27,11 @@ def test_write_safetensors_writes_save_files_bytes(tmp_path, metadata, views):
     if views:
         tensors.update({f"row_{i}": row for i, row in enumerate(torch.arange(12.0).reshape(3, 4).unbind(0))})
     save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
-    q.write_safetensors(tensors, tmp_path / "ours.safetensors", metadata)
-    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    written = []
+    q.write_safetensors(tensors, tmp_path / "ours.safetensors", metadata, written.append)
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "theirs.safetensors").read_bytes()
+    assert len(written) == len(tensors) and sum(written) == len(ours) - 8 - int.from_bytes(ours[:8], "little")
 
 
 def test_every_safetensors_dtype_is_known():
@@ -82,7 +85,7 @@ def test_export_writes_what_export_hf_checkpoint_writes(tmp_path, mode, kv_cache
     q.quantize_model(model, run, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
     twin = copy.deepcopy(model)
     export_hf_checkpoint(model, export_dir=str(tmp_path / "theirs"), max_shard_size=shard_size)
-    with q.shards_written_by_write_safetensors() as clock:
+    with q.shards_written_by_write_safetensors(1 << 20) as clock:
         export_hf_checkpoint(twin, export_dir=str(tmp_path / "ours"), max_shard_size=shard_size)
     theirs, ours = files(tmp_path / "theirs"), files(tmp_path / "ours")
     assert clock.seconds > 0 and any(name.endswith(".safetensors") for name in ours)
