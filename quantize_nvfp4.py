@@ -544,6 +544,16 @@ def read_env_files(*folders: Path) -> dict[str, str]:
     return merged
 
 
+def unknown_key(where: str, keys: Iterable, allowed: Iterable[str]) -> None:
+    """A UsageError for the first of `keys` not `allowed`, naming the nearest allowed key where one is close."""
+    allowed = list(allowed)
+    unknown = sorted(str(k) for k in keys if k not in allowed)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"{where}: unknown key '{unknown[0]}'{hint}; allowed: {', '.join(allowed)}")
+
+
 def _check_type(value, expected, where: str):
     if isinstance(value, bool) and expected in ((int, float), int, float):
         raise UsageError(f"{where}: expected a number, got {value!r}")
@@ -584,9 +594,7 @@ def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: each entry must be a mapping with at least 'path'")
     where += f" ({entry.get('name') or entry.get('path') or '?'})"
-    unknown = sorted(set(entry) - set(DATASET_KEYS))
-    if unknown:
-        raise UsageError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(DATASET_KEYS)}")
+    unknown_key(where, entry, DATASET_KEYS)
     if entry.get("path") is None:
         raise UsageError(f"{where}: missing required key 'path'")
     values = {k: v for k, v in entry.items() if v is not None}
@@ -628,9 +636,7 @@ def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
         raise UsageError(f"{yaml_path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(doc, dict):
         raise UsageError(f"{yaml_path}: top level must be a mapping with a 'datasets:' list")
-    unknown = sorted(set(doc) - {"datasets", "calibration"})
-    if unknown:
-        raise UsageError(f"{yaml_path}: unknown top-level key '{unknown[0]}'; allowed: datasets, calibration")
+    unknown_key(f"{yaml_path}: top level", doc, ("datasets", "calibration"))
     entries = doc.get("datasets")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{yaml_path}: 'datasets:' must be a non-empty list of dataset entries")
@@ -700,10 +706,7 @@ def check_unique_names(specs: list[DatasetSpec], entries: list[dict], yaml_path:
 def parse_calibration_block(block, yaml_path: Path) -> dict:
     if not isinstance(block, dict):
         raise UsageError(f"{yaml_path}: 'calibration:' must be a mapping")
-    unknown = sorted(set(block) - set(CALIBRATION_DEFAULTS))
-    if unknown:
-        raise UsageError(f"{yaml_path}: calibration: unknown key '{unknown[0]}'; "
-                         f"allowed: {', '.join(CALIBRATION_DEFAULTS)}")
+    unknown_key(f"{yaml_path}: calibration", block, CALIBRATION_DEFAULTS)
     for key, value in block.items():
         where = f"{yaml_path}: calibration.{key}"
         if key != "batch_size":

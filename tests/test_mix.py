@@ -26,7 +26,8 @@ def test_valid_mix_resolves_relative_paths_and_defaults(data_dir):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    ("    colour: red\n", "unknown key 'colour'"),
+    ("    colour: red\n", "allowed: name, path, split"),
+    ("    wieght: 2\n", "unknown key 'wieght' (did you mean 'weight'?)"),
     ("    weight: 0\n", "'weight' must be > 0"),
     ("    weight: -1\n", "'weight' must be > 0"),
     ("    weight: heavy\n", "'weight': expected int or float"),
@@ -50,11 +51,12 @@ def test_unknown_formatter_lists_allowed(data_dir):
     ("datasets: [\n", "malformed YAML"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("datasets: []\n", "non-empty list"),
-    ("dataset:\n  - name: a\n", "unknown top-level key 'dataset'"),
+    ("dataset:\n  - name: a\n", r"top level: unknown key 'dataset' \(did you mean 'datasets'\?\)"),
     ("datasets:\n  - name: a\n    path: null\n", "missing required key 'path'"),
     ("datasets:\n  - name: a\n", "missing required key 'path'"),
     ("datasets:\n  - name: a\n    path: x\n  - name: a\n    path: y\n", "'a' is used twice"),
-    ("calibration:\n  max_sample: 3\ndatasets:\n  - name: a\n    path: x\n", "unknown key 'max_sample'"),
+    ("calibration:\n  max_sample: 3\ndatasets:\n  - name: a\n    path: x\n",
+     r"calibration: unknown key 'max_sample' \(did you mean 'max_samples'\?\)"),
     ("calibration:\n  max_samples: many\ndatasets:\n  - name: a\n    path: x\n", "calibration.max_samples"),
 ])
 def test_bad_documents(tmp_path, text, fragment):
