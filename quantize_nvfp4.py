@@ -1568,20 +1568,25 @@ def select_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_s
 
 
 def holdout_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_samples: int, seed: int,
-                    count: int) -> list[list[int]]:
-    """Samples the trim left out: disjoint from calibration, which stays exactly as without them."""
-    return [ids for _, ids in shuffled_pool(tokenized, min_tokens, seed)[max_samples: max_samples + count]]
+                    count: int) -> list[tuple[str, list[int]]]:
+    """Samples the trim left out, as (dataset, ids): disjoint from calibration, which stays exactly as without
+    them."""
+    return shuffled_pool(tokenized, min_tokens, seed)[max_samples: max_samples + count]
 
 
-def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, kept: dict,
-                      samples: list[list[int]]) -> dict:
+def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, tokenized: dict, kept: dict,
+                      samples: list[list[int]], holdout: list[tuple[str, list[int]]]) -> dict:
+    """The manifest's record of the data: per dataset, rows requested, loaded, skipped by the formatter, too short,
+    kept for calibration and held out for --eval (the rest were the oversampling's surplus)."""
     lengths = [len(s) for s in samples] or [0]
+    held = Counter(name for name, _ in holdout)
     return {
         "target_samples": settings.max_samples,
         "requested_samples": sum(requests.values()),
         "kept_samples": len(samples),
         "per_dataset": [{"name": n, "requested": requests[n], "loaded": loaded[n], "skipped_rows": skipped[n],
-                         "kept": kept[n]} for n in requests],
+                         "too_short": sum(len(ids) < settings.min_token_length for ids in tokenized[n]),
+                         "kept": kept[n], "held_out": held[n]} for n in requests],
         "tokens": {"total": sum(lengths), "min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1),
                    "max": max(lengths)},
     }
@@ -1607,13 +1612,14 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
                   "too_short": sum(len(ids) < settings.min_token_length for ids in tokenized[spec.name])}
         check_contributes(spec, where, columns, counts, settings.min_token_length)
     samples, kept = select_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed)
-    holdout = holdout_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed,
-                              settings.eval_samples) if settings.eval else []
+    held = holdout_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed,
+                           settings.eval_samples) if settings.eval else []
+    holdout = [ids for _, ids in held]
     if settings.eval and 0 < len(holdout) < settings.eval_samples:
         warn(f"--eval: only {len(holdout)} of {settings.eval_samples} held-out samples left after calibration took "
              f"{len(samples)}; raise --oversample_ratio for more")
     loaded = {name: len(t) for name, t in texts.items()}
-    stats = calibration_stats(settings, requests, loaded, skipped, kept, samples)
+    stats = calibration_stats(settings, requests, loaded, skipped, tokenized, kept, samples, held)
     if settings.eval and not holdout:
         raise UsageError(f"--eval: no held-out samples left: all {len(samples)} usable samples went to calibration; "
                          "raise --oversample_ratio or lower --max_samples")
@@ -4915,8 +4921,10 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
 def print_plan(settings: Settings, stats: dict) -> None:
     log(f"calibration plan: {settings.max_samples} samples x <= {settings.max_seq_len} tokens, "
         f"oversample {settings.oversample_ratio}, seed {settings.seed}, min {settings.min_token_length} tokens")
-    rows = [(d["name"], d["requested"], d["loaded"], d["skipped_rows"], d["kept"]) for d in stats["per_dataset"]]
-    print_table(("dataset", "requested", "loaded", "skipped", "kept"), rows)
+    header = ("dataset", "requested", "loaded", "skipped", "too short", "kept") + ("held out",) * settings.eval
+    rows = [(d["name"], d["requested"], d["loaded"], d["skipped_rows"], d["too_short"], d["kept"])
+            + (d["held_out"],) * settings.eval for d in stats["per_dataset"]]
+    print_table(header, rows)
     t = stats["tokens"]
     log(f"kept {stats['kept_samples']} samples, {t['total']} tokens (min {t['min']}, mean {t['mean']}, max {t['max']})")
 

@@ -118,6 +118,19 @@ def test_prepare_is_deterministic_and_counts_add_up(tmp_path, tiny_model, tokeni
     assert q.prepare_calibration_data(other_seed, tokenizer)[0] != samples
 
 
+def test_per_dataset_counts_say_where_every_row_went(tmp_path, tiny_model, tokenizer, capsys):
+    """Too short, kept, held out for --eval: each dataset's rows, the oversampling's surplus the rest; the plan's
+    table shows the held-out column with --eval."""
+    settings = settings_for(make_mix(tmp_path), tiny_model, eval=True, eval_samples=6)
+    samples, stats, holdout = q.prepare_calibration_data(settings, tokenizer)
+    per = stats["per_dataset"]
+    assert sum(d["kept"] for d in per) == len(samples) and sum(d["held_out"] for d in per) == len(holdout) == 6
+    assert all(d["too_short"] + d["kept"] + d["held_out"] <= d["loaded"] for d in per)
+    q.print_plan(settings, stats)
+    header = next(line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("dataset "))
+    assert header.split()[-3:] == ["kept", "held", "out"] and "too short" in header
+
+
 def test_shortfall_warns_with_per_dataset_counts(tmp_path, tiny_model, tokenizer, capsys):
     settings = settings_for(make_mix(tmp_path, rows_a=3, rows_b=2), tiny_model)
     samples, stats, _ = q.prepare_calibration_data(settings, tokenizer)
