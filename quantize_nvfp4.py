@@ -5059,11 +5059,11 @@ def self_test(args: argparse.Namespace, run_job: Callable[[argparse.Namespace, P
         keep_output = bool(args.output_model)
         args.output_model = args.output_model or str(tmp_path / "out")
         args.dataset_yaml = args.dataset_yaml or str(SAMPLES_YAML)
-        start = time.perf_counter()
         status = run_job(args, tmp_path)
         check_dequantization(Path(args.input_model), Path(args.output_model))
         kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
-        log(f"{label} passed in {time.perf_counter() - start:.1f} s: {args.output_model}{kept}")
+        # on the clock of the stage lines and the summary's wall
+        log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {label} passed: {args.output_model}{kept}")
         return status
 
 
