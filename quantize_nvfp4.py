@@ -3760,16 +3760,23 @@ def write_safetensors(tensors: dict, filename: str | os.PathLike, metadata: dict
             written(data.nbytes)
 
 
+# Where export_hf_checkpoint's shards are written: transformers' save_pretrained (safetensors' save_file, imported
+# under this name in modeling_utils) for a model in memory, ModelOpt's streaming writer for an offloaded one
+SHARD_WRITERS = (("transformers.modeling_utils", "safe_save_file"),
+                 ("modelopt.torch.export.unified_export_hf_streaming", "save_file"))
+
+
 @contextlib.contextmanager
 def shards_written_by_write_safetensors(expected_bytes: int):
-    """While export_hf_checkpoint runs: its save_pretrained call writes each shard with write_safetensors, not
-    with transformers' `safe_save_file` (safetensors' save_file, imported under that name in modeling_utils: the
-    one private name this takes). Everything else save_pretrained does (the shard split, the index, tied weights,
-    config files) stays its own; test_export_writer fails if a checkpoint written so ever differs from one written
-    without it. Yields a clock of the seconds spent writing shards; a progress line counts the MiB written against
-    `expected_bytes` (the checkpoint's estimate)."""
+    """While export_hf_checkpoint runs: each shard is written by write_safetensors instead of safetensors' save_file
+    (SHARD_WRITERS: the private names this takes; one a library no longer has is left alone, and then untimed).
+    Everything else the exporters do (the shard split, the index, tied weights, config files) stays their own;
+    test_export_writer fails if a checkpoint written so ever differs from one written without it. Yields a clock
+    of the seconds spent writing shards; a progress line counts the MiB written against `expected_bytes` (the
+    checkpoint's estimate)."""
+    import importlib
+
     import torch
-    import transformers.modeling_utils as modeling
 
     clock, progress = DeviceClock(), Progress(desc="write shards", unit="MiB", total=max(expected_bytes >> 20, 1))
     total_written = 0
@@ -3782,16 +3789,21 @@ def shards_written_by_write_safetensors(expected_bytes: int):
     def timed_write(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         with clock.timing(torch.device("cpu")):  # the wall clock: the copies from the GPU are waited for
             write_safetensors(tensors, filename, metadata, count)
-    original = getattr(modeling, "safe_save_file", None)
-    if original is None:  # a transformers that writes its shards some other way: left to do so (and untimed)
-        yield clock
-        return
-    modeling.safe_save_file = timed_write
+    originals = []
+    for module_name, attribute in SHARD_WRITERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, attribute):
+            originals.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, timed_write)
     try:
         with progress:
             yield clock
     finally:
-        modeling.safe_save_file = original
+        for module, attribute, original in originals:
+            setattr(module, attribute, original)
 
 
 @dataclasses.dataclass
@@ -3804,7 +3816,7 @@ class Export:
     carried_unloaded: list[str]
     seconds: float
     modelopt_seconds: float  # of which export_hf_checkpoint
-    shard_seconds: float | None  # of which write_safetensors (None: it wrote nothing, e.g. offloaded models)
+    shard_seconds: float | None  # of which write_safetensors (None: no shard went through it)
 
 
 @contextlib.contextmanager
