@@ -1696,6 +1696,11 @@ def load_model_config(settings: Settings):
     local = Path(settings.input_model).expanduser()
     if settings.input_model.startswith((".", "/", "~")) and not local.is_dir():
         raise UsageError(f"model not found: {settings.input_model} is not a directory")
+    if local.is_dir() and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        raise UsageError(f"{settings.input_model} is a PEFT adapter (adapter_config.json, no config.json): merge it "
+                         "into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
+                         ".merge_and_unload().save_pretrained(folder), with the base's tokenizer) and quantize that "
+                         "folder")
     if not local.is_dir():
         check_hub_model(settings.input_model)
     try:

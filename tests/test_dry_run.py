@@ -39,6 +39,17 @@ def test_output_that_is_the_input_model(capsys, tiny_model):
     assert_dry_run_refuses_as_the_real_run(capsys, args(tiny_model, tiny_model), "is the input model")
 
 
+def test_a_peft_adapter_folder_is_refused_with_how_to_merge_it(capsys, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "base", "peft_type": "LORA"}')
+    for main in (q.main, offload.main):
+        argv = args(adapter, tmp_path / "out", *(("--offload_folder", str(tmp_path / "off")) if main is offload.main
+                                                  else ()))
+        assert_dry_run_refuses_as_the_real_run(capsys, argv, "is a PEFT adapter", main)
+    assert listing(tmp_path) == ["adapter", "adapter/adapter_config.json"]
+
+
 def test_output_dir_holding_the_users_files(capsys, tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
