@@ -402,11 +402,15 @@ def log(message: str) -> None:
         write_line(message)
 
 
+def log_on_run_clock(message: str) -> None:
+    """A line led by the run's seconds so far: the clock of the phase table and the summary's wall."""
+    log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {message}")
+
+
 def stage(name: str) -> None:
-    """One line as a phase of the run starts, with the run's seconds so far (the phase table's clock); the phase
-    clock moves on."""
+    """One line as a phase of the run starts, on the run's clock; the phase clock moves on."""
     CONSOLE.phases.enter(name)
-    log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {name}")
+    log_on_run_clock(name)
 
 
 def print_error(message: str) -> None:
@@ -458,7 +462,7 @@ class Progress:
         if now - self.last_line >= PROGRESS_INTERVAL_S:
             self.last_line = now
             plural = self.unit if self.unit.endswith("B") else \
-                self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")  # MiB: as it is
+                self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")  # a byte unit has no plural
             log(f"{self.desc}: {self.done}/{self.total} {plural} ({self.done / max(self.total, 1):.0%}), "
                 f"{now - self.started:.1f} s")
 
@@ -1574,7 +1578,7 @@ def holdout_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_
     return shuffled_pool(tokenized, min_tokens, seed)[max_samples: max_samples + count]
 
 
-def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, tokenized: dict, kept: dict,
+def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, too_short: dict, kept: dict,
                       samples: list[list[int]], holdout: list[tuple[str, list[int]]]) -> dict:
     """The manifest's record of the data: per dataset, rows requested, loaded, skipped by the formatter, too short,
     kept for calibration and held out for --eval (the rest were the oversampling's surplus)."""
@@ -1585,7 +1589,7 @@ def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped:
         "requested_samples": sum(requests.values()),
         "kept_samples": len(samples),
         "per_dataset": [{"name": n, "requested": requests[n], "loaded": loaded[n], "skipped_rows": skipped[n],
-                         "too_short": sum(len(ids) < settings.min_token_length for ids in tokenized[n]),
+                         "too_short": too_short[n],
                          "kept": kept[n], "held_out": held[n]} for n in requests],
         "tokens": {"total": sum(lengths), "min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1),
                    "max": max(lengths)},
@@ -1596,7 +1600,7 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
     """YAML plan -> texts -> tokens -> calibration samples, stats for the manifest, and held-out samples."""
     stage(STAGE_DATA)
     requests = plan_requests(settings.datasets, settings.max_samples, settings.oversample_ratio)
-    texts, skipped, tokenized = {}, {}, {}
+    texts, skipped, tokenized, too_short = {}, {}, {}, {}
     for index, spec in enumerate(settings.datasets):
         where = f"{settings.dataset_yaml}: datasets[{index}] ({spec.name})"
         try:
@@ -1608,8 +1612,9 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
         texts[spec.name], skipped[spec.name] = collect_texts(spec, dataset, requests[spec.name],
                                                             settings.seed, tokenizer)
         tokenized[spec.name] = tokenize_texts(texts[spec.name], tokenizer, settings.max_seq_len)
+        too_short[spec.name] = sum(len(ids) < settings.min_token_length for ids in tokenized[spec.name])
         counts = {"rows_read": len(texts[spec.name]) + skipped[spec.name], "skipped_rows": skipped[spec.name],
-                  "too_short": sum(len(ids) < settings.min_token_length for ids in tokenized[spec.name])}
+                  "too_short": too_short[spec.name]}
         check_contributes(spec, where, columns, counts, settings.min_token_length)
     samples, kept = select_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed)
     held = holdout_samples(tokenized, settings.min_token_length, settings.max_samples, settings.seed,
@@ -1619,7 +1624,7 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
         warn(f"--eval: only {len(holdout)} of {settings.eval_samples} held-out samples left after calibration took "
              f"{len(samples)}; raise --oversample_ratio for more")
     loaded = {name: len(t) for name, t in texts.items()}
-    stats = calibration_stats(settings, requests, loaded, skipped, tokenized, kept, samples, held)
+    stats = calibration_stats(settings, requests, loaded, skipped, too_short, kept, samples, held)
     if settings.eval and not holdout:
         raise UsageError(f"--eval: no held-out samples left: all {len(samples)} usable samples went to calibration; "
                          "raise --oversample_ratio or lower --max_samples")
@@ -3255,8 +3260,9 @@ def output_loss_scores(model, amaxes: dict[tuple[str, ...], Any], samples: list[
     modules, device = dict(model.named_modules()), model.get_input_embeddings().weight.device
     names = [n for g in amaxes for n in g]
     scores = torch.zeros(len(names), len(FORMAT_CANDIDATES), dtype=torch.float64, device=device)
-    hooks = [(n, output_loss_hook(format_gemms(modules[n], format_weights(modules[n], amax)), scores[names.index(n)]))
-             for g, amax in amaxes.items() for n in g]
+    amax_of = {n: amax for g, amax in amaxes.items() for n in g}
+    hooks = [(n, output_loss_hook(format_gemms(modules[n], format_weights(modules[n], amax_of[n])), scores[row]))
+             for row, n in enumerate(names)]
     lengths, ranks = [len(s) for s in samples], current_ranks()
     batches = group_batches(lengths, None, DEFAULT_BATCH_TOKENS)
     if ranks.distributed:  # each rank scores its share; one sample a batch where there are fewer batches than ranks
@@ -3778,7 +3784,7 @@ def shards_written_by_write_safetensors(expected_bytes: int):
     Everything else the exporters do (the shard split, the index, tied weights, config files) stays their own;
     test_export_writer fails if a checkpoint written so ever differs from one written without it. Yields a clock
     of the seconds spent writing shards; a progress line counts the MiB written against `expected_bytes` (the
-    checkpoint's estimate)."""
+    checkpoint's estimate: the line stops at 100% if the files come out larger)."""
     import importlib
 
     import torch
@@ -3795,15 +3801,15 @@ def shards_written_by_write_safetensors(expected_bytes: int):
         with clock.timing(torch.device("cpu")):  # the wall clock: the copies from the GPU are waited for
             write_safetensors(tensors, filename, metadata, count)
     originals = []
-    for module_name, attribute in SHARD_WRITERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if hasattr(module, attribute):
-            originals.append((module, attribute, getattr(module, attribute)))
-            setattr(module, attribute, timed_write)
     try:
+        for module_name, attribute in SHARD_WRITERS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            if hasattr(module, attribute):
+                originals.append((module, attribute, getattr(module, attribute)))
+                setattr(module, attribute, timed_write)
         with progress:
             yield clock
     finally:
@@ -5079,8 +5085,7 @@ def self_test(args: argparse.Namespace, run_job: Callable[[argparse.Namespace, P
         status = run_job(args, tmp_path)
         check_dequantization(Path(args.input_model), Path(args.output_model))
         kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
-        # on the clock of the stage lines and the summary's wall
-        log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {label} passed: {args.output_model}{kept}")
+        log_on_run_clock(f"{label} passed: {args.output_model}{kept}")
         return status
 
 
@@ -5389,7 +5394,10 @@ def modelopt_quality(model, settings: Settings, job: Job, device: str) -> dict |
 
 def import_libraries(settings: Settings) -> None:
     """A real run imports torch, transformers and ModelOpt first, so that the phase table shows their import time
-    as start-up rather than inside whichever phase needs them first; a dry run answers without ModelOpt."""
+    as start-up rather than inside whichever phase needs them first; a dry run answers without ModelOpt. ModelOpt's
+    unused plugins are skipped unless the model brings its own code, which may import one of those packages."""
+    if not settings.trust_remote_code:
+        skip_unused_plugins()
     if settings.dry_run:
         return
     import modelopt.torch.export  # noqa: F401
@@ -5427,7 +5435,6 @@ def run(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_console(args.verbose)
-    skip_unused_plugins()
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
     try:
         if args.list_configs:

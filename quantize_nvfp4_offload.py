@@ -1619,7 +1619,6 @@ def run_self_test(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     q.start_console(args.verbose)
-    q.skip_unused_plugins()
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
     try:
         if args.list_configs:

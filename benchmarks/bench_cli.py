@@ -394,7 +394,9 @@ def render(results: dict, results_path: str) -> str:
         f"cache). Data: a local JSONL at the CLI's defaults: {w['samples']} samples of up to 2048 tokens (min "
         f"{w['min']}, median {w['median']}, max {w['max']}; {w['tokens']:,} tokens). Every run is a fresh process, "
         f"timed from outside, after {warm_up_text(w)}; ModelOpt's plain flow calibrates on the same samples, "
-        "padded as `hf_ptq.py` pads them (all to the longest), in batches of 16, with full logits."), "",
+        "padded as `hf_ptq.py` pads them (all to the longest), in batches of 16, with full logits, and imports "
+        "ModelOpt as `hf_ptq.py` does, with the plugins of whatever packages the machine has (our scripts skip "
+        "those they never use: `UNUSED_PLUGIN_PACKAGES`)."), "",
         *runs_table(results["runs"]), "", "Seconds per phase, from each run's manifest:", "",
         *phases_table(results["runs"]), "", *plain_and_imports(results), "Targets:", "",
         *targets_lines(results["targets"]), "", *speedup_headroom(results), ""])

@@ -111,3 +111,13 @@ def moe_model(tmp_path_factory):
                             eos_token_id=2, pad_token_id=3)
     Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def unused_plugins_restored():
+    """A run in this process marks ModelOpt's unused plugin packages as absent (skip_unused_plugins); the marks
+    are taken off after each test, so one test's run leaves no package unimportable for the next."""
+    yield
+    for name in q.UNUSED_PLUGIN_PACKAGES:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]

@@ -190,10 +190,28 @@ def test_unused_plugin_packages_read_as_absent(monkeypatch):
 
 @pytest.mark.slow
 def test_modelopt_keeps_the_plugins_a_run_uses():
-    """With the unused plugins skipped, ModelOpt still loads its Hugging Face quantization plugins."""
+    """With the unused plugins skipped, ModelOpt still loads its Hugging Face quantization plugins: fails if a
+    package a run needs (transformers, accelerate) is ever added to UNUSED_PLUGIN_PACKAGES."""
     code = ("import sys, quantize_nvfp4 as q; q.skip_unused_plugins(); import modelopt.torch.quantization; "
             "print(sorted(m for m in sys.modules if m.startswith('modelopt.torch.quantization.plugins.')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             check=True)
     for plugin in ("huggingface", "transformers", "accelerate"):
         assert f"'modelopt.torch.quantization.plugins.{plugin}'" in result.stdout
+
+
+def test_a_model_with_its_own_code_keeps_every_plugin_package(monkeypatch):
+    """--trust_remote_code: the model's own code may import one of the packages, so none is marked absent."""
+    calls = []
+    monkeypatch.setattr(q, "skip_unused_plugins", lambda: calls.append(1))
+    q.import_libraries(dry_settings(trust_remote_code=True))
+    assert calls == []
+    q.import_libraries(dry_settings(trust_remote_code=False))
+    assert calls == [1]
+
+
+def dry_settings(**changes):
+    """What import_libraries reads of a dry run's Settings."""
+    import types
+
+    return types.SimpleNamespace(dry_run=True, **changes)
