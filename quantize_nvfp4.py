@@ -402,15 +402,15 @@ def log(message: str) -> None:
         write_line(message)
 
 
-def log_on_run_clock(message: str) -> None:
-    """A line led by the run's seconds so far: the clock of the phase table and the summary's wall."""
-    log(f"[{time.perf_counter() - CONSOLE.started:7.1f} s] {message}")
+def run_seconds() -> float:
+    """The run's seconds so far: the clock of the stage lines, the phase table and the summary's wall."""
+    return time.perf_counter() - CONSOLE.started
 
 
 def stage(name: str) -> None:
     """One line as a phase of the run starts, on the run's clock; the phase clock moves on."""
     CONSOLE.phases.enter(name)
-    log_on_run_clock(name)
+    log(f"[{run_seconds():7.1f} s] {name}")
 
 
 def print_error(message: str) -> None:
@@ -431,7 +431,7 @@ class Progress:
         self.iterable, self.desc, self.unit, self.done = iterable, desc, unit, initial
         self.total = len(iterable) if total is None else total
         self.started = self.last_line = time.monotonic()
-        self.bar = None
+        self.bar, self.shown = None, None  # shown: the count of the last plain line
         if on_main_rank() and sys.stderr.isatty() and self.total:
             from tqdm import tqdm
 
@@ -458,19 +458,24 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             return
-        now = time.monotonic()
-        if now - self.last_line >= PROGRESS_INTERVAL_S:
-            self.last_line = now
-            plural = self.unit if self.unit.endswith("B") else \
-                self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")  # a byte unit has no plural
-            log(f"{self.desc}: {self.done}/{self.total} {plural} ({self.done / max(self.total, 1):.0%}), "
-                f"{now - self.started:.1f} s")
+        if time.monotonic() - self.last_line >= PROGRESS_INTERVAL_S:
+            self.plain_line()
+
+    def plain_line(self) -> None:
+        self.last_line, self.shown = time.monotonic(), self.done
+        plural = self.unit if self.unit.endswith("B") else \
+            self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")  # a byte unit has no plural
+        log(f"{self.desc}: {self.done}/{self.total} {plural} ({self.done / max(self.total, 1):.0%}), "
+            f"{self.last_line - self.started:.1f} s")
 
     def close(self) -> None:
+        """Clears the bar; off a terminal, a loop that printed a line ends with one at its final count."""
         if self.bar is not None:
             self.bar.close()
             CONSOLE.bars.remove(self)
             self.bar = None
+        elif self.shown is not None and self.shown != self.done:
+            self.plain_line()
 
 
 # --------------------------------------------------------------------------- settings
@@ -678,9 +683,14 @@ def check_local_path(path: str, folders: list[Path], where: str) -> None:
     parent = next((c.parent for c in candidates if c.parent.is_dir()), None)
     near = close_file_names(parent, name) if parent and name else []
     shown = [path.rstrip("/")[: -len(name)] + n for n in near]
-    hint = f"did you mean {' or '.join(shown)}?" if near else \
-        f"relative paths are resolved against the YAML's folder {folders[0]}, then the working directory"
-    raise UsageError(f"{where}: no file matches {path} ({hint})")
+    if near:
+        hint = f" (did you mean {' or '.join(shown)}?)"
+    elif Path(path).expanduser().is_absolute():
+        hint = ""
+    else:
+        hint = f" (relative paths are resolved against the YAML's folder {folders[0].resolve()}, then the working " \
+               "directory)"
+    raise UsageError(f"{where}: no file matches {path}{hint}")
 
 
 def close_file_names(folder: Path, name: str) -> list[str]:
@@ -1112,11 +1122,14 @@ def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] |
 
 
 def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
-    """FP4 weights + FP8 scales (1/16 byte per weight) for quantized linears; 2 bytes otherwise."""
-    total = 0
+    """FP4 weights + FP8 scales (1/16 byte per weight) for quantized linears; 2 bytes otherwise. A tied weight (an
+    lm_head sharing the input embeddings) is written once, so it counts once."""
+    total, seen = 0, set()
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
-            total += param.numel() * (0.5625 if name in quantized and pname == "weight" else 2)
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel() * (0.5625 if name in quantized and pname == "weight" else 2)
     return int(total)
 
 
@@ -1580,8 +1593,9 @@ def holdout_samples(tokenized: dict[str, list[list[int]]], min_tokens: int, max_
 
 def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped: dict, too_short: dict, kept: dict,
                       samples: list[list[int]], holdout: list[tuple[str, list[int]]]) -> dict:
-    """The manifest's record of the data: per dataset, rows requested, loaded, skipped by the formatter, too short,
-    kept for calibration and held out for --eval (the rest were the oversampling's surplus)."""
+    """The manifest's record of the data: per dataset, rows requested, loaded (the formatter's skips not counted),
+    skipped by the formatter, too short, kept for calibration, held out for --eval, and unused (long enough, but
+    beyond --max_samples: the oversampling's surplus)."""
     lengths = [len(s) for s in samples] or [0]
     held = Counter(name for name, _ in holdout)
     return {
@@ -1590,7 +1604,8 @@ def calibration_stats(settings: Settings, requests: dict, loaded: dict, skipped:
         "kept_samples": len(samples),
         "per_dataset": [{"name": n, "requested": requests[n], "loaded": loaded[n], "skipped_rows": skipped[n],
                          "too_short": too_short[n],
-                         "kept": kept[n], "held_out": held[n]} for n in requests],
+                         "kept": kept[n], "held_out": held[n],
+                         "unused": loaded[n] - too_short[n] - kept[n] - held[n]} for n in requests],
         "tokens": {"total": sum(lengths), "min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1),
                    "max": max(lengths)},
     }
@@ -1621,8 +1636,8 @@ def prepare_calibration_data(settings: Settings, tokenizer) -> tuple[list[list[i
                            settings.eval_samples) if settings.eval else []
     holdout = [ids for _, ids in held]
     if settings.eval and 0 < len(holdout) < settings.eval_samples:
-        warn(f"--eval: only {len(holdout)} of {settings.eval_samples} held-out samples left after calibration took "
-             f"{len(samples)}; raise --oversample_ratio for more")
+        warn(f"--eval: {len(holdout)} held-out samples left after calibration took {len(samples)}, fewer than "
+             f"--eval_samples {settings.eval_samples}; raise --oversample_ratio for more")
     loaded = {name: len(t) for name, t in texts.items()}
     stats = calibration_stats(settings, requests, loaded, skipped, too_short, kept, samples, held)
     if settings.eval and not holdout:
@@ -3789,11 +3804,12 @@ def shards_written_by_write_safetensors(expected_bytes: int):
 
     import torch
 
-    clock, progress = DeviceClock(), Progress(desc="write shards", unit="MiB", total=max(expected_bytes >> 20, 1))
-    total_written = 0
+    clock, progress, total_written = DeviceClock(), None, 0
 
     def count(nbytes: int) -> None:
-        nonlocal total_written
+        nonlocal total_written, progress
+        if progress is None:  # its clock starts with the first shard, not with the exporter's work before it
+            progress = Progress(desc="write shards", unit="MiB", total=max(expected_bytes >> 20, 1))
         total_written += nbytes
         progress.update(min(total_written >> 20, progress.total) - progress.done)
 
@@ -3810,11 +3826,12 @@ def shards_written_by_write_safetensors(expected_bytes: int):
             if hasattr(module, attribute):
                 originals.append((module, attribute, getattr(module, attribute)))
                 setattr(module, attribute, timed_write)
-        with progress:
-            yield clock
+        yield clock
     finally:
         for module, attribute, original in originals:
             setattr(module, attribute, original)
+        if progress is not None:
+            progress.close()
 
 
 @dataclasses.dataclass
@@ -4944,9 +4961,10 @@ def quality_gate(report: dict | None, max_increase: float | None) -> int:
 def print_plan(settings: Settings, stats: dict) -> None:
     log(f"calibration plan: {settings.max_samples} samples x <= {settings.max_seq_len} tokens, "
         f"oversample {settings.oversample_ratio}, seed {settings.seed}, min {settings.min_token_length} tokens")
-    header = ("dataset", "requested", "loaded", "skipped", "too short", "kept") + ("held out",) * settings.eval
+    header = ("dataset", "requested", "loaded", "skipped", "too short", "kept") + ("held out",) * settings.eval \
+        + ("unused",)
     rows = [(d["name"], d["requested"], d["loaded"], d["skipped_rows"], d["too_short"], d["kept"])
-            + (d["held_out"],) * settings.eval for d in stats["per_dataset"]]
+            + (d["held_out"],) * settings.eval + (d["unused"],) for d in stats["per_dataset"]]
     print_table(header, rows)
     t = stats["tokens"]
     log(f"kept {stats['kept_samples']} samples, {t['total']} tokens (min {t['min']}, mean {t['mean']}, max {t['max']})")
@@ -4968,12 +4986,12 @@ def calibration_samples_cell(stats: dict) -> str:
     return str(kept) if kept >= target else f"{kept} of {target} asked for (SHORT: see the warning above)"
 
 
-def calibration_time_cell(calib: dict) -> str:
-    """The calibration's seconds, with the forward loop's and the block-scale search's where there was a search."""
-    search = calib.get("scale_search")
-    if not search:
+def calibration_time_cell(calib: dict, phases: dict) -> str:
+    """The calibration's seconds, and where there was a search, its seconds as the phase table below counts them
+    (so that the two agree)."""
+    if not calib.get("scale_search") or STAGE_SEARCH not in phases:
         return f"{calib['seconds']} s"
-    return f"{calib['seconds']} s (forward loop {calib['forward_seconds']} s, scale search {search['seconds']} s)"
+    return f"{calib['seconds']} s, of which scale search {phases[STAGE_SEARCH]} s"
 
 
 def print_summary(manifest: dict, output: Path) -> None:
@@ -4988,7 +5006,7 @@ def print_summary(manifest: dict, output: Path) -> None:
         ("calibration samples", calibration_samples_cell(manifest["calibration"])),
         ("calibration tokens", calib["tokens"]),
         ("batches (padding)", f"{calib['batches']} ({calib['padding_fraction']:.1%})"),
-        ("calibration time", calibration_time_cell(calib)),
+        ("calibration time", calibration_time_cell(calib, t.get("phases_s", {}))),
         ("tokens/s (whole calibration)", calib["tokens_per_s"]),
         ("peak GPU memory", f"{calib['peak_gpu_memory_gib']} GiB" if "peak_gpu_memory_gib" in calib else "n/a (CPU)"),
         ("load / export", f"{t['load_model_s']} s / {t['export_s']} s"),
@@ -5085,7 +5103,7 @@ def self_test(args: argparse.Namespace, run_job: Callable[[argparse.Namespace, P
         status = run_job(args, tmp_path)
         check_dequantization(Path(args.input_model), Path(args.output_model))
         kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
-        log_on_run_clock(f"{label} passed: {args.output_model}{kept}")
+        log(f"{label} passed, {run_seconds():.1f} s from the process's start: {args.output_model}{kept}")
         return status
 
 
@@ -5129,7 +5147,7 @@ def config_uses() -> dict[str, list[str]]:
 
 
 def list_configs() -> int:
-    """ModelOpt's NVFP4-family configs (and the KV cache ones): those our options use, with the option, then the
+    """ModelOpt's FP4 configs (and the FP8 ones an option uses): those our options use, with the option, then the
     rest, which no option of ours selects."""
     import modelopt.torch.quantization as mtq
 
@@ -5138,7 +5156,9 @@ def list_configs() -> int:
     print(f"ModelOpt {library_versions()['nvidia-modelopt']} configs used by this tool's options:")
     for name in (n for n in names if n in uses):
         print(f"  {name:<40} {'; '.join(uses[name])}")
-    print("Other NVFP4-family configs in ModelOpt (no option here selects them):")
+    methods = [name for name, algorithm in ALGORITHMS.items() if not algorithm.preset]
+    print(f"--algorithm {', '.join(methods)}: the mode's config with ModelOpt's calibration method of that name")
+    print("Other FP4 configs in ModelOpt (no option here selects them):")
     for name in (n for n in names if n not in uses):
         print(f"  {name}")
     return 0

@@ -70,8 +70,9 @@ def test_progress_off_a_terminal_is_rate_limited_plain_lines(capsys, clock):
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
-    assert len(lines) == 5, err
+    assert len(lines) == 6, err  # and a last one at the final count
     assert re.fullmatch(r"calibrate: 100/512 samples \(20%\), 10\.0 s", lines[0]), lines[0]
+    assert re.fullmatch(r"calibrate: 512/512 samples \(100%\), 51\.2 s", lines[-1]), lines[-1]
 
 
 def test_progress_off_a_terminal_says_nothing_for_a_short_loop(capsys, clock):
@@ -146,10 +147,12 @@ def test_verify_of_a_missing_folder_says_so(tmp_path, capsys):
 
 
 def test_summary_splits_the_calibration_time_where_a_search_ran():
+    """The search's seconds are the phase table's, so that the summary and the table below it agree."""
     plain = {"seconds": 5.0, "forward_seconds": 4.5}
     searched = {**plain, "scale_search": {"linears": 7, "seconds": 0.4}}
-    assert q.calibration_time_cell(plain) == "5.0 s"
-    assert q.calibration_time_cell(searched) == "5.0 s (forward loop 4.5 s, scale search 0.4 s)"
+    phases = {q.STAGE_CALIBRATION: 4.1, q.PHASE_HESSIANS: 0.4, q.STAGE_SEARCH: 0.5}
+    assert q.calibration_time_cell(plain, phases) == "5.0 s"
+    assert q.calibration_time_cell(searched, phases) == "5.0 s, of which scale search 0.5 s"
 
 
 def test_progress_lines_name_their_unit_in_the_plural(monkeypatch, capsys):

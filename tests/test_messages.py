@@ -176,10 +176,17 @@ def test_local_looking_path_typo_names_the_file(tmp_path, monkeypatch):
 
 
 def test_path_typo_without_a_near_file(tmp_path):
+    """A relative path: where it was looked for, the YAML's folder named in full; an absolute one: nothing more."""
     yaml_path = write_yaml(tmp_path / "m.yaml", "datasets:\n  - path: ./nowhere/data.jsonl\n")
-    with pytest.raises(q.UsageError, match=r"datasets\[0\] \(\./nowhere/data\.jsonl\): no file matches "
-                                           r"\./nowhere/data\.jsonl \(relative paths are resolved against"):
+    with pytest.raises(q.UsageError) as caught:
         q.load_mix(yaml_path)
+    assert str(caught.value).endswith("datasets[0] (./nowhere/data.jsonl): no file matches ./nowhere/data.jsonl "
+                                      f"(relative paths are resolved against the YAML's folder {tmp_path.resolve()}, "
+                                      "then the working directory)")
+    missing = tmp_path / "nowhere" / "data.jsonl"
+    with pytest.raises(q.UsageError) as caught:
+        q.load_mix(write_yaml(tmp_path / "m.yaml", f"datasets:\n  - path: {missing}\n"))
+    assert str(caught.value).endswith(f"no file matches {missing}")
 
 
 def test_hub_id_without_a_local_folder_stays_a_hub_id(tmp_path, monkeypatch):

@@ -125,10 +125,11 @@ def test_per_dataset_counts_say_where_every_row_went(tmp_path, tiny_model, token
     samples, stats, holdout = q.prepare_calibration_data(settings, tokenizer)
     per = stats["per_dataset"]
     assert sum(d["kept"] for d in per) == len(samples) and sum(d["held_out"] for d in per) == len(holdout) == 6
-    assert all(d["too_short"] + d["kept"] + d["held_out"] <= d["loaded"] for d in per)
+    assert all(d["too_short"] + d["kept"] + d["held_out"] + d["unused"] == d["loaded"] for d in per)
+    assert all(d["unused"] >= 0 for d in per) and any(d["unused"] > 0 for d in per)  # the 1.5x oversampling's surplus
     q.print_plan(settings, stats)
     header = next(line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("dataset "))
-    assert header.split()[-3:] == ["kept", "held", "out"] and "too short" in header
+    assert header.split()[-4:] == ["kept", "held", "out", "unused"] and "too short" in header
 
 
 def test_shortfall_warns_with_per_dataset_counts(tmp_path, tiny_model, tokenizer, capsys):
