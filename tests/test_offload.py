@@ -79,7 +79,8 @@ def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_mem
                                           offload.STAGE_LAYER_CALIBRATION, q.PHASE_HESSIANS, q.STAGE_SEARCH,
                                           q.STAGE_EXPORT, q.STAGE_VALIDATION))
     assert manifest["tool"] == "quantize_nvfp4_offload.py"
-    assert manifest["timings"]["export_shards_s"] > 0  # ModelOpt's streaming export wrote through write_safetensors
+    # ModelOpt's streaming export wrote through write_safetensors (None otherwise; a tiny shard can round to 0.0 s)
+    assert manifest["timings"]["export_shards_s"] is not None
     assert manifest["offload"]["layers_per_device"]["disk"] >= 2
     assert manifest["calibration_run"]["batches"] == 6 and manifest["calibration_run"]["padding_fraction"] > 0
     assert manifest["arguments"]["algorithm"] == "local_hessian"  # the default, searched layer by layer in the loop
