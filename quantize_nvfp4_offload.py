@@ -50,6 +50,8 @@ REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as GPTQ rewro
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
+BATCH_ROOM_FRACTION = 0.5                    # of the GPU room a --max_gpu_memory cap leaves, what larger layer-loop
+                                             # batches may take (the rest: the estimate's margin)
 VERIFY_OPTIONS = ("verify", "reference")  # checking an existing checkpoint: quantize_nvfp4.py's alone
 LAYER_LOOP_ALGORITHMS = [name for name, a in q.ALGORITHMS.items() if a.layer_loop]
 # The activations the layer loop carries from layer to layer: the 16-bit model's (max calibrates on them), and for
@@ -72,6 +74,7 @@ class OffloadSettings:
     clean_offload: bool
     resume: bool
     checkpoint_every: int | None = None  # layers between resume points; None: by time (RESUME_INTERVAL_S)
+    batch_tokens: int = q.DEFAULT_BATCH_TOKENS  # the layer loop's padded tokens per batch (layer_batch_tokens)
 
     @property
     def layerwise_dir(self) -> Path:
@@ -192,22 +195,23 @@ def holding_offload_lock(run_job):
 
 
 # --------------------------------------------------------------------------- resume bookkeeping
-def layer_batches(samples: list[list[int]], settings: q.Settings) -> list[list[int]]:
-    """The batches every layer runs: a fixed token budget, since one layer's activations are all that live."""
-    return q.group_batches([len(s) for s in samples], settings.batch_size, q.DEFAULT_BATCH_TOKENS)
+def layer_batches(samples: list[list[int]], settings: q.Settings, tokens: int) -> list[list[int]]:
+    """The batches every layer runs, at most `tokens` padded tokens each (OffloadSettings.batch_tokens), or
+    --batch_size rows."""
+    return q.group_batches([len(s) for s in samples], settings.batch_size, tokens)
 
 
-def padded_batch_tokens(samples: list[list[int]], settings: q.Settings) -> list[int]:
+def padded_batch_tokens(samples: list[list[int]], settings: q.Settings, tokens: int) -> list[int]:
     """Each of the layer loop's batches: its rows times its longest sample."""
     lengths = [len(s) for s in samples]
-    return [len(batch) * max(lengths[i] for i in batch) for batch in layer_batches(samples, settings)]
+    return [len(batch) * max(lengths[i] for i in batch) for batch in layer_batches(samples, settings, tokens)]
 
 
-def scoring_batches(samples: list[list[int]], settings: q.Settings) -> list[int]:
+def scoring_batches(samples: list[list[int]], settings: q.Settings, tokens: int) -> list[int]:
     """--effective_bits: which of the layer loop's batches the score runs on, at most SCORE_TOKENS padded tokens
     (at least one batch): all of them where they fit, else every k-th, spread over the sample lengths (the batches
     are sorted by length)."""
-    sizes = padded_batch_tokens(samples, settings)
+    sizes = padded_batch_tokens(samples, settings, tokens)
     chosen, total = [], 0
     for index in range(0, len(sizes), math.ceil(sum(sizes) / SCORE_TOKENS)):
         if chosen and total + sizes[index] > SCORE_TOKENS:
@@ -220,7 +224,8 @@ def scoring_batches(samples: list[list[int]], settings: q.Settings) -> list[int]
 def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) -> dict:
     """What must match for resume points to be reused: model, mode, exclusions, the exact tokens and batches."""
     tokens = hashlib.sha256(json.dumps(job.samples).encode()).hexdigest()
-    batches = hashlib.sha256(json.dumps(layer_batches(job.samples, settings)).encode()).hexdigest()
+    batches = hashlib.sha256(json.dumps(layer_batches(job.samples, settings, offload.batch_tokens)).encode())
+    batches = batches.hexdigest()
     return {"input_model": settings.input_model, "mode": settings.mode, "dtype": settings.dtype,
             "algorithm": settings.algorithm,
             "kv_cache": settings.kv_cache, "moe_calibration": settings.moe_calibration,
@@ -536,13 +541,13 @@ def max_memory_map(offload: OffloadSettings, reserve_bytes: int) -> dict:
     return caps
 
 
-def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+def activation_cache_bytes(job: q.Job, settings: q.Settings, dtype, tokens: int) -> int:
     """One layer's cached inputs for all batches: hidden states (GPTQ: of both streams), position embeddings,
     attention masks."""
     import torch
 
     lengths = [len(s) for s in job.samples]
-    batches = layer_batches(job.samples, settings)
+    batches = layer_batches(job.samples, settings, tokens)
     config = text_config(job)
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
@@ -559,22 +564,22 @@ def text_config(job: q.Job):
     return job.config.get_text_config() if hasattr(job.config, "get_text_config") else job.config
 
 
-def scored_batch_tokens(job: q.Job, settings: q.Settings) -> list[int]:
+def scored_batch_tokens(job: q.Job, settings: q.Settings, tokens: int) -> list[int]:
     """The padded tokens of each batch --effective_bits scores on (scoring_batches)."""
-    sizes = padded_batch_tokens(job.samples, settings)
-    return [sizes[b] for b in scoring_batches(job.samples, settings)]
+    sizes = padded_batch_tokens(job.samples, settings, tokens)
+    return [sizes[b] for b in scoring_batches(job.samples, settings, tokens)]
 
 
-def score_store_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+def score_store_bytes(job: q.Job, settings: q.Settings, dtype, tokens: int) -> int:
     """The scoring store: for each scored batch, the hidden states entering every decoder layer and leaving the last."""
     import torch
 
     layers = len(decoder_layer_names(job.skeleton))
     width = torch.finfo(dtype).bits // 8
-    return (layers + 1) * sum(scored_batch_tokens(job, settings)) * text_config(job).hidden_size * width
+    return (layers + 1) * sum(scored_batch_tokens(job, settings, tokens)) * text_config(job).hidden_size * width
 
 
-def scoring_work_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+def scoring_work_bytes(job: q.Job, settings: q.Settings, dtype, tokens: int) -> int:
     """What the scores hold on the execution device beside a layer's weights, for their largest batch: in the
     reverse pass each linear's output change under every format, and about as much again for what autograd keeps
     for the layer's backward; for the loss, the logits, their fp32 copy and its gradient."""
@@ -582,13 +587,49 @@ def scoring_work_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
 
     outputs = max((sum(m.out_features for m in job.skeleton.get_submodule(name).modules()
                        if isinstance(m, torch.nn.Linear)) for name in decoder_layer_names(job.skeleton)), default=0)
-    width, tokens = torch.finfo(dtype).bits // 8, max(scored_batch_tokens(job, settings))
-    return tokens * max(2 * len(q.FORMAT_CANDIDATES) * outputs * width, text_config(job).vocab_size * (width + 8))
+    width, scored = torch.finfo(dtype).bits // 8, max(scored_batch_tokens(job, settings, tokens))
+    return scored * max(2 * len(q.FORMAT_CANDIDATES) * outputs * width, text_config(job).vocab_size * (width + 8))
 
 
 def largest_layer_bytes(job: q.Job, dtype) -> int:
     return max((q.parameter_bytes(job.skeleton.get_submodule(name), dtype)
                 for name in decoder_layer_names(job.skeleton)), default=0)
+
+
+def layer_token_bytes(job: q.Job, dtype) -> int:
+    """What a token of a batch holds on the GPU while a decoder layer runs it, at most: the hidden states in and
+    out, every linear's output and the MLP's activation in 16 bits, and fp32 copies of the widest input (the
+    calibration hooks' statistics); under eager attention also a row of scores per head."""
+    import torch
+
+    width, most = torch.finfo(dtype).bits // 8, 0
+    for name in decoder_layer_names(job.skeleton):
+        linears = [m for m in job.skeleton.get_submodule(name).modules() if isinstance(m, torch.nn.Linear)]
+        outputs = sum(m.out_features for m in linears) + max((m.out_features for m in linears), default=0)
+        widest = max((m.in_features for m in linears), default=0)
+        most = max(most, width * (2 * text_config(job).hidden_size + outputs) + 2 * 4 * widest)
+    if getattr(job.skeleton.config, "_attn_implementation", None) == "eager":
+        longest = max((len(s) for s in job.samples), default=0)
+        most += text_config(job).num_attention_heads * longest * (4 + width)
+    return most
+
+
+def layer_batch_tokens(job: q.Job, settings: q.Settings, offload: OffloadSettings) -> int:
+    """The layer loop's padded tokens per batch: DEFAULT_BATCH_TOKENS, or, where --max_gpu_memory leaves the GPU
+    room beside what gpu_reserve_bytes keeps, up to MAX_BATCH_TOKENS (the main script's limit) in BATCH_ROOM_FRACTION
+    of that room: a layer then runs fewer, larger GEMMs. --batch_size sets rows instead, and --effective_bits keeps
+    the default, since its scores run on a subset of these batches (scoring_batches)."""
+    import torch
+
+    if (offload.max_gpu_memory is None or settings.batch_size is not None or settings.effective_bits is not None
+            or not torch.cuda.device_count()):
+        return q.DEFAULT_BATCH_TOKENS
+    dtype = q.resolve_dtype(settings.dtype, job.config)
+    total = min(torch.cuda.get_device_properties(gpu).total_memory for gpu in range(torch.cuda.device_count()))
+    spare = int(total * (1 - GPU_RESERVE_FRACTION)) - offload.max_gpu_memory - gpu_reserve_bytes(
+        job, settings, dtype, q.DEFAULT_BATCH_TOKENS)
+    tokens = int(spare * BATCH_ROOM_FRACTION) // max(layer_token_bytes(job, dtype), 1)
+    return max(q.DEFAULT_BATCH_TOKENS, min(tokens, q.MAX_BATCH_TOKENS))
 
 
 def gptq_hessian_bytes(job: q.Job) -> int:
@@ -615,13 +656,15 @@ def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
     return q.parameter_bytes(embeddings, dtype) + room
 
 
-def gpu_reserve_bytes(job: q.Job, settings: q.Settings, dtype) -> int:
+def gpu_reserve_bytes(job: q.Job, settings: q.Settings, dtype, tokens: int) -> int:
     """The GPU room kept beside the weights: the current and next layer's inputs (--effective_bits: or the scores'
     reverse pass, which runs after calibration), the layer being calibrated (weights and temporaries) and the next
-    one prefetched, and GPTQ's Hessians."""
-    cache = activation_cache_bytes(job, settings, dtype)
-    scoring = scoring_work_bytes(job, settings, dtype) if settings.effective_bits is not None else 0
-    reserve = max(2 * cache, scoring) + 3 * largest_layer_bytes(job, dtype)
+    one prefetched, a batch's temporaries beyond DEFAULT_BATCH_TOKENS (within the 3 layers below), and GPTQ's
+    Hessians."""
+    cache = activation_cache_bytes(job, settings, dtype, tokens)
+    scoring = scoring_work_bytes(job, settings, dtype, tokens) if settings.effective_bits is not None else 0
+    batch = max(tokens - q.DEFAULT_BATCH_TOKENS, 0) * layer_token_bytes(job, dtype)
+    reserve = max(2 * cache, scoring) + 3 * largest_layer_bytes(job, dtype) + batch
     return reserve + (gptq_hessian_bytes(job) if settings.algorithm == "gptq" else 0)
 
 
@@ -631,10 +674,11 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     from accelerate import infer_auto_device_map
 
     dtype = q.resolve_dtype(settings.dtype, job.config)
-    cache = activation_cache_bytes(job, settings, dtype)
+    tokens = offload.batch_tokens
+    cache = activation_cache_bytes(job, settings, dtype, tokens)
     layers = decoder_layer_names(job.skeleton)
-    store = score_store_bytes(job, settings, dtype) if settings.effective_bits is not None else 0
-    reserve = gpu_reserve_bytes(job, settings, dtype)
+    store = score_store_bytes(job, settings, dtype, tokens) if settings.effective_bits is not None else 0
+    reserve = gpu_reserve_bytes(job, settings, dtype, tokens)
     rewritten = 0
     if settings.algorithm == "gptq":  # a copy of every decoder layer as GPTQ rewrote it, on disk
         rewritten = sum(q.parameter_bytes(job.skeleton.get_submodule(name), dtype) for name in layers)
@@ -741,7 +785,8 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
         if placement.rewritten_bytes else ""
     reserve = f"kept on each GPU beside the weights: {q.human_bytes(placement.gpu_reserve_bytes)}; " \
         if placement.gpu_reserve_bytes else ""
-    q.log(f"activation cache per layer: {q.human_bytes(placement.activation_cache_bytes)}; {reserve}{rewritten}"
+    q.log(f"layer batches of up to {offload.batch_tokens} padded tokens; activation cache per layer: "
+          f"{q.human_bytes(placement.activation_cache_bytes)}; {reserve}{rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
     if placement.score_store_bytes:
         q.log(f"--effective_bits scoring store: {score_store_place(placement, offload)}")
@@ -1131,7 +1176,7 @@ class LayerLoop:
         self.scoring = scoring
         self.layers, self.names = q.decoder_layers(model), decoder_layer_names(model)
         self.modules = dict(model.named_modules())
-        self.batches = layer_batches(samples, settings)
+        self.batches = layer_batches(samples, settings, offload.batch_tokens)
         self.masks = [q.padded_batch(samples, batch, state.pad_id)[1].to(device) for batch in self.batches]
         self.gptq = gptq_kwargs(config) if algorithm_of(config)["method"] == "gptq" else None
         self.max_kwargs = None if self.gptq else max_calibrate_kwargs(config)
@@ -1246,7 +1291,7 @@ def calibrate_by_layer(model, config: dict, state: q.CalibrationState, samples, 
     insert_quantizers(model, config)
     q.install_calibration_hooks(model, state)
     loop = LayerLoop(model, config, state, samples, settings, device, offload, scoring)
-    state.batches_run, state.cap = loop.batches, q.DEFAULT_BATCH_TOKENS
+    state.batches_run, state.cap = loop.batches, offload.batch_tokens
     state.forward_pass = 1  # one pass: MoE routing counts accumulate over every batch
     started = time.perf_counter()
     loop.run(0 if resume_after is None else loop.resume(resume_after))
@@ -1544,7 +1589,7 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
     scoring = None
     if settings.effective_bits is not None:
         folder = offload.layerwise_dir / SCORE_DIR if placement.score_store_on_disk else None
-        scoring = ScoringStore(scoring_batches(job.samples, settings), folder)
+        scoring = ScoringStore(scoring_batches(job.samples, settings, offload.batch_tokens), folder)
     loops: list[LayerLoop] = []  # the loop quantize_model's calibrate ran, for the scores that come after it
 
     def calibrate(model, config: dict, state: q.CalibrationState) -> None:
@@ -1561,6 +1606,7 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     q.import_libraries(settings)
     job = q.prepare_job(settings)
+    offload = dataclasses.replace(offload, batch_tokens=layer_batch_tokens(job, settings, offload))
     fingerprint = job_fingerprint(settings, job, offload)
     resume_after = check_resume(offload, fingerprint, settings.dry_run)
     q.stage(STAGE_PLACEMENT)
@@ -1595,7 +1641,8 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     if placement.score_store_bytes:
         extra["offload"]["score_store"] = {
             "bytes": placement.score_store_bytes, "on_disk": placement.score_store_on_disk,
-            "batches": len(scoring_batches(job.samples, settings)), "tokens": sum(scored_batch_tokens(job, settings))}
+            "batches": len(scoring_batches(job.samples, settings, offload.batch_tokens)),
+            "tokens": sum(scored_batch_tokens(job, settings, offload.batch_tokens))}
     report = functools.partial(streamed_quality_report, settings, job, offload, device)
     status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra,
                           report_quality=report)

@@ -54,21 +54,22 @@ def sizes(name: str, samples: list[list[int]]) -> dict:
     import torch
 
     kind, shape = SHAPES[name]
-    job, dtype = job_for(kind, shape, samples), torch.bfloat16
+    job, dtype, tokens = job_for(kind, shape, samples), torch.bfloat16, q.DEFAULT_BATCH_TOKENS
     settings = dataclasses.replace(bench_settings(samples, MAX_LEN, None), algorithm="local_hessian")
     layers = offload.decoder_layer_names(job.skeleton)
-    reserve = offload.gpu_reserve_bytes(job, settings, dtype)
+    reserve = offload.gpu_reserve_bytes(job, settings, dtype, tokens)
     card = int(CARD_GIB * 2**30 * (1 - offload.GPU_RESERVE_FRACTION))
     return {
         "decoder weights": sum(q.parameter_bytes(job.skeleton.get_submodule(n), dtype) for n in layers),
-        "activation cache per layer": offload.activation_cache_bytes(job, settings, dtype),
+        "activation cache per layer": offload.activation_cache_bytes(job, settings, dtype, tokens),
         "GPU reserve": reserve,
         "largest --max_gpu_memory": card - reserve,
         "GPU reserve, --effective_bits": offload.gpu_reserve_bytes(
-            job, dataclasses.replace(settings, effective_bits=5.0), dtype),
-        "GPU reserve, gptq": offload.gpu_reserve_bytes(job, dataclasses.replace(settings, algorithm="gptq"), dtype),
+            job, dataclasses.replace(settings, effective_bits=5.0), dtype, tokens),
+        "GPU reserve, gptq": offload.gpu_reserve_bytes(
+            job, dataclasses.replace(settings, algorithm="gptq"), dtype, tokens),
         "of which GPTQ's Hessians": offload.gptq_hessian_bytes(job),
-        "--effective_bits store": offload.score_store_bytes(job, settings, dtype),
+        "--effective_bits store": offload.score_store_bytes(job, settings, dtype, tokens),
     }
 
 

@@ -242,8 +242,42 @@ def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
     placement = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, 650_000, False,
                                                                                   False))
     assert placement.layers_per_device.get("disk") and placement.device_map["lm_head"] == "cpu"
-    assert placement.score_store_bytes == 5 * sum(offload.scored_batch_tokens(job, run_settings)) * 64 * 2
+    scored = offload.scored_batch_tokens(job, run_settings, q.DEFAULT_BATCH_TOKENS)
+    assert placement.score_store_bytes == 5 * sum(scored) * 64 * 2
 
+
+
+def test_layer_batches_grow_into_the_room_a_gpu_cap_leaves(tmp_path, monkeypatch):
+    """Under --max_gpu_memory the layer loop's batches take up to MAX_BATCH_TOKENS within half the GPU room left
+    beside the cap and the reserve, which then counts them, so the plan still fits; otherwise, and where the scores
+    take a subset of the batches, DEFAULT_BATCH_TOKENS."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2)
+    job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
+    run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="local_hessian", effective_bits=None)
+    per_token = offload.layer_token_bytes(job, torch.bfloat16)
+    assert per_token >= 2 * (2 * 512 + 512 + 2 * 128 + 512 + 2 * 2048 + 512 + 2048)  # in, out and every output
+    card, cap = 8 * 2**30, 6 * 2**30
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda gpu: SimpleNamespace(total_memory=card))
+
+    def tokens(cap, **changes):
+        return offload.layer_batch_tokens(job, SimpleNamespace(**{**vars(run_settings), **changes}),
+                                          offload.OffloadSettings(tmp_path, cap, None, False, False))
+
+    assert tokens(None) == tokens(2**20, effective_bits=5.0) == tokens(2**20, batch_size=4) == q.DEFAULT_BATCH_TOKENS
+    assert tokens(int(0.88 * card)) == q.DEFAULT_BATCH_TOKENS  # little room: never below the default
+    grown = tokens(cap)
+    spare = int(card * 0.9) - cap - offload.gpu_reserve_bytes(job, run_settings, torch.bfloat16,
+                                                                 q.DEFAULT_BATCH_TOKENS)
+    assert q.DEFAULT_BATCH_TOKENS < grown == spare // 2 // per_token < q.MAX_BATCH_TOKENS
+    assert tokens(2**20) == q.MAX_BATCH_TOKENS
+    reserve = offload.gpu_reserve_bytes(job, run_settings, torch.bfloat16, grown)
+    assert cap + reserve <= int(card * 0.9)
+    opts = offload.OffloadSettings(tmp_path, cap, None, False, False, batch_tokens=grown)
+    assert offload.max_memory_map(opts, reserve)[0] == cap  # the plan accepts it
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
@@ -337,7 +371,7 @@ MIXED = ("--effective_bits", "6.5", "--batch_size", "auto")  # one batch, as the
 def looped_scores(model, run_settings, folder, store_folder) -> tuple[dict, dict]:
     """quantize_model with the layer loop and its layer-by-layer scores: (its stats, what LayerScores returned)."""
     opts = offload.OffloadSettings(folder, None, None, False, False, 1)
-    store = offload.ScoringStore(offload.scoring_batches(SAMPLES, run_settings), store_folder)
+    store = offload.ScoringStore(offload.scoring_batches(SAMPLES, run_settings, q.DEFAULT_BATCH_TOKENS), store_folder)
     loops, seen = [], {}
 
     def score(model, groups):
@@ -378,12 +412,13 @@ def test_layer_by_layer_scores_equal_the_whole_model_scores(on_disk, tmp_path):
 
 
 def test_scored_batches_are_spread_over_the_lengths_within_the_token_budget(monkeypatch):
-    run_settings = settings(batch_size=2)  # six batches of 2, longest first: 128, 100, 66, 42, 24, 14 padded tokens
-    assert offload.scoring_batches(SAMPLES, run_settings) == list(range(6))  # all: far below SCORE_TOKENS
+    # six batches of 2, longest first: 128, 100, 66, 42, 24, 14 padded tokens
+    run_settings, tokens = settings(batch_size=2), q.DEFAULT_BATCH_TOKENS
+    assert offload.scoring_batches(SAMPLES, run_settings, tokens) == list(range(6))  # all: far below SCORE_TOKENS
     monkeypatch.setattr(offload, "SCORE_TOKENS", 200)
-    assert offload.scoring_batches(SAMPLES, run_settings) == [0, 2]  # every 2nd while they fit (not 4: 218 tokens)
+    assert offload.scoring_batches(SAMPLES, run_settings, tokens) == [0, 2]  # every 2nd while they fit (4: 218)
     monkeypatch.setattr(offload, "SCORE_TOKENS", 10)
-    assert offload.scoring_batches(SAMPLES, run_settings) == [0]  # at least one
+    assert offload.scoring_batches(SAMPLES, run_settings, tokens) == [0]  # at least one
 
 
 @pytest.fixture(scope="module")
