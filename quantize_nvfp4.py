@@ -72,7 +72,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -3834,6 +3834,61 @@ def shards_written_by_write_safetensors(expected_bytes: int):
             progress.close()
 
 
+@contextlib.contextmanager
+def shared_input_groups(model):
+    """While a forward runs: the quantized linears fed the same input tensor, grouped in call order; yields the list
+    the groups are added to when the context ends (they hold no tensors then)."""
+    import torch
+
+    by_input: dict = {}
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            by_input.setdefault(args[0], []).append(module)
+    handles = [model.get_submodule(n).register_forward_pre_hook(record) for n in quantized_linear_shapes(model)]
+    groups: list[list] = []
+    try:
+        yield groups
+    finally:
+        for handle in handles:
+            handle.remove()
+        groups.extend(by_input.values())
+        by_input.clear()
+
+
+@contextlib.contextmanager
+def export_knowing_shared_inputs(model, groups: list[list]):
+    """While export_hf_checkpoint runs on an offloaded model: ModelOpt finds the linears fed the same input (whose
+    input and weight global scales it unifies) with a dummy forward of its own (collect_shared_input_modules), which
+    brings every offloaded weight onto the GPU once more (1.7 s of an 8B model's export at a 6 GiB GPU cap). It is
+    handed `groups` (shared_input_groups, recorded in capture_linear_io's forward) instead, named as it names them,
+    where they cover every linear it would hook and no layernorm is to be fused (AWQ); else its own runs."""
+    import modelopt.torch.export.unified_export_hf as exporter
+    from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+
+    original = exporter.collect_shared_input_modules
+
+    def collect(root, dummy_forward_fn, collect_layernorms=False):
+        names = {id(m): n for n, m in root.named_modules()}
+        hooked = {id(m) for m in root.modules() if exporter.is_quantlinear(m) and (
+            exporter._is_enabled_quantizer(m.input_quantizer) or exporter._is_enabled_quantizer(m.weight_quantizer))}
+        found = [[m for m in group if id(m) in hooked] for group in groups]
+        if hooked - {id(m) for group in found for m in group} or "awq" in (exporter.get_quantization_format(root)
+                                                                           or "").lower():
+            return original(root, dummy_forward_fn, collect_layernorms)
+        for module in (m for group in found for m in group):
+            module.name = names[id(module)]
+        input_to_linear = {index: group for index, group in enumerate(g for g in found if g)}
+        return input_to_linear, (defaultdict(lambda: None) if collect_layernorms else None)
+
+    if has_accelerate_offload(model):
+        exporter.collect_shared_input_modules = collect
+    try:
+        yield
+    finally:
+        exporter.collect_shared_input_modules = original
+
+
 @dataclasses.dataclass
 class Export:
     """What export_checkpoint leaves for the checks after it. The export changes the model in memory, so the
@@ -3871,12 +3926,14 @@ def export_checkpoint(model, tokenizer, settings: Settings, samples: list[list[i
 
     stage(STAGE_EXPORT)
     start = time.perf_counter()
-    before, after = capture_linear_io(model, samples, device, pad_id), None
+    with shared_input_groups(model) as groups:
+        before, after = capture_linear_io(model, samples, device, pad_id), None
     if settings.algorithm == "awq_lite":
         fold_awq_scales(model)
         after = capture_linear_io(model, samples, device, pad_id, outputs=True)
     modelopt_start = time.perf_counter()
     with warnings.catch_warnings(), text_forward(model), modelopt_report(gptq=False), \
+            export_knowing_shared_inputs(model, groups), \
             shards_written_by_write_safetensors(expected_bytes) as shard_clock:
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=str(staging))

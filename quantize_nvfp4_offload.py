@@ -348,16 +348,17 @@ def read_tensors(base: Path, device: str) -> list:
     return tensors
 
 
-def to_cpu(value):
-    """A copy of nested dicts/lists/tuples with every tensor on the CPU."""
+def to_cpu(value, non_blocking: bool = False):
+    """A copy of nested dicts/lists/tuples with every tensor on the CPU. `non_blocking`: CUDA tensors are copied
+    into pinned memory in stream order, without waiting; read them only after the stream has passed that point."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
+        return value.detach().to("cpu", non_blocking=non_blocking)
     if isinstance(value, dict):
-        return {k: to_cpu(v) for k, v in value.items()}
+        return {k: to_cpu(v, non_blocking) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_cpu(v) for v in value)
+        return type(value)(to_cpu(v, non_blocking) for v in value)
     return value
 
 
@@ -403,7 +404,8 @@ class ResumeWriter(BackgroundTask):
         self.wait()
         next_inputs = list(next_inputs)  # the thread's own list: it empties it once copied, freeing GPU memory early
         ready = None
-        if next_inputs and next_inputs[0].is_cuda:  # the copy waits for the layer's kernels, not for later ones
+        if next_inputs and next_inputs[0].is_cuda:  # the copies wait for the layer's kernels, not for later ones;
+            # the layers' snapshots (layer_snapshot), copied earlier in the same stream, are complete by then too
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(next_inputs[0].device))
         self.launch(self._commit, layer, quantizers, next_inputs, ready, name="resume-writer")
@@ -428,6 +430,7 @@ class ResumeWriter(BackgroundTask):
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
                 host = [t.to("cpu") for t in next_inputs]
+            ready.synchronize()
         else:
             host = list(next_inputs)
         next_inputs.clear()
@@ -500,6 +503,42 @@ class LayerPrefetcher(BackgroundTask):
             for module, hook in modules:
                 hook.pre_forward(module)
                 self.loaded.append((module, hook))
+
+
+@contextlib.contextmanager
+def export_prefetching_layers(model, device: str):
+    """While ModelOpt's streaming export of the offloaded model materializes the decoder layers one after another
+    (each in enable_weight_access_and_writeback, writeback off), the next layer's offloaded weights load on a
+    background thread (LayerPrefetcher), as in the layer loop. Any other weight access, or a layer out of that
+    order, goes through ModelOpt's context as it is."""
+    from modelopt.torch.quantization.utils import core_utils
+
+    layers, original, prefetch = q.decoder_layers(model), core_utils.enable_weight_access_and_writeback, \
+        LayerPrefetcher(device)
+    position, expected = {id(layer): index for index, layer in enumerate(layers)}, 0
+
+    @contextlib.contextmanager
+    def access(module, root_model, name_to_module=None, writeback=True):
+        nonlocal expected
+        if writeback or position.get(id(module)) != expected:
+            with original(module, root_model, name_to_module, writeback):
+                yield
+            return
+        loaded, expected = prefetch.take(), expected + 1  # nothing for the first: the export had not begun
+        if expected < len(layers):
+            prefetch.start(layers[expected])
+        try:
+            with original(module, root_model, name_to_module, writeback=False):
+                yield
+        finally:
+            prefetch.release(loaded)
+
+    core_utils.enable_weight_access_and_writeback = access
+    try:
+        yield
+    finally:
+        core_utils.enable_weight_access_and_writeback = original
+        prefetch.close()
 
 
 def offload_hook(module):
@@ -1049,14 +1088,15 @@ def insert_quantizers(model, config: dict) -> None:
 
 
 def layer_snapshot(layer, name: str, state: q.CalibrationState) -> dict:
-    """What a resume point keeps of a calibrated layer: its quantizers' state and its MoE routing counts."""
+    """What a resume point keeps of a calibrated layer: its quantizers' state and its MoE routing counts, copied
+    without waiting for the GPU (the block amaxes are tens of MB a layer): the ResumeWriter waits before it writes."""
     from modelopt.torch.quantization.conversion import quantizer_state
     from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict
 
     coverage = {block: entry.counts for block, entry in state.coverage.items()
                 if block.startswith(name + ".") and entry.counts is not None}
     return to_cpu({"quantizer_state": quantizer_state(layer), "buffers": get_quantizer_state_dict(layer),
-                   "coverage": coverage})
+                   "coverage": coverage}, non_blocking=True)
 
 
 def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, state: q.CalibrationState,
@@ -1644,8 +1684,9 @@ def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
             "batches": len(scoring_batches(job.samples, settings, offload.batch_tokens)),
             "tokens": sum(scored_batch_tokens(job, settings, offload.batch_tokens))}
     report = functools.partial(streamed_quality_report, settings, job, offload, device)
-    status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py", extra,
-                          report_quality=report)
+    with export_prefetching_layers(model, device):
+        status = q.finish_job(model, settings, job, calibration_run, timings, device, "quantize_nvfp4_offload.py",
+                              extra, report_quality=report)
     if offload.layerwise_dir.exists():  # exported: the resume points have served their purpose
         shutil.rmtree(offload.layerwise_dir)
     if offload.clean_offload:

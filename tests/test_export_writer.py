@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import _TYPES, save_file
 
 import quantize_nvfp4 as q
-from test_calibration import SAMPLES, settings
+from test_calibration import SAMPLES, settings, tiny_fp32_model
 
 
 def every_dtype() -> dict:
@@ -95,3 +95,38 @@ def test_export_writes_what_export_hf_checkpoint_writes(tmp_path, mode, kv_cache
     assert quant["quant_algo"] == (q.MIXED_PRECISION if effective_bits else q.MODE_QUANT_ALGO[mode])
     assert quant["kv_cache_quant_algo"] == ("FP8" if kv_cache == "fp8" else None)
     assert [name for name in ours if ours[name] != theirs[name]] == []
+
+
+def test_an_offloaded_export_is_handed_the_shared_inputs_modelopt_finds(monkeypatch):
+    """ModelOpt's export groups the linears fed the same input with a dummy forward; for an offloaded model it is
+    handed the groups capture_linear_io's forward recorded instead: the same modules, named the same, in the same
+    order, without that forward. Where a linear it would hook is missing, its own forward runs."""
+    import modelopt.torch.export.unified_export_hf as exporter
+    import modelopt.torch.quantization.utils.core_utils as core_utils
+
+    model = tiny_fp32_model()
+    q.quantize_model(model, settings(), q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+
+    def dummy_forward():
+        model(torch.ones([1, 2], dtype=torch.long))
+
+    def named(found):
+        return [[m.name for m in group] for group in found[0].values()]
+
+    original = exporter.collect_shared_input_modules
+    theirs = named(exporter.collect_shared_input_modules(model, dummy_forward, collect_layernorms=True))
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in theirs
+    with q.shared_input_groups(model) as groups:
+        q.capture_linear_io(model, SAMPLES, "cpu", 0)
+    for module in model.modules():
+        module.__dict__.pop("name", None)
+
+    def no_forward():
+        raise AssertionError("the dummy forward ran")
+    monkeypatch.setattr(core_utils, "has_accelerate_offload", lambda model: True)
+    with q.export_knowing_shared_inputs(model, groups):
+        assert named(exporter.collect_shared_input_modules(model, no_forward, collect_layernorms=True)) == theirs
+    with q.export_knowing_shared_inputs(model, groups[1:]), pytest.raises(AssertionError, match="dummy forward ran"):
+        exporter.collect_shared_input_modules(model, no_forward, collect_layernorms=True)
+    assert exporter.collect_shared_input_modules is original

@@ -303,6 +303,54 @@ def test_the_size_an_embeddings_error_names_places_them_there(tmp_path, tied):
                                                                               False))
     assert offload.lookup_device(short.device_map, "model.embed_tokens.weight") == "disk"
 
+def test_the_export_prefetches_the_next_layer_while_one_is_materialized(monkeypatch):
+    """ModelOpt's streaming export opens each decoder layer's weights in order with writeback off: the next layer's
+    load starts then and is put back after; any other access goes to ModelOpt's context alone."""
+    import contextlib
+
+    import modelopt.torch.quantization.utils.core_utils as core_utils
+
+    model, events = tiny_fp32_model(), []
+    layers = q.decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+
+    @contextlib.contextmanager
+    def modelopt_access(module, root_model, name_to_module=None, writeback=True):
+        events.append(("open", names[id(module)], writeback))
+        yield
+
+    class Prefetcher:
+        def __init__(self, device):
+            self.started = None
+
+        def start(self, layer):
+            events.append(("prefetch", names[id(layer)]))
+            self.started = layer
+
+        def take(self):
+            taken, self.started = self.started, None
+            return [] if taken is None else [names[id(taken)]]
+
+        def release(self, loaded):
+            events.extend(("release", name) for name in loaded)
+
+        def close(self):
+            events.append(("close",))
+    monkeypatch.setattr(core_utils, "enable_weight_access_and_writeback", modelopt_access)
+    monkeypatch.setattr(offload, "LayerPrefetcher", Prefetcher)
+    with offload.export_prefetching_layers(model, "cpu"):
+        with core_utils.enable_weight_access_and_writeback(layers[1], model):  # out of order, writeback on
+            pass
+        for layer in layers:
+            with core_utils.enable_weight_access_and_writeback(layer, model, None, writeback=False):
+                events.append(("export", names[id(layer)]))
+    assert core_utils.enable_weight_access_and_writeback is modelopt_access
+    assert events == [("open", "model.layers.1", True),
+                      ("prefetch", "model.layers.1"), ("open", "model.layers.0", False), ("export", "model.layers.0"),
+                      ("open", "model.layers.1", False), ("export", "model.layers.1"), ("release", "model.layers.1"),
+                      ("close",)]
+
+
 # --------------------------------------------------------------------------- the layer loop, in process
 def tiny_moe_model():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
