@@ -91,13 +91,15 @@ class Placement:
     score_store_bytes: int = 0       # --effective_bits: the scoring store (ScoringStore)
     score_store_on_disk: bool = False  # it goes under the offload folder (else RAM)
     gpu_reserve_bytes: int = 0       # room kept on each GPU beside the weights (gpu_reserve_bytes); 0: no GPU
+    weights_read_in_place: bool = False  # disk-placed weights read from the source's own files (read_in_place)
 
     @property
     def offload_disk_bytes(self) -> int:
-        """What the offload folder takes: offloaded weights, two layers' activation caches, rewritten weights, the
-        scoring store where it goes to disk."""
+        """What the offload folder takes: offloaded weights (unless read in place), two layers' activation caches,
+        rewritten weights, the scoring store where it goes to disk."""
         store = self.score_store_bytes if self.score_store_on_disk else 0
-        return self.bytes_per_device.get("disk", 0) + 2 * self.activation_cache_bytes + self.rewritten_bytes + store
+        weights = 0 if self.weights_read_in_place else self.bytes_per_device.get("disk", 0)
+        return weights + 2 * self.activation_cache_bytes + self.rewritten_bytes + store
 
 
 # --------------------------------------------------------------------------- settings
@@ -738,7 +740,20 @@ def plan_placement(job: q.Job, settings: q.Settings, offload: OffloadSettings) -
     # the store goes to RAM where it fits beside the weights placed there (and, without a GPU, the activations)
     room = caps["cpu"] - bytes_per_device.get("cpu", 0) - (0 if torch.cuda.device_count() else 2 * cache)
     return Placement(device_map, bytes_per_device, layers_per_device, cache, rewritten, store, store > room,
-                     reserve if torch.cuda.device_count() else 0)
+                     reserve if torch.cuda.device_count() else 0, read_in_place(job, settings))
+
+
+def read_in_place(job: q.Job, settings: q.Settings) -> bool:
+    """Whether transformers' loader reads disk-placed weights from the source checkpoint's own files instead of
+    writing them into the offload folder: a local folder of safetensors, whose weights it converts by renaming
+    alone (no WeightConverter, such as fused MoE experts). Otherwise, and for a hub model, they count in full."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    folder = Path(settings.input_model).expanduser()
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return False
+    return not any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(job.skeleton))
 
 
 def decoder_layer_names(model) -> list[str]:
@@ -778,8 +793,9 @@ def check_offload_disk(placement: Placement, job: q.Job, settings: q.Settings, o
         needed += job.checkpoint_bytes
     free = shutil.disk_usage(probe_dir).free
     if free < needed:
+        weights = "" if placement.weights_read_in_place else "offloaded weights, "
         raise q.UsageError(f"not enough free disk for --offload_folder {offload.offload_folder}: {q.human_bytes(free)} "
-                           f"free, {q.human_bytes(needed)} needed (offloaded weights, two layers' activation caches"
+                           f"free, {q.human_bytes(needed)} needed ({weights}two layers' activation caches"
                            f"{', GPTQ-rewritten weights' if placement.rewritten_bytes else ''}"
                            f"{', the --effective_bits scoring store' if placement.score_store_on_disk else ''}"
                            f"{', the output' if same_disk else ''}); "
@@ -827,6 +843,8 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
     q.log(f"layer batches of up to {offload.batch_tokens} padded tokens; activation cache per layer: "
           f"{q.human_bytes(placement.activation_cache_bytes)}; {reserve}{rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
+    if placement.bytes_per_device.get("disk") and placement.weights_read_in_place:
+        q.log("disk-placed weights are read from the model's own safetensors files (not copied into the folder)")
     if placement.score_store_bytes:
         q.log(f"--effective_bits scoring store: {score_store_place(placement, offload)}")
 

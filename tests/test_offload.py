@@ -86,6 +86,8 @@ def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_mem
     assert manifest["arguments"]["algorithm"] == "local_hessian"  # the default, searched layer by layer in the loop
     assert manifest["calibration_run"]["scale_search"]["linears"] == 28
     assert not (tmp_path / "offload" / offload.LAYERWISE_DIR).exists()  # per-layer checkpoints gone once exported
+    assert "read from the model's own safetensors files" in result.stderr
+    assert not [p for p in (tmp_path / "offload" / offload.WEIGHTS_DIR).rglob("*") if p.suffix == ".dat"]
 
 
 @pytest.mark.slow
@@ -200,6 +202,23 @@ def test_disk_check_refuses_to_start(tmp_path):
         offload.check_offload_disk(placement, job, settings, folder)
     offload.check_offload_disk(offload.Placement({}, {"disk": 1}, {"disk": 4}, 0), job, settings, folder)
 
+
+
+def test_weights_read_from_the_source_files_need_no_offload_disk(four_layer_model, tmp_path):
+    """transformers reads disk-placed weights from a local safetensors checkpoint in place, unless a WeightConverter
+    (fused MoE experts) changes them at load time: then, and for a hub model, the offload folder holds them."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(four_layer_model)
+    job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False))
+    assert offload.read_in_place(job, SimpleNamespace(input_model=str(four_layer_model)))
+    assert not offload.read_in_place(job, SimpleNamespace(input_model=str(tmp_path)))  # no safetensors there
+    assert not offload.read_in_place(job, SimpleNamespace(input_model="org/model"))
+    moe = SimpleNamespace(skeleton=tiny_moe_model())
+    assert not offload.read_in_place(moe, SimpleNamespace(input_model=str(four_layer_model)))
+    placement = offload.Placement({}, {"disk": 10**9}, {"disk": 4}, 5, weights_read_in_place=True)
+    assert placement.offload_disk_bytes == 10
+    assert offload.Placement({}, {"disk": 10**9}, {"disk": 4}, 5).offload_disk_bytes == 10**9 + 10
 
 
 def test_plan_names_the_gpu_room_kept_for_activations(tmp_path, capsys):
