@@ -553,7 +553,7 @@ def read_env_files(*folders: Path) -> dict[str, str]:
     return merged
 
 
-def unknown_key(where: str, keys: Iterable, allowed: Iterable[str]) -> None:
+def refuse_unknown_keys(where: str, keys: Iterable, allowed: Iterable[str]) -> None:
     """A UsageError for the first of `keys` not `allowed`, naming the nearest allowed key where one is close."""
     allowed = list(allowed)
     unknown = sorted(str(k) for k in keys if k not in allowed)
@@ -603,7 +603,7 @@ def parse_dataset_entry(entry, index: int, yaml_path: Path) -> DatasetSpec:
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: each entry must be a mapping with at least 'path'")
     where += f" ({entry.get('name') or entry.get('path') or '?'})"
-    unknown_key(where, entry, DATASET_KEYS)
+    refuse_unknown_keys(where, entry, DATASET_KEYS)
     if entry.get("path") is None:
         raise UsageError(f"{where}: missing required key 'path'")
     values = {k: v for k, v in entry.items() if v is not None}
@@ -645,7 +645,7 @@ def load_mix(yaml_path: Path) -> tuple[list[DatasetSpec], dict]:
         raise UsageError(f"{yaml_path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(doc, dict):
         raise UsageError(f"{yaml_path}: top level must be a mapping with a 'datasets:' list")
-    unknown_key(f"{yaml_path}: top level", doc, ("datasets", "calibration"))
+    refuse_unknown_keys(f"{yaml_path}: top level", doc, ("datasets", "calibration"))
     entries = doc.get("datasets")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{yaml_path}: 'datasets:' must be a non-empty list of dataset entries")
@@ -720,7 +720,7 @@ def check_unique_names(specs: list[DatasetSpec], entries: list[dict], yaml_path:
 def parse_calibration_block(block, yaml_path: Path) -> dict:
     if not isinstance(block, dict):
         raise UsageError(f"{yaml_path}: 'calibration:' must be a mapping")
-    unknown_key(f"{yaml_path}: calibration", block, CALIBRATION_DEFAULTS)
+    refuse_unknown_keys(f"{yaml_path}: calibration", block, CALIBRATION_DEFAULTS)
     for key, value in block.items():
         where = f"{yaml_path}: calibration.{key}"
         if key != "batch_size":
@@ -1124,12 +1124,10 @@ def check_output_dir(output: Path, overwrite: bool, protected: dict[str, Path] |
 def estimate_checkpoint_bytes(model, quantized: set[str]) -> int:
     """FP4 weights + FP8 scales (1/16 byte per weight) for quantized linears; 2 bytes otherwise. A tied weight (an
     lm_head sharing the input embeddings) is written once, so it counts once."""
-    total, seen = 0, set()
-    for name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += param.numel() * (0.5625 if name in quantized and pname == "weight" else 2)
+    total = 0
+    for name, param in model.named_parameters():  # each tensor once, under its first name
+        module, _, kind = name.rpartition(".")
+        total += param.numel() * (0.5625 if module in quantized and kind == "weight" else 2)
     return int(total)
 
 
@@ -1710,17 +1708,23 @@ def resolve_dtype(name: str, config) -> Any:
     return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+MERGE_ADAPTER_HINT = ("merge it into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
+                      ".merge_and_unload().save_pretrained(folder), with the base's tokenizer) and quantize that folder")
+
+
+def is_peft_adapter(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
 def load_model_config(settings: Settings):
     from transformers import AutoConfig
 
     local = Path(settings.input_model).expanduser()
     if settings.input_model.startswith((".", "/", "~")) and not local.is_dir():
         raise UsageError(f"model not found: {settings.input_model} is not a directory")
-    if local.is_dir() and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
-        raise UsageError(f"{settings.input_model} is a PEFT adapter (adapter_config.json, no config.json): merge it "
-                         "into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
-                         ".merge_and_unload().save_pretrained(folder), with the base's tokenizer) and quantize that "
-                         "folder")
+    if is_peft_adapter(local):
+        raise UsageError(f"{settings.input_model} is a PEFT adapter (adapter_config.json, no config.json): "
+                         f"{MERGE_ADAPTER_HINT}")
     if not local.is_dir():
         check_hub_model(settings.input_model)
     try:
@@ -4495,6 +4499,9 @@ def run_verify(folder: Path, source: Path | None = None) -> int:
     """
     if not folder.exists():
         raise UsageError(f"--verify: {folder} does not exist")
+    if is_peft_adapter(folder):
+        raise UsageError(f"--verify: {folder} is a PEFT adapter (adapter_config.json, no config.json), not a "
+                         f"quantized checkpoint: {MERGE_ADAPTER_HINT}, then --verify its output")
     if not (folder / "config.json").is_file():
         raise UsageError(f"--verify: {folder} is not a checkpoint dir (no config.json)")
     summary, problems = {}, [f"{p} [files: whole]" for p in check_source_files(folder)]
@@ -5158,6 +5165,8 @@ def self_test(args: argparse.Namespace, run_job: Callable[[argparse.Namespace, P
         args.output_model = args.output_model or str(tmp_path / "out")
         args.dataset_yaml = args.dataset_yaml or str(SAMPLES_YAML)
         status = run_job(args, tmp_path)
+        if args.dry_run:  # nothing was written to check
+            return status
         check_dequantization(Path(args.input_model), Path(args.output_model))
         kept = "" if keep_output else " (temporary; pass --output_model to keep it)"
         log(f"{label} passed, {run_seconds():.1f} s from the process's start: {args.output_model}{kept}")
@@ -5383,6 +5392,9 @@ def dry_run_passed(settings: Settings, job: Job, extra: Iterable[str] = ()) -> i
     """The dry run's last line: what it checked, so a user knows what the overnight run can no longer trip on."""
     checked = ["the dataset mix and its samples", "the model config, tokenizer and architecture",
                "--skip_layers", f"--algorithm {settings.algorithm} on this machine"]
+    if settings.effective_bits is not None:
+        checked.append(f"--effective_bits {settings.effective_bits} (each linear group NVFP4, FP8 or 16-bit, "
+                       "chosen after calibration from output-loss scores, which the run adds)")
     if settings.output_model:
         checked += ["the output dir and its lock",
                     f"free disk for the checkpoint (about {human_bytes(job.checkpoint_bytes)})"]

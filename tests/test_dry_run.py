@@ -47,6 +47,8 @@ def test_a_peft_adapter_folder_is_refused_with_how_to_merge_it(capsys, tmp_path)
         argv = args(adapter, tmp_path / "out", *(("--offload_folder", str(tmp_path / "off")) if main is offload.main
                                                   else ()))
         assert_dry_run_refuses_as_the_real_run(capsys, argv, "is a PEFT adapter", main)
+    assert q.main(["--verify", str(adapter)]) == q.EXIT_USAGE
+    assert "is a PEFT adapter" in capsys.readouterr().err
     assert listing(tmp_path) == ["adapter", "adapter/adapter_config.json"]
 
 
@@ -111,6 +113,13 @@ def test_dry_run_says_what_it_checked_and_writes_nothing(capsys, tiny_model, tmp
     assert last.startswith("dry run passed: checked ") and "output dir and its lock" in last
     assert "free disk" in last and "nothing written" in last
     assert listing(tmp_path) == []
+
+
+def test_dry_run_names_mixed_precision_and_the_self_test_dry_run_writes_nothing(capsys, tiny_model, tmp_path):
+    assert q.main([*args(tiny_model, tmp_path / "out"), "--effective_bits", "5", "--dry_run"]) == 0
+    assert "--effective_bits 5.0 (each linear group NVFP4, FP8 or 16-bit" in capsys.readouterr().err
+    assert q.main(["--self_test", "--dry_run", "--output_model", str(tmp_path / "st")]) == 0
+    assert "dry run passed" in capsys.readouterr().err and listing(tmp_path) == []
 
 
 def test_offload_dry_run_prints_the_placement_and_writes_nothing(capsys, tiny_model, tmp_path):

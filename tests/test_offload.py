@@ -257,7 +257,8 @@ def test_a_tied_head_is_placed_with_the_input_embeddings(tmp_path):
     config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
-    run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="local_hessian", effective_bits=6.0)
+    run_settings = SimpleNamespace(input_model="org/model", dtype="bfloat16", batch_size=None,
+                                   algorithm="local_hessian", effective_bits=6.0)
     placement = offload.plan_placement(job, run_settings, offload.OffloadSettings(tmp_path, None, 650_000, False,
                                                                                   False))
     assert placement.layers_per_device.get("disk") and placement.device_map["lm_head"] == "cpu"
@@ -310,7 +311,8 @@ def test_the_size_an_embeddings_error_names_places_them_there(tmp_path, tied):
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     job = SimpleNamespace(config=config, skeleton=q.empty_model(config, False), samples=SAMPLES)
     job.skeleton.tie_weights()  # as plan_placement does
-    run_settings = SimpleNamespace(dtype="bfloat16", batch_size=None, algorithm="max", effective_bits=None)
+    run_settings = SimpleNamespace(input_model="org/model", dtype="bfloat16", batch_size=None,
+                                   algorithm="max", effective_bits=None)
     layer = offload.largest_layer_bytes(job, torch.bfloat16)
     head = layer if tied else q.parameter_bytes(job.skeleton.lm_head, torch.bfloat16)
     assert tied or head > layer
