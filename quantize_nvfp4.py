@@ -1709,7 +1709,8 @@ def resolve_dtype(name: str, config) -> Any:
 
 
 MERGE_ADAPTER_HINT = ("merge it into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
-                      ".merge_and_unload().save_pretrained(folder), with the base's tokenizer) and quantize that folder")
+                      ".merge_and_unload().save_pretrained(folder), with the base's tokenizer) and quantize that "
+                      "folder")
 
 
 def is_peft_adapter(folder: Path) -> bool:
