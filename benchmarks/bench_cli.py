@@ -254,8 +254,27 @@ def check_targets(runs: dict) -> dict:
     return checked
 
 
+def uncompiled_packages(names=("torch", "transformers", "modelopt", "accelerate", "safetensors")) -> list[str]:
+    """The packages whose modules have no cached byte code: every fresh process would compile them from source (8 s of
+    ModelOpt's import on an H100 machine where it was installed with pip --no-compile and PYTHONDONTWRITEBYTECODE
+    set), which no pip-installed environment pays."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin) if spec and spec.origin else None
+        if origin is not None and not Path(importlib.util.cache_from_source(str(origin))).is_file():
+            missing.append(f"{name} ({origin.parent})")
+    return missing
+
+
 def run_all(args: argparse.Namespace) -> dict:
     workload, work = (TINY if args.tiny else FULL), Path(args.work)
+    missing = uncompiled_packages()
+    if missing and not args.tiny:
+        raise SystemExit(f"no cached byte code for {', '.join(missing)}: each timed process would compile them; "
+                         "install as pip does by default, or run python -m compileall on those folders first")
     work.mkdir(parents=True, exist_ok=True)
     code, setup_s = run_logged([sys.executable, __file__, "--child", "workload", "--work", str(work), "--device",
                                 args.device, *(["--tiny"] if args.tiny else [])], work / "workload.log")
@@ -375,8 +394,8 @@ def paragraph(text: str) -> str:
 
 
 def warm_up_text(workload: dict) -> str:
-    self_test = ("`--self_test` process (CUDA start-up, Triton compiles, Python byte code cached as an installed "
-                 "package has it)")
+    self_test = ("`--self_test` process (CUDA start-up, Triton compiles; the packages' byte code is compiled "
+                 "beforehand, as pip installs them, which the benchmark checks)")
     if "warm_up_forward_s" not in workload:
         return f"one untimed {self_test}"
     return (f"two untimed processes: a {self_test}, then the bf16 forward of the batches (the first use of the "
