@@ -3841,24 +3841,31 @@ def shards_written_by_write_safetensors(expected_bytes: int):
 
 @contextlib.contextmanager
 def shared_input_groups(model):
-    """While a forward runs: the quantized linears fed the same input tensor, grouped in call order; yields the list
-    the groups are added to when the context ends (they hold no tensors then)."""
+    """While a forward runs on an offloaded model (export_knowing_shared_inputs): the quantized linears fed the same
+    input tensor, grouped in call order, into the list it yields. Inputs are held weakly: each is freed when the
+    forward is done with it, as without the hooks."""
     import torch
+    from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+    from torch.utils.weak import WeakIdKeyDictionary
 
-    by_input: dict = {}
+    groups: list[list] = []
+    if not has_accelerate_offload(model):
+        yield groups
+        return
+    by_input = WeakIdKeyDictionary()
 
     def record(module, args):
         if args and isinstance(args[0], torch.Tensor):
-            by_input.setdefault(args[0], []).append(module)
+            if args[0] not in by_input:
+                by_input[args[0]] = []
+                groups.append(by_input[args[0]])
+            by_input[args[0]].append(module)
     handles = [model.get_submodule(n).register_forward_pre_hook(record) for n in quantized_linear_shapes(model)]
-    groups: list[list] = []
     try:
         yield groups
     finally:
         for handle in handles:
             handle.remove()
-        groups.extend(by_input.values())
-        by_input.clear()
 
 
 @contextlib.contextmanager

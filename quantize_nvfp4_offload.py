@@ -231,7 +231,8 @@ def job_fingerprint(settings: q.Settings, job: q.Job, offload: OffloadSettings) 
     return {"input_model": settings.input_model, "mode": settings.mode, "dtype": settings.dtype,
             "algorithm": settings.algorithm,
             "kv_cache": settings.kv_cache, "moe_calibration": settings.moe_calibration,
-            "unquantized": job.unquantized, "batch_size": settings.batch_size, "calibration_tokens_sha256": tokens,
+            "unquantized": job.unquantized, "batch_size": settings.batch_size, "batch_tokens": offload.batch_tokens,
+            "calibration_tokens_sha256": tokens,
             "batches_sha256": batches,
             "checkpoint_every": offload.checkpoint_every}
 
@@ -655,15 +656,29 @@ def layer_token_bytes(job: q.Job, dtype) -> int:
     return most
 
 
+def resumed_batch_tokens(offload: OffloadSettings) -> int | None:
+    """--resume: the batch size the interrupted run chose (its job file), so that a run resumed under another
+    --max_gpu_memory, or on another GPU, runs the same batches."""
+    job_file = offload.offload_folder / JOB_FILE
+    if not offload.resume or not job_file.is_file():
+        return None
+    try:
+        tokens = json.loads(job_file.read_text()).get("batch_tokens")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return tokens if isinstance(tokens, int) and tokens > 0 else None
+
+
 def layer_batch_tokens(job: q.Job, settings: q.Settings, offload: OffloadSettings) -> int:
     """The layer loop's padded tokens per batch: DEFAULT_BATCH_TOKENS, or, where --max_gpu_memory leaves the GPU
     room beside what gpu_reserve_bytes keeps, up to MAX_BATCH_TOKENS (the main script's limit) in BATCH_ROOM_FRACTION
     of that room: a layer then runs fewer, larger GEMMs. --batch_size sets rows instead, and --effective_bits keeps
-    the default, since its scores run on a subset of these batches (scoring_batches)."""
+    the default, since its scores run on a subset of these batches (scoring_batches); so do MoE models, whose fused
+    experts' temporaries layer_token_bytes does not count."""
     import torch
 
     if (offload.max_gpu_memory is None or settings.batch_size is not None or settings.effective_bits is not None
-            or not torch.cuda.device_count()):
+            or not torch.cuda.device_count() or q.moe_blocks(job.skeleton)):
         return q.DEFAULT_BATCH_TOKENS
     dtype = q.resolve_dtype(settings.dtype, job.config)
     total = min(torch.cuda.get_device_properties(gpu).total_memory for gpu in range(torch.cuda.device_count()))
@@ -700,8 +715,8 @@ def embeddings_and_layer_bytes(job: q.Job, settings: q.Settings) -> int:
 def gpu_reserve_bytes(job: q.Job, settings: q.Settings, dtype, tokens: int) -> int:
     """The GPU room kept beside the weights: the current and next layer's inputs (--effective_bits: or the scores'
     reverse pass, which runs after calibration), the layer being calibrated (weights and temporaries) and the next
-    one prefetched, a batch's temporaries beyond DEFAULT_BATCH_TOKENS (within the 3 layers below), and GPTQ's
-    Hessians."""
+    one prefetched, a batch's temporaries beyond DEFAULT_BATCH_TOKENS (those of a default batch are left to the
+    GPU_RESERVE_FRACTION slack), and GPTQ's Hessians."""
     cache = activation_cache_bytes(job, settings, dtype, tokens)
     scoring = scoring_work_bytes(job, settings, dtype, tokens) if settings.effective_bits is not None else 0
     batch = max(tokens - q.DEFAULT_BATCH_TOKENS, 0) * layer_token_bytes(job, dtype)
@@ -751,8 +766,9 @@ def read_in_place(job: q.Job, settings: q.Settings) -> bool:
     from transformers.core_model_loading import WeightConverter
 
     folder = Path(settings.input_model).expanduser()
-    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
-        return False
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")) or getattr(job.config, "quantization_config",
+                                                                               None):
+        return False  # a quantized source: its quantizer's converters re-save (and widen) what they load
     return not any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(job.skeleton))
 
 
@@ -830,7 +846,7 @@ def check_gpu_placement(placement: Placement, job: q.Job, settings: q.Settings) 
                        f"largest module placed after them, for which accelerate keeps room), or leave it out")
 
 
-def print_placement(placement: Placement, offload: OffloadSettings) -> None:
+def print_placement(placement: Placement, offload: OffloadSettings, batch_size: int | None = None) -> None:
     free = shutil.disk_usage(existing_folder(offload.offload_folder)).free
     q.log("offload plan (weights):")
     rows = [(device, placement.layers_per_device.get(device, 0), q.human_bytes(size))
@@ -840,7 +856,8 @@ def print_placement(placement: Placement, offload: OffloadSettings) -> None:
         if placement.rewritten_bytes else ""
     reserve = f"kept on each GPU beside the weights: {q.human_bytes(placement.gpu_reserve_bytes)}; " \
         if placement.gpu_reserve_bytes else ""
-    q.log(f"layer batches of up to {offload.batch_tokens} padded tokens; activation cache per layer: "
+    batches = f"{batch_size} samples" if batch_size else f"up to {offload.batch_tokens} padded tokens"
+    q.log(f"layer batches of {batches}; activation cache per layer: "
           f"{q.human_bytes(placement.activation_cache_bytes)}; {reserve}{rewritten}"
           f"free disk in {offload.offload_folder}: {q.human_bytes(free)}")
     if placement.bytes_per_device.get("disk") and placement.weights_read_in_place:
@@ -1664,12 +1681,13 @@ def calibrate_offloaded(model, settings: q.Settings, job: q.Job, device: str, of
 def run_offload(settings: q.Settings, offload: OffloadSettings) -> int:
     q.import_libraries(settings)
     job = q.prepare_job(settings)
-    offload = dataclasses.replace(offload, batch_tokens=layer_batch_tokens(job, settings, offload))
+    tokens = resumed_batch_tokens(offload) or layer_batch_tokens(job, settings, offload)
+    offload = dataclasses.replace(offload, batch_tokens=tokens)
     fingerprint = job_fingerprint(settings, job, offload)
     resume_after = check_resume(offload, fingerprint, settings.dry_run)
     q.stage(STAGE_PLACEMENT)
     placement = plan_placement(job, settings, offload)
-    print_placement(placement, offload)
+    print_placement(placement, offload, settings.batch_size)
     check_cpu_run_placement(placement, job, settings)
     check_gpu_placement(placement, job, settings)
     check_offload_disk(placement, job, settings, offload)

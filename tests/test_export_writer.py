@@ -2,6 +2,7 @@
 export): every byte as safetensors' save_file and ModelOpt's own export write them, in every mode."""
 import copy
 import json
+import weakref
 
 import pytest
 import torch
@@ -119,12 +120,20 @@ def test_an_offloaded_export_is_handed_the_shared_inputs_modelopt_finds(monkeypa
             "model.layers.0.self_attn.v_proj"] in theirs
     with q.shared_input_groups(model) as groups:
         q.capture_linear_io(model, SAMPLES, "cpu", 0)
+    assert groups == []  # not offloaded: nothing to hand over
+    monkeypatch.setattr(core_utils, "has_accelerate_offload", lambda model: True)
+    inputs = []
+    watch = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: inputs.append(weakref.ref(args[0])))
+    with q.shared_input_groups(model) as groups:
+        q.capture_linear_io(model, SAMPLES, "cpu", 0)
+        assert inputs[0]() is None  # held weakly: freed once the forward is done with it
+    watch.remove()
     for module in model.modules():
         module.__dict__.pop("name", None)
 
     def no_forward():
         raise AssertionError("the dummy forward ran")
-    monkeypatch.setattr(core_utils, "has_accelerate_offload", lambda model: True)
     with q.export_knowing_shared_inputs(model, groups):
         assert named(exporter.collect_shared_input_modules(model, no_forward, collect_layernorms=True)) == theirs
     with q.export_knowing_shared_inputs(model, groups[1:]), pytest.raises(AssertionError, match="dummy forward ran"):

@@ -87,7 +87,7 @@ def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_mem
     assert manifest["calibration_run"]["scale_search"]["linears"] == 28
     assert not (tmp_path / "offload" / offload.LAYERWISE_DIR).exists()  # per-layer checkpoints gone once exported
     assert "read from the model's own safetensors files" in result.stderr
-    assert not [p for p in (tmp_path / "offload" / offload.WEIGHTS_DIR).rglob("*") if p.suffix == ".dat"]
+    assert not list((tmp_path / "offload" / offload.WEIGHTS_DIR).rglob("*.safetensors"))  # none re-saved there
 
 
 @pytest.mark.slow
@@ -214,11 +214,23 @@ def test_weights_read_from_the_source_files_need_no_offload_disk(four_layer_mode
     assert offload.read_in_place(job, SimpleNamespace(input_model=str(four_layer_model)))
     assert not offload.read_in_place(job, SimpleNamespace(input_model=str(tmp_path)))  # no safetensors there
     assert not offload.read_in_place(job, SimpleNamespace(input_model="org/model"))
-    moe = SimpleNamespace(skeleton=tiny_moe_model())
+    moe = SimpleNamespace(config=config, skeleton=tiny_moe_model())
     assert not offload.read_in_place(moe, SimpleNamespace(input_model=str(four_layer_model)))
+    quantized = SimpleNamespace(config=SimpleNamespace(quantization_config={"quant_method": "fp8"}),
+                                skeleton=job.skeleton)
+    assert not offload.read_in_place(quantized, SimpleNamespace(input_model=str(four_layer_model)))
     placement = offload.Placement({}, {"disk": 10**9}, {"disk": 4}, 5, weights_read_in_place=True)
     assert placement.offload_disk_bytes == 10
     assert offload.Placement({}, {"disk": 10**9}, {"disk": 4}, 5).offload_disk_bytes == 10**9 + 10
+
+
+def test_a_resumed_run_keeps_the_batches_its_first_run_chose(tmp_path):
+    """--resume under another --max_gpu_memory (as the out-of-memory advice says) or on another GPU: same batches."""
+    (tmp_path / offload.JOB_FILE).write_text(json.dumps({"batch_tokens": 40000}))
+    assert offload.resumed_batch_tokens(offload.OffloadSettings(tmp_path, 2**30, None, False, True)) == 40000
+    assert offload.resumed_batch_tokens(offload.OffloadSettings(tmp_path, 2**30, None, False, False)) is None
+    (tmp_path / offload.JOB_FILE).write_text("{")
+    assert offload.resumed_batch_tokens(offload.OffloadSettings(tmp_path, 2**30, None, False, True)) is None
 
 
 def test_plan_names_the_gpu_room_kept_for_activations(tmp_path, capsys):
@@ -288,6 +300,10 @@ def test_layer_batches_grow_into_the_room_a_gpu_cap_leaves(tmp_path, monkeypatch
                                           offload.OffloadSettings(tmp_path, cap, None, False, False))
 
     assert tokens(None) == tokens(2**20, effective_bits=5.0) == tokens(2**20, batch_size=4) == q.DEFAULT_BATCH_TOKENS
+    moe = job.skeleton
+    job.skeleton = tiny_moe_model()
+    assert tokens(2**20) == q.DEFAULT_BATCH_TOKENS  # fused experts: not in the estimate
+    job.skeleton = moe
     assert tokens(int(0.88 * card)) == q.DEFAULT_BATCH_TOKENS  # little room: never below the default
     grown = tokens(cap)
     spare = int(card * 0.9) - cap - offload.gpu_reserve_bytes(job, run_settings, torch.bfloat16,
