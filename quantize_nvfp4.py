@@ -127,6 +127,7 @@ class Algorithm:
     cuda: bool = True                   # fake-quantized forwards on ModelOpt's CUDA kernels
     scale_search: bool = False          # the max pass, then our block-scale search (a torch path beside Triton's)
     layer_loop: bool = False            # the offload script's layer loop runs it
+    smooths: bool = False               # channel ranges moved into the norms before the search (smooth_hessian)
 
     @property
     def needs_triton(self) -> bool:
@@ -140,9 +141,14 @@ ALGORITHMS = {
     # ModelOpt's local_hessian recipe (each block's FP8 scale minimizing its output error dwᵀHdw on the inputs'
     # per-block Hessians), with the Hessians summed in the one max pass instead of a second, quantized forward
     "local_hessian": Algorithm("block scales searched to minimize each block's output error",
-                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",
-                               default_for=("nvfp4", "weight_only"),
+                               {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", default_for=("weight_only",),
                                cuda=False, scale_search=True, layer_loop=True),
+    # the same search after SmoothQuant's channel migration, folded into the RMSNorms before q/k/v and gate/up (both
+    # from the one max pass's statistics): NVFP4's activation blocks lose their outlier channels
+    "smooth_hessian": Algorithm("local_hessian after each norm-fed input's channel ranges move into the norm",
+                                {"method": "max"}, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", modes=("nvfp4",),
+                                default_for=("nvfp4",), cuda=False, scale_search=True, layer_loop=True,
+                                smooths=True),
     # ModelOpt's four_over_six recipe (each block's largest value on FP4's 6 or its 4, whichever rounds the block
     # with less squared error; FP8 scales normalized to 256 so that 1.5x fits), searched after the one max pass
     "four_over_six": Algorithm("each block's max on FP4's 6 or 4, whichever rounds it better", {"method": "max"},
@@ -157,6 +163,7 @@ ALGORITHMS = {
     "awq_lite": Algorithm("per-channel smoothing scales, searched per layer", {"method": "awq_lite"}),
 }
 DEFAULT_ALGORITHMS = {mode: name for name, a in ALGORITHMS.items() for mode in a.default_for}
+HESSIAN_ALGORITHMS = [name for name, a in ALGORITHMS.items() if a.preset == "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG"]
 MOE_CALIBRATION = ("routed", "all")          # all: every expert sees every calibration token (ModelOpt's remedy)
 DATASET_KEYS = {
     "name": str, "path": str, "split": str, "weight": (int, float), "text_column": str,
@@ -216,6 +223,13 @@ FOUR_OVER_SIX_FACTORS = (1.0, 1.5)  # four_over_six's block amaxes: the block's 
 FOUR_OVER_SIX_FP8_MAX = 256.0    # ModelOpt's FP8 block-scale normalization for four_over_six (448 otherwise)
 HESSIAN_DAMPING = 1e-4           # x the mean diagonal, added to each: a block calibration never excited gets the
                                  # scale with least weight error (with H = 0 every scale ties and the smallest wins)
+# smooth_hessian: each channel j of a norm's output divided by s_j = amax(x_j)^a / amax(W[:, j])^(1-a) (SmoothQuant's
+# migration, a = 0.5; geometric mean 1), s folded into the norm's weight and the reading linears' columns, so the
+# 16-bit model computes the same function while NVFP4's activation blocks lose their outlier channels
+SMOOTHING_ALPHA = 0.5
+SMOOTHABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # y = weight * x / rms(x)
+SMOOTHED_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 E4M3_MAX = 448.0                 # FP8 E4M3's largest value: an FP8 per-tensor scale maps max |x| to it
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 DEFAULT_BATCH_TOKENS = 8192      # when no probe sizes batches: CPU, and the offload script (one layer's activations)
@@ -774,9 +788,9 @@ def check_effective_bits(bits: float | None, mode: str, algorithm: str, kv_cache
         why = "vLLM does not load W4A8_NVFP4_FP8" if mode == "w4a8" else \
             "FP8 layers need input scales, which weight-only calibration does not measure"
         raise UsageError(f"--effective_bits mixes W4A4 NVFP4, FP8 and 16-bit linears: not with --{mode} ({why})")
-    if algorithm != "local_hessian":
+    if algorithm not in HESSIAN_ALGORITHMS:
         raise UsageError(f"--effective_bits scores NVFP4 under local_hessian's searched block scales: use --algorithm "
-                         f"local_hessian (the W4A4 default), not {algorithm}")
+                         f"{' or '.join(HESSIAN_ALGORITHMS)} (the W4A4 default), not {algorithm}")
     if kv_cache == "nvfp4":
         raise UsageError("--effective_bits with --kv_cache nvfp4: vLLM's mixed-precision config was not checked with "
                          "an NVFP4 KV cache; use --kv_cache fp8 or none")
@@ -2158,6 +2172,7 @@ class CalibrationState:
     searched: set = dataclasses.field(default_factory=set)
     search_seconds: float = 0.0
     hessian_clock: DeviceClock = dataclasses.field(default_factory=DeviceClock)
+    smoothing: list | None = None         # smooth_hessian: the SmoothingGroups, their statistics, what was smoothed
 
 
 def calibration_forward(model) -> Callable:
@@ -2639,7 +2654,77 @@ def install_calibration_hooks(model, state: CalibrationState) -> None:
         handles.append(router.register_forward_hook(count_routed_tokens(name, state)))
     for layer in decoder_layers(model) or []:
         handles.append(layer.register_forward_pre_hook(mask_from_attention(state), with_kwargs=True))
+    if state.smoothing is not None:
+        state.smoothing[:] = smoothing_groups(model)
+        handles += watch_smoothing_groups(model, state)
+        if not state.smoothing:
+            warn(f"--algorithm smooth_hessian: this model has no norm it folds scales into "
+                 f"({', '.join(SMOOTHABLE_NORMS)} before q/k/v and gate/up): its block scales are searched as "
+                 "local_hessian's")
     state.handles = handles
+
+
+@dataclasses.dataclass
+class SmoothingGroup:
+    """smooth_hessian: a norm and the linears reading its output (SMOOTHED_READERS), with what the max pass saw:
+    each input channel's max |x| over the real rows, and whether the readers, and only they, got the norm's very
+    output (else the group keeps its weights as they are)."""
+    norm_name: str
+    norm: Any
+    readers: dict                  # name -> quantized linear, NVFP4 inputs
+    amax: Any = None               # per input channel
+    fed_elsewhere: bool = False    # a reader got another tensor, or another quantized linear got this one
+    scales: Any = None             # s, once smoothed
+
+
+def smoothing_groups(model) -> list[SmoothingGroup]:
+    """Each norm of a kind whose weight multiplies its output (SMOOTHABLE_NORMS) whose SMOOTHED_READERS siblings
+    are all searchable linears with quantized inputs."""
+    modules, groups = dict(model.named_modules()), []
+    for name, norm in modules.items():
+        prefix, _, short = name.rpartition(".")
+        if short not in SMOOTHED_READERS or type(norm).__name__ not in SMOOTHABLE_NORMS:
+            continue
+        readers = {f"{prefix}.{r}": modules.get(f"{prefix}.{r}") for r in SMOOTHED_READERS[short]}
+        if all(r is not None and block_searchable(r) and getattr(r.input_quantizer, "is_enabled", False)
+               for r in readers.values()):
+            groups.append(SmoothingGroup(name, norm, readers))
+    return groups
+
+
+def watch_smoothing_groups(model, state: CalibrationState) -> list:
+    """Hooks for the max pass: each norm's output is noted (weakly, while the forward holds it); every quantized
+    linear's input is checked against the notes, and a group's first reader adds its input's channel maxima over
+    the real rows."""
+    import torch
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    outputs, group_of = WeakIdKeyDictionary(), {id(r): g for g in state.smoothing for r in g.readers.values()}
+
+    def note(group):
+        def hook(module, args, output):
+            outputs[output] = group
+        return hook
+
+    def check(module, args):
+        fed = outputs.get(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+        mine = group_of.get(id(module))
+        if mine is not None and fed is not mine:
+            mine.fed_elsewhere = True
+        if fed is not None and mine is not fed:
+            fed.fed_elsewhere = True
+        if mine is not None and fed is mine and module is next(iter(mine.readers.values())):
+            amax = masked_channel_amax(args[0], state.mask)
+            mine.amax = amax if mine.amax is None else torch.maximum(mine.amax, amax)
+    handles = [g.norm.register_forward_hook(note(g)) for g in state.smoothing]
+    return handles + [module.register_forward_pre_hook(check) for module in model.modules()
+                      if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)]
+
+
+def masked_channel_amax(x, mask):
+    """Each channel's max |x| over the rows `mask` keeps (all rows without one)."""
+    rows, flat = mask_for_rows(x, mask), x.detach().reshape(-1, x.shape[-1]).abs()
+    return (flat if rows is None else flat * rows.reshape(-1, 1)).amax(0)
 
 
 def collect_weights_once(model) -> None:
@@ -2820,8 +2905,9 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
                                 settings.moe_calibration)
     searches = ALGORITHMS[settings.algorithm].scale_search
     state = CalibrationState(pad_id, search=settings.algorithm if searches else None,
-                             hessians={} if settings.algorithm == "local_hessian" else None,
-                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model))
+                             hessians={} if settings.algorithm in HESSIAN_ALGORITHMS else None,
+                             zero_linear_padding=settings.algorithm == "gptq", coverage=expert_blocks(model),
+                             smoothing=[] if ALGORITHMS[settings.algorithm].smooths else None)
     on_gpu, phase = device.startswith("cuda"), CONSOLE.phases.current
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -2834,6 +2920,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
             else:
                 calibrate(model, config, state)
             book_calibration_phases(state, phase)
+            if state.smoothing:
+                smooth_groups(state.smoothing, state)
             if state.search:
                 search_model_block_scales(model, state)
     finally:
@@ -2856,6 +2944,8 @@ def quantize_model(model, settings: Settings, unquantized: list[str], samples, d
              "kept_16_bit_unreached": unreached}
     if state.search:
         stats["scale_search"] = {"linears": len(state.searched), "seconds": round(state.search_seconds, 2)}
+    if state.smoothing is not None:
+        stats["smoothing"] = smoothing_record(state.smoothing)
     if state.hessians is not None:
         stats["hessian_seconds"] = round(state.hessian_clock.seconds, 2)
     if gptq_relative_mse:
@@ -3032,6 +3122,70 @@ def four_over_six_search(weight, block_amax, global_amax):
     losses = torch.stack([rounding_error(blocks, fp8_eager(c / 6.0, scale_range)[..., None]).square().sum(-1)
                           for c in candidates])
     return candidates.gather(0, losses.argmin(0, keepdim=True)).reshape(-1)  # argmin: the first on a tie
+
+
+def smoothing_record(groups: list[SmoothingGroup]) -> dict:
+    """The manifest's account of smooth_hessian: which norms it rescaled, which it left (and why)."""
+    left = {g.norm_name: "its output also fed another linear, or a reader got another input" if g.fed_elsewhere
+            else "calibration never reached it" for g in groups if g.scales is None}
+    return {"alpha": SMOOTHING_ALPHA, "norms": len(groups) - len(left), "of": len(groups), "left": left,
+            "largest_scale": max((float(g.scales.max()) for g in groups if g.scales is not None), default=None)}
+
+
+def smoothing_scales(amax, weights: list, alpha: float = SMOOTHING_ALPHA):
+    """SmoothQuant's s per input channel from the inputs' channel maxima and the readers' weight column maxima,
+    normalized to geometric mean 1."""
+    import torch
+
+    columns = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0).clamp_min(1e-8)
+    scales = amax.float().clamp_min(1e-8) ** alpha / columns ** (1 - alpha)
+    return scales / torch.exp(torch.log(scales).mean())
+
+
+def smooth_groups(groups: list[SmoothingGroup], state: CalibrationState) -> dict:
+    """smooth_hessian, after the max pass: each group's input divided by s, folded into its norm's weight and its
+    readers' columns; what the pass calibrated follows exactly (input amax, weight block and global amaxes, the
+    Hessian sums), so the search then runs as local_hessian's. Across ranks every rank first takes every rank's
+    channel maxima. Returns the weights it rewrote, by full name."""
+    import torch
+
+    if current_ranks().distributed:
+        for group in groups:
+            if group.amax is not None:
+                torch.distributed.all_reduce(group.amax, op=torch.distributed.ReduceOp.MAX)
+    rewritten = {}
+    with torch.no_grad():
+        for group in groups:
+            if not group.fed_elsewhere and group.amax is not None and group.scales is None:
+                rewritten.update(smooth_group(group, state.hessians))
+    return rewritten
+
+
+def smooth_group(group: SmoothingGroup, hessians: dict) -> dict:
+    """One group's fold (see smooth_groups); the weights keep their dtype."""
+    import torch
+
+    readers = list(group.readers.values())
+    scales = smoothing_scales(group.amax.to(readers[0].weight.device), [r.weight for r in readers])
+    norm = group.norm.weight
+    norm.copy_((norm.float() / scales.to(norm.device)).to(norm.dtype))
+    input_amax = (group.amax.float().to(scales.device) / scales).max()
+    for reader in readers:
+        reader.weight.copy_((reader.weight.float() * scales.to(reader.weight.device)).to(reader.weight.dtype))
+        quantizer = reader.weight_quantizer
+        blocks = reader.weight.float().abs().reshape(-1, HESSIAN_BLOCK).amax(-1)
+        quantizer.amax = blocks.reshape(quantizer.amax.shape).to(quantizer.amax.dtype)
+        reader.input_quantizer.amax = input_amax.reshape(reader.input_quantizer.amax.shape).to(
+            reader.input_quantizer.amax.dtype)
+    global_amax = torch.stack([r.weight.float().abs().max().to(scales.device) for r in readers]).max()
+    for reader in readers:  # fused siblings share one global scale, as ModelOpt's calibration left them
+        reader.weight_quantizer.global_amax = global_amax
+    sums = {id(t): t for t in (hessians.get(name) for name in group.readers) if t is not None}
+    for total in sums.values():  # H' = D⁻¹ H D⁻¹ per block of 16 inputs, D = diag(s)
+        block = scales.to(total[0].device).reshape(-1, HESSIAN_BLOCK)
+        total[0] = total[0] / (block[:, :, None] * block[:, None, :])
+    group.scales = scales
+    return {f"{group.norm_name}.weight": norm, **{f"{name}.weight": r.weight for name, r in group.readers.items()}}
 
 
 def damped(hessian):
@@ -4016,6 +4170,10 @@ class CheckpointReader:
     def tensor(self, key: str):
         return self.handles[self.location[key]].get_tensor(key)
 
+    def get(self, key: str):
+        """The tensor, or None where the checkpoint has no `key`."""
+        return self.tensor(key) if key in self else None
+
 
 def read_checkpoint_tensors(folder: Path) -> dict:
     """All tensors of a safetensors checkpoint, as name -> tensor (single file or sharded)."""
@@ -4616,9 +4774,28 @@ def fidelity_limit(median: float) -> float:
     return min(FIDELITY_CAP, max(FIDELITY_FLOOR, FIDELITY_MEDIAN_FACTOR * median))
 
 
+def smoothed_input_scales(name: str, source: Callable[[str], Any], written: Callable[[str], Any]):
+    """For a linear (on-disk name) reading a norm that smooth_hessian may have rescaled (SMOOTHED_READERS): the
+    factor per input channel its input was divided by, the source's norm weight over the written one (exactly 1
+    where they agree); None for other linears. `source`, `written`: tensor by name, or None."""
+    import torch
+
+    for norm, readers in SMOOTHED_READERS.items():
+        reader = next((r for r in readers if name.endswith(f".{r}")), None)
+        if reader is not None:
+            key = f"{name[: -len(reader)]}{norm}.weight"
+            before, after = source(key), written(key)
+            if before is None or after is None:
+                return None
+            before, after = before.float(), after.float()
+            return torch.where(before == after, torch.ones_like(before), before / after)
+    return None
+
+
 def linear_error(reader: CheckpointReader, name: str, original, before: tuple, after: tuple | None, algo: str,
-                 device: str) -> float:
-    """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs.
+                 device: str, smoothing=None) -> float:
+    """||y_runtime - y_original|| / ||y_original|| for one linear on its captured inputs. `smoothing`: the factors
+    smooth_hessian divided its input by (smoothed_input_scales): the original input is the captured one times them.
 
     Where the export folded scales (awq_lite: into norms, v_proj and up_proj), the runtime's input and
     output are the original ones times per-channel factors; `after` (the folded 16-bit model's inputs and
@@ -4627,7 +4804,7 @@ def linear_error(reader: CheckpointReader, name: str, original, before: tuple, a
     import torch
 
     x = before[0].to(device).float()
-    expected = x @ original.to(device).float().T
+    expected = (x if smoothing is None else x * smoothing.to(device)) @ original.to(device).float().T
     if after is None:
         runtime = exported_linear_output(reader, name, x, algo)
     else:
@@ -4649,9 +4826,10 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
         if module_name not in before or source_key not in original or (after is not None and module_name not in after):
             unchecked.append(name)
             continue
+        smoothing = smoothed_input_scales(name, original.get, reader.get)
         errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
                                           after[module_name] if after is not None else None, layer_algo(name),
-                                          device), 5)
+                                          device, smoothing), 5)
     if names and not errors:
         raise RuntimeError(f"the fidelity check matched none of the {len(names)} quantized linears of the export to a "
                            f"module and a source weight (first: {names[0]}); the export's names are not the source's")
@@ -5086,6 +5264,9 @@ def print_summary(manifest: dict, output: Path) -> None:
     ]
     if calib.get("kept_16_bit_unreached"):
         rows.append(("16-bit: never reached by calibration", len(calib["kept_16_bit_unreached"])))
+    if "smoothing" in calib:
+        rows.append(("norms smoothed (alpha)", f"{calib['smoothing']['norms']} of {calib['smoothing']['of']} "
+                                                f"({calib['smoothing']['alpha']})"))
     mixed = calib.get("mixed_precision")
     if mixed:
         rows.append(("effective bits", f"{mixed['effective_bits']} (budget {mixed['budget_bits']})"))
@@ -5197,6 +5378,8 @@ def check_dequantization(source: Path, exported: Path, max_rel_error: float = 0.
         if algo not in QUANT_ALGO_GROUP_SIZE:
             raise RuntimeError(f"{name}: written quantized, but its format in hf_quant_config.json is {algo!r}")
         restored, reference = exported_weight(reader, name, algo), original[f"{name}.weight"].float()
+        smoothing = smoothed_input_scales(name, original.get, reader.get)
+        reference = reference if smoothing is None else reference * smoothing
         rel = (torch.linalg.norm(restored - reference) / torch.linalg.norm(reference)).item()
         if not 0 < rel < max_rel_error:
             raise RuntimeError(f"{name}: dequantized weight has relative error {rel:.4f}, "

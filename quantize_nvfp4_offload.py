@@ -42,11 +42,11 @@ WEIGHTS_DIR = "offloaded_weights"            # accelerate's disk-offloaded weigh
 LAYERWISE_DIR = "layerwise_calibration"      # resume points: per-layer scales, the newest activation cache
 EVAL_WEIGHTS_DIR = "eval_weights"             # --eval's original model, its decoder layers offloaded to disk
 PROGRESS_FILE = "manifest.json"              # the last committed layer; written last, atomically
-RESUME_FORMAT = "nvfp4-layer-loop-1"         # what this version writes; anything else is not resumed
+RESUME_FORMAT = "nvfp4-layer-loop-2"         # what this version writes; anything else is not resumed
 QUANTIZERS_FILE = "quantizers.pt"            # one layer's quantizer state (a few KiB)
 INPUTS_FILE = "next_inputs"                  # .bin: the next layer's inputs as raw bytes; .json: their index
-REWRITTEN_FILE = "gptq_weights.safetensors"  # one layer's weights as GPTQ rewrote them; disk-offloaded ones are
-                                             # read from here from then on (the source checkpoint is never touched)
+REWRITTEN_FILE = "rewritten.safetensors"     # a layer's weights as GPTQ or smooth_hessian rewrote them; offloaded
+                                             # ones are read from here (the source checkpoint is never touched)
 JOB_FILE = "nvfp4_offload_job.json"          # which job the checkpoints belong to, for --resume
 RESUME_INTERVAL_S = 300                      # --checkpoint_every auto: at most this much calibration lost to a kill
 GPU_RESERVE_FRACTION = 0.10                  # CUDA context, allocator slack
@@ -1078,8 +1078,9 @@ def gptq_layer(layer, name: str, passes: dict[str, Callable], kwargs: dict) -> d
 
 
 def keep_rewritten_weights(modules: dict, tensors: dict, path: Path) -> None:
-    """GPTQ's rewritten weights, written to `path` (for --resume, and for disk-offloaded weights to be read from)
-    and installed where the model reads them next (a layer held on a device already computes with them)."""
+    """The weights GPTQ or smooth_hessian rewrote, written to `path` (for --resume, and for disk-offloaded weights to
+    be read from) and installed where the model reads them next (a layer held on a device already computes with
+    them)."""
     from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1136,20 +1137,21 @@ def layer_snapshot(layer, name: str, state: q.CalibrationState) -> dict:
 
 def restore_layers(model, layers, modules: dict, layerwise_dir: Path, count: int, state: q.CalibrationState,
                    rewritten: bool) -> None:
-    """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once);
-    with `rewritten` (GPTQ), their rewritten weights too."""
+    """The layers calibrated before the kill, back in their calibrated state (each comes onto the GPU once), with
+    the weights the run rewrote: GPTQ's (`rewritten`: every layer has them), smooth_hessian's (where it had a group
+    to smooth)."""
     from safetensors.torch import load_file
 
     names = decoder_layer_names(model)
     for index in q.Progress(range(count), desc="restore calibrated layers", unit="layer"):
         restore_layer(model, layers[index], modules, layer_dir(layerwise_dir, index) / QUANTIZERS_FILE, state)
         state.searched.update(q.searchable_linears(layers[index], names[index]))  # their scales were searched
-        if rewritten:
-            path = layer_dir(layerwise_dir, index) / REWRITTEN_FILE
-            if not path.is_file():
-                raise q.UsageError(f"--resume: {path} is missing (GPTQ's weights of layer {index}); delete "
-                                   f"{layerwise_dir} to start over")
+        path = layer_dir(layerwise_dir, index) / REWRITTEN_FILE
+        if path.is_file():
             install_weights(modules, load_file(path), path)
+        elif rewritten:
+            raise q.UsageError(f"--resume: {path} is missing (GPTQ's weights of layer {index}); delete "
+                               f"{layerwise_dir} to start over")
 
 
 def restore_layer(model, layer, modules: dict, path: Path, state: q.CalibrationState) -> None:
@@ -1173,7 +1175,7 @@ def restore_layer(model, layer, modules: dict, path: Path, state: q.CalibrationS
 
 def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.CalibrationState, max_kwargs: dict | None,
                     gptq: dict | None) -> dict:
-    """One decoder layer's calibration, its weights in place; returns GPTQ's rewritten weights (else nothing).
+    """One decoder layer's calibration, its weights in place; returns the weights GPTQ or smooth_hessian rewrote.
 
     `passes` run every batch through the layer: "outputs" on the 16-bit model's stream, and for GPTQ
     "quantized_outputs" on the stream its Hessians are summed over (see gptq_layer). `gptq`: GPTQ's settings,
@@ -1187,6 +1189,8 @@ def calibrate_layer(layer, name: str, passes: dict[str, Callable], state: q.Cali
             rewritten = gptq_layer(layer, name, passes, gptq)
         else:
             max_calibrate(layer, passes["outputs"], **max_kwargs)
+    if state.smoothing:  # smooth_hessian: this layer's norms and their readers, rewritten before the search
+        rewritten = q.smooth_groups([g for g in state.smoothing if g.norm_name.startswith(f"{name}.")], state)
     if state.search:  # local_hessian, four_over_six: this layer's block scales, weights in place
         q.search_block_scales(q.searchable_linears(layer, name), state)
     return rewritten

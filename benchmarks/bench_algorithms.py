@@ -46,14 +46,15 @@ sys.path.insert(0, str(ROOT))
 import quantize_nvfp4 as q  # noqa: E402
 from benchmarks import smollm2  # noqa: E402
 
-W4A4_ALGORITHMS = ("max", "gptq", "mse", "local_hessian", "four_over_six", "awq_clip", "awq_lite")
+W4A4_ALGORITHMS = ("max", "gptq", "mse", "local_hessian", "smooth_hessian", "four_over_six", "awq_clip", "awq_lite")
 WEIGHT_ONLY_ALGORITHMS = ("max", "gptq", "mse", "local_hessian", "four_over_six")
 VARIANTS = {  # name -> extra flags; W4A4 first: they decide the default
     **{a: ["--algorithm", a] for a in W4A4_ALGORITHMS},
     **{f"weight_only {a}": ["--weight_only", "--algorithm", a] for a in WEIGHT_ONLY_ALGORITHMS},
 }
 # through quantize_nvfp4_offload.py, the model split across GPU, RAM and disk (offload_caps); quality from its files
-OFFLOADED = {f"offload {a}": ["--algorithm", a] for a in ("max", "local_hessian", "four_over_six", "gptq")}
+OFFLOADED = {f"offload {a}": ["--algorithm", a]
+             for a in ("max", "local_hessian", "smooth_hessian", "four_over_six", "gptq")}
 VARIANTS.update(OFFLOADED)
 FULL_SWEEP = "local_hessian all 126"  # ModelOpt's sweep over every FP8 scale, against which HESSIAN_WINDOW was chosen
 VARIANTS[FULL_SWEEP] = ["--algorithm", "local_hessian"]

@@ -128,20 +128,22 @@ def test_algorithm_refused_with_w4a8_and_offload(tiny_model, tmp_path):
                          LOCAL_YAML, "--offload_folder", str(tmp_path / "off"), "--algorithm", algorithm,
                          script=ROOT / "quantize_nvfp4_offload.py")
         assert_usage_error(result, f"--algorithm {algorithm}: this script's layer loop calibrates with max, "
-                                   "local_hessian, four_over_six, gptq")
+                                   "local_hessian, smooth_hessian, four_over_six, gptq")
 
 
 def test_algorithm_facts_come_from_the_table(monkeypatch):
     """Defaults, --help, the CUDA refusal and the offload script's choices all derive from ALGORITHMS."""
     import quantize_nvfp4_offload as offload
 
-    assert q.DEFAULT_ALGORITHMS == {"nvfp4": "local_hessian", "w4a8": "max", "weight_only": "local_hessian"}
+    assert q.DEFAULT_ALGORITHMS == {"nvfp4": "smooth_hessian", "w4a8": "max", "weight_only": "local_hessian"}
     assert offload.LAYER_LOOP_ALGORITHMS == [n for n, a in q.ALGORITHMS.items() if a.layer_loop]
     text = q.algorithm_help()
     for name, algorithm in q.ALGORITHMS.items():
         assert f"{name} ({algorithm.summary}" in text
-    assert ("local_hessian (block scales searched to minimize each block's output error; default for W4A4, "
-            "--weight_only)") in text
+    assert "local_hessian (block scales searched to minimize each block's output error; default for --weight_only)" \
+        in text
+    assert "smooth_hessian (local_hessian after each norm-fed input's channel ranges move into the norm; default " \
+        "for W4A4)" in text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name, algorithm in q.ALGORITHMS.items():
         if algorithm.cuda:
@@ -161,9 +163,9 @@ def test_algorithm_facts_come_from_the_table(monkeypatch):
                 offload.build_offload_settings(args)
 
 
-@pytest.mark.parametrize("flags, expected", [([], "local_hessian"), (["--w4a8"], "max"),
+@pytest.mark.parametrize("flags, expected", [([], "smooth_hessian"), (["--w4a8"], "max"),
                                              (["--weight_only"], "local_hessian"), (["--algorithm", "max"], "max")])
-def test_default_algorithm_is_local_hessian_but_for_w4a8(flags, expected):
+def test_default_algorithm_per_mode(flags, expected):
     args = q.build_parser().parse_args(["--input_model", "m", "--output_model", "o", "--dataset_yaml",
                                         LOCAL_YAML, *flags])
     assert q.build_settings(args, {}).algorithm == expected
@@ -177,3 +179,80 @@ def test_weight_changing_algorithms_refuse_moe(moe_model, tiny_model, algorithm)
     with pytest.raises(q.UsageError, match=f"--algorithm {algorithm}: mixture-of-experts models are not supported"):
         q.check_algorithm_fits(skeleton, algorithm)
     q.check_algorithm_fits(q.empty_model(AutoConfig.from_pretrained(str(tiny_model)), False), algorithm)
+
+
+# ---------------------------------------------------------------- smooth_hessian
+def smooth_run(model, algorithm="smooth_hessian"):
+    from test_calibration import SAMPLES, settings
+
+    run = settings()
+    run.algorithm = algorithm
+    return q.quantize_model(model, run, q.always_unquantized(model), SAMPLES, "cpu", pad_id=0)
+
+
+def test_smoothing_keeps_the_function_and_equals_smoothing_before_calibration():
+    """The scales fold into the norms and the readers' columns (the 16-bit model computes the same function), and
+    what the max pass measured is transformed exactly: the quantizers equal those of calibrating, with
+    local_hessian, a copy smoothed first by the same weights (a rare near-tie block scale may differ: the Hessian
+    sums round differently)."""
+    import copy
+
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    from test_calibration import SAMPLES, amax_by_quantizer, tiny_fp32_model
+
+    base = tiny_fp32_model()
+    smoothed, first = copy.deepcopy(base), copy.deepcopy(base)
+    stats = smooth_run(smoothed)
+    assert stats["smoothing"]["norms"] == stats["smoothing"]["of"] == 4 and not stats["smoothing"]["left"]
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(smoothed.get_parameter(norm), base.get_parameter(norm))
+    ids = torch.tensor([SAMPLES[0]])
+    with torch.no_grad(), set_quantizer_by_cfg_context(smoothed, [{"quantizer_name": "*", "enable": False}]):
+        torch.testing.assert_close(smoothed(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            param.copy_(smoothed.get_parameter(name))
+    smooth_run(first, "local_hessian")
+    got, expected = amax_by_quantizer(smoothed), amax_by_quantizer(first)
+    assert got.keys() == expected.keys()
+    inputs = [n for n in got if n.endswith("input_quantizer")]
+    for name in inputs:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=0)
+    blocks = [n for n in got if n.endswith("weight_quantizer")]
+    same = sum(int((got[n] == expected[n]).sum()) for n in blocks)
+    assert same >= 0.98 * sum(got[n].numel() for n in blocks)
+
+
+def test_a_norm_whose_output_feeds_another_linear_is_left_alone(monkeypatch):
+    """Folding into a norm rescales every consumer of its output: where a linear outside the group reads it (here
+    v_proj, left out of the group on purpose), the group keeps its weights, and the manifest says why."""
+    import copy
+
+    from test_calibration import tiny_fp32_model
+
+    monkeypatch.setitem(q.SMOOTHED_READERS, "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj"))
+    base = tiny_fp32_model()
+    model = copy.deepcopy(base)
+    stats = smooth_run(model)["smoothing"]
+    assert stats["norms"] == 2 and stats["of"] == 4
+    assert set(stats["left"]) == {f"model.layers.{i}.input_layernorm" for i in (0, 1)}
+    assert "another linear" in stats["left"]["model.layers.0.input_layernorm"]
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, base.model.layers[0].input_layernorm.weight)
+    assert not torch.equal(model.model.layers[0].post_attention_layernorm.weight,
+                           base.model.layers[0].post_attention_layernorm.weight)
+
+
+def test_a_model_without_foldable_norms_is_searched_as_local_hessian(monkeypatch, capsys):
+    import copy
+
+    from test_calibration import amax_by_quantizer, tiny_fp32_model
+
+    monkeypatch.setattr(q, "SMOOTHABLE_NORMS", ())
+    base = tiny_fp32_model()
+    smoothed, plain = copy.deepcopy(base), copy.deepcopy(base)
+    assert smooth_run(smoothed)["smoothing"]["of"] == 0
+    assert "no norm it folds scales into" in capsys.readouterr().err
+    smooth_run(plain, "local_hessian")
+    got, expected = amax_by_quantizer(smoothed), amax_by_quantizer(plain)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)

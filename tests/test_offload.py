@@ -83,7 +83,8 @@ def test_offloaded_checkpoint_is_identical_to_in_memory(four_layer_model, in_mem
     assert manifest["timings"]["export_shards_s"] is not None
     assert manifest["offload"]["layers_per_device"]["disk"] >= 2
     assert manifest["calibration_run"]["batches"] == 6 and manifest["calibration_run"]["padding_fraction"] > 0
-    assert manifest["arguments"]["algorithm"] == "local_hessian"  # the default, searched layer by layer in the loop
+    assert manifest["arguments"]["algorithm"] == "smooth_hessian"  # the default, smoothed and searched in the loop
+    assert manifest["calibration_run"]["smoothing"]["norms"] == 8 == manifest["calibration_run"]["smoothing"]["of"]
     assert manifest["calibration_run"]["scale_search"]["linears"] == 28
     assert not (tmp_path / "offload" / offload.LAYERWISE_DIR).exists()  # per-layer checkpoints gone once exported
     assert "read from the model's own safetensors files" in result.stderr
