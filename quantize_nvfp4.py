@@ -3732,6 +3732,15 @@ def source_model_id(input_model: str) -> str:
     return str(local.resolve()) if local.is_dir() else input_model
 
 
+def smoothing_rows(smoothing: dict | None) -> list[str]:
+    """smooth_hessian's line: a user comparing 16-bit tensors with the source's learns why the norms differ."""
+    if not smoothing or not smoothing["norms"]:
+        return []
+    return [f"| smoothed norms | {smoothing['norms']} of {smoothing['of']}: each norm's weight divided, and its "
+            f"readers' input columns multiplied, by per-channel scales (SmoothQuant, alpha {smoothing['alpha']}); "
+            "the 16-bit function is unchanged |"]
+
+
 def model_card(manifest: dict, folder_name: str) -> str:
     """The output dir's README.md: what was quantized, how, how well, and how to serve it."""
     args, calib, validation = manifest["arguments"], manifest["calibration"], manifest["validation"]
@@ -3748,6 +3757,7 @@ def model_card(manifest: dict, folder_name: str) -> str:
         "| | |", "|---|---|",
         f"| mode | {MODES[manifest['mode']][2]} (`{manifest['modelopt_config']}`) |",
         f"| calibration algorithm | `{args['algorithm']}` |",
+        *smoothing_rows(manifest["calibration_run"].get("smoothing")),
         f"| KV cache | {kv or '16-bit (not quantized)'} |",
         f"| quantized linears | {validation['quantized_linears']} ({formats_cell(validation)}) |",
         *mixed_precision_rows(manifest["calibration_run"].get("mixed_precision")),

@@ -130,6 +130,7 @@ def test_refused_combinations(bits, mode, algorithm, kv, fragment):
     with pytest.raises(q.UsageError, match=fragment.replace("-", r"\-")):
         q.check_effective_bits(bits, mode, algorithm, kv)
     q.check_effective_bits(6.0, "nvfp4", "local_hessian", "fp8")
+    q.check_effective_bits(6.0, "nvfp4", "smooth_hessian", "fp8")
 
 
 @pytest.fixture(scope="module")
