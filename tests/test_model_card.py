@@ -17,8 +17,8 @@ def test_model_card(kv_runs, tiny_model):
     assert manifest["source_model"] == str(Path(tiny_model).resolve())
     hub_card = q.model_card({**manifest, "source_model": "org/base-model"}, "fp8")
     assert hub_card.startswith("---\nbase_model: org/base-model\nlibrary_name: transformers\n")
-    for fragment in ("| calibration algorithm | `smooth_hessian` |", "| smoothed norms | 4 of 4: ", "| KV cache | FP8 |",
-                     "| local_stories |",
+    for fragment in ("| calibration algorithm | `smooth_hessian` |", "| smoothed norms | 4 of 4: ",
+                     "| KV cache | FP8 |", "| local_stories |",
                      "## Quality", "perplexity increase", 'quantization="modelopt_fp4"', "trtllm-serve ./fp8",
                      "`--kv-cache-dtype auto`"):
         assert fragment in card, fragment
