@@ -433,7 +433,7 @@ class ResumeWriter(BackgroundTask):
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
                 host = [t.to("cpu") for t in next_inputs]
-            ready.synchronize()
+            ready.synchronize()  # already passed (the copies above waited for it): the snapshots are in RAM
         else:
             host = list(next_inputs)
         next_inputs.clear()
@@ -486,6 +486,13 @@ class LayerPrefetcher(BackgroundTask):
                         tensor.data.record_stream(current)
         return loaded
 
+    def take_and_start(self, next_layer) -> list:
+        """take() the layer loaded last, then start() loading `next_layer` (None: the last one was taken)."""
+        loaded = self.take()
+        if next_layer is not None:
+            self.start(next_layer)
+        return loaded
+
     @staticmethod
     def release(loaded: list) -> None:
         for module, hook in loaded:
@@ -527,9 +534,8 @@ def export_prefetching_layers(model, device: str):
             with original(module, root_model, name_to_module, writeback):
                 yield
             return
-        loaded, expected = prefetch.take(), expected + 1  # nothing for the first: the export had not begun
-        if expected < len(layers):
-            prefetch.start(layers[expected])
+        expected += 1  # the first takes nothing: no load had begun
+        loaded = prefetch.take_and_start(layers[expected] if expected < len(layers) else None)
         try:
             with original(module, root_model, name_to_module, writeback=False):
                 yield
@@ -1331,9 +1337,7 @@ class LayerLoop:
         try:
             prefetch.start(self.layers[start])
             for index in q.Progress(range(start, len(self.layers)), desc="calibrate layers", unit="layer"):
-                loaded = prefetch.take()
-                if index < last:
-                    prefetch.start(self.layers[index + 1])
+                loaded = prefetch.take_and_start(self.layers[index + 1] if index < last else None)
                 self.keep_scored_inputs(index)
                 rewritten, pending[index] = self.calibrate(index)
                 prefetch.release(loaded)
@@ -1403,9 +1407,7 @@ def each_layer_loaded(loop: LayerLoop, order: list[int], work: Callable[[int], N
         if order:
             prefetch.start(loop.layers[order[0]])
         for position, index in enumerate(q.Progress(order, desc=desc, unit="layer")):
-            loaded = prefetch.take()
-            if position + 1 < len(order):
-                prefetch.start(loop.layers[order[position + 1]])
+            loaded = prefetch.take_and_start(loop.layers[order[position + 1]] if position + 1 < len(order) else None)
             with enable_weight_access_and_writeback(loop.layers[index], loop.model, loop.modules, writeback=False):
                 work(index)
             prefetch.release(loaded)

@@ -369,6 +369,12 @@ def test_the_export_prefetches_the_next_layer_while_one_is_materialized(monkeypa
             taken, self.started = self.started, None
             return [] if taken is None else [names[id(taken)]]
 
+        def take_and_start(self, next_layer):
+            loaded = self.take()
+            if next_layer is not None:
+                self.start(next_layer)
+            return loaded
+
         def release(self, loaded):
             events.extend(("release", name) for name in loaded)
 
