@@ -24,8 +24,9 @@ def quantize(source: Path, out: Path, *extra: str):
 
 
 def assert_matches_source(source: Path, out: Path) -> dict:
-    """Every source tensor is in the output under its on-disk name, FP4 with scales or unchanged; or, for a fused
-    expert stack the runtime loads per expert, as FP4 per-expert linears."""
+    """Every source tensor is in the output under its on-disk name, FP4 with scales or unchanged (a norm that
+    smooth_hessian rescaled: the same shape and dtype; --eval measures the function); or, for a fused expert stack
+    the runtime loads per expert, as FP4 per-expert linears."""
     from transformers import AutoConfig
 
     original, written = q.read_checkpoint_tensors(source), q.read_checkpoint_tensors(out)
@@ -39,6 +40,8 @@ def assert_matches_source(source: Path, out: Path) -> dict:
         module = key[: -len(".weight")]
         if f"{module}.weight_scale" in written or f"{key}_weight_scale" in written:
             assert written[key].dtype == torch.uint8, key
+        elif key.rsplit(".", 2)[-2] in q.SMOOTHED_READERS and not torch.equal(written[key], tensor):
+            assert (written[key].dtype, written[key].shape) == (tensor.dtype, tensor.shape), key
         else:
             assert torch.equal(written[key], tensor), key
     return written
