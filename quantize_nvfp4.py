@@ -4836,7 +4836,7 @@ def check_fidelity(model, folder: Path, source: Path, before: dict, after: dict 
         if module_name not in before or source_key not in original or (after is not None and module_name not in after):
             unchecked.append(name)
             continue
-        smoothing = smoothed_input_scales(name, original.get, reader.get)
+        smoothing = smoothed_input_scales(name, original.get, reader.get) if after is None else None
         errors[name] = round(linear_error(reader, name, original.tensor(source_key), before[module_name],
                                           after[module_name] if after is not None else None, layer_algo(name),
                                           device, smoothing), 5)

@@ -1566,8 +1566,8 @@ class StreamedEvaluation:
     Two streams of hidden states per held-out sample: the original layer on the original stream, then the same
     layer with its linears emulated from the files (q.emulate_linear: the dequantized FP4 weight, inputs quantized
     with the stored scale) on the quantized stream. The model's own forward computes what comes before the first
-    layer and, with the layers replaced, the logits from each stream's last hidden states. The layer-loop
-    algorithms change no 16-bit tensor, so the original's norms and embeddings are the checkpoint's.
+    layer and, with the layers replaced, the logits from each stream's last hidden states. Of the 16-bit tensors
+    only smooth_hessian's norms differ from the original's: the quantized stream reads them from the files too.
     """
 
     def __init__(self, model, folder: Path, holdout: list[list[int]], device: str):
@@ -1597,13 +1597,20 @@ class StreamedEvaluation:
         return [hidden for hidden, _ in entering], reached, calls
 
     def emulated(self, index: int) -> list:
-        """Layer `index`'s quantized linears computing from the files (weights in place); returns the input hooks."""
+        """Layer `index`'s quantized linears, and the norms smooth_hessian rescaled, computing from the files
+        (weights in place, the original stream already run); returns the input hooks."""
+        import torch
+
         hooks = []
         for child, module in self.layers[index].named_modules():
             prefix = self.to_disk(f"{self.names[index]}.{child}" if child else self.names[index])
             if f"{prefix}.weight_scale" in self.reader and hasattr(module, "weight"):
                 hooks += q.emulate_linear(module, prefix, self.reader, self.layer_algo(prefix))
                 self.applied.add(prefix)
+            elif child.rsplit(".", 1)[-1] in q.SMOOTHED_READERS and f"{prefix}.weight" in self.reader:
+                with torch.no_grad():
+                    module.weight.copy_(self.reader.tensor(f"{prefix}.weight").to(module.weight.device,
+                                                                                   module.weight.dtype))
         return hooks
 
     def logits(self, ids, last_hidden):

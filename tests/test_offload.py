@@ -535,7 +535,9 @@ def test_effective_bits_offloaded_equals_in_memory(four_layer_model, mixed_in_me
     assert f"--effective_bits scoring store: 5.6 MiB on disk in {folder / offload.LAYERWISE_DIR}" in result.stderr
     expected, got = mixed_record(mixed_in_memory), mixed_record(out)
     assert got["per_linear"] == expected["per_linear"] and {"NVFP4", "FP8"} <= set(got["per_linear"].values())
-    assert got["predicted_loss"] == pytest.approx(expected["predicted_loss"], rel=1e-6)
+    # smooth_hessian: the loop stores each layer's inputs as the layers before computed them ahead of their fold, the
+    # main script's scores run the folded model: the two differ by the fold's 16-bit rounding
+    assert got["predicted_loss"] == pytest.approx(expected["predicted_loss"], rel=1e-2)
     assert got.keys() == expected.keys() and got["effective_bits"] == expected["effective_bits"]
     assert_same_on_this_device(mixed_in_memory, out)
     manifest = json.loads((out / q.MANIFEST_NAME).read_text())
